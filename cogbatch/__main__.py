@@ -1,0 +1,3 @@
+from cogbatch.cli import main
+
+main()

@@ -1,0 +1,179 @@
+"""`CogVLM`: the whole model (both generations) and the small API the pipeline and tests use.
+
+    model = CogVLM.from_pretrained("THUDM/cogvlm2-llama3-chat-19B", dtype=torch.bfloat16, device="cuda")
+    sample = model.build_inputs(None, "Describe this image.", image=pil_image, template="chat")
+    out = model.generate(model.collate([sample]), GenerationConfig(max_new_tokens=128))
+    out.texts[0], out.finish_reasons[0]
+
+    model.logits(input_ids, token_type_ids, attention_mask, images)  # (B, L, V) float32
+
+Weights are assigned tensor by tensor from the safetensors shards into a model built on the meta
+device, so the full-precision model is never held twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cogbatch.model.config import CogVLMConfig, checkpoint_tensor_shapes
+from cogbatch.model.generate import GenerationConfig, GenerationOutput, generate
+from cogbatch.model.language import CogVLMModel, padding_invariant_position_ids
+from cogbatch.model.preprocess import preprocess_image
+from cogbatch.model.prompts import BatchInputs, PromptInputs, build_inputs, collate
+from cogbatch.model.weights import (
+    DERIVED_SUFFIXES,
+    CheckpointError,
+    check_tensors,
+    has_tokenizer,
+    load_tokenizer,
+    resolve_checkpoint,
+    scan_tensors,
+    stream_tensors,
+    weight_files,
+)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
+# cogvlm-chat-hf ships no tokenizer: the official demo loads vicuna's.
+_DEFAULT_TOKENIZER = {"cogvlm1": "lmsys/vicuna-7b-v1.5"}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """`auto` = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; expected auto, {', '.join(_DTYPES)}") from None
+
+
+class CogVLM(nn.Module):
+    def __init__(self, config: CogVLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = CogVLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tokenizer: Any = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | Path,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device | None = None,
+        quantization: Any = None,
+        tokenizer: str | Path | None = None,
+    ) -> CogVLM:
+        """Load an official checkpoint (local directory or hub id) with our implementation.
+
+        `tokenizer` names a tokenizer to use when the checkpoint has none (cogvlm-chat-hf).
+        """
+        from accelerate import init_empty_weights
+        from accelerate.utils import set_module_tensor_to_device
+
+        if quantization is not None:
+            raise NotImplementedError("quantized loading is not available yet (issue #8); use quantization=None")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = resolve_dtype(dtype, device)
+        ckpt = resolve_checkpoint(path_or_id)
+        cfg = CogVLMConfig.from_json(ckpt)
+        files = weight_files(ckpt)
+        check_tensors(checkpoint_tensor_shapes(cfg), scan_tensors(files), ckpt)
+
+        with init_empty_weights():  # parameters on meta; buffers (rotary) stay real
+            model = cls(cfg)
+        for name, tensor in stream_tensors(files, device):
+            if not name.endswith(DERIVED_SUFFIXES):
+                set_module_tensor_to_device(model, name, device, value=tensor, dtype=dtype)
+        model.to(device)  # the rotary buffers
+        model.eval().requires_grad_(False)
+        model.tokenizer = _load_tokenizer_for(ckpt, cfg, tokenizer)
+        return model
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def preprocess(self, image: Any) -> torch.Tensor:
+        """PIL image -> (3, S, S) float32 pixels, the reference transform."""
+        return preprocess_image(image, self.config.vision.image_size)
+
+    def build_inputs(
+        self,
+        tokenizer: Any,
+        query: str,
+        image: Any = None,
+        template: str | None = None,
+        history: Sequence[tuple[str, str]] = (),
+    ) -> PromptInputs:
+        """One sample's ids and types; `image` is a PIL image or a preprocessed tensor; tokenizer None = ours."""
+        if image is not None and not isinstance(image, torch.Tensor):
+            image = self.preprocess(image)
+        return build_inputs(tokenizer or self.tokenizer, self.config, query, image, template, history)
+
+    def collate(self, samples: Sequence[PromptInputs]) -> BatchInputs:
+        return collate(samples, self.config.pad_token_id)
+
+    # -- compute --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(n, 3, S, S) pixels -> (n, n_vis, D) features for the image slots."""
+        return self.model.vision(images.to(self.device, self.dtype))
+
+    @torch.no_grad()
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        images: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Full-sequence logits (B, L, V) in float32 for a left- or un-padded batch, without a cache."""
+        dev = self.device
+        input_ids, token_type_ids, attention_mask = input_ids.to(dev), token_type_ids.to(dev), attention_mask.to(dev)
+        feats = self.encode_images(images) if images is not None else None
+        if position_ids is None:
+            position_ids = padding_invariant_position_ids(token_type_ids, attention_mask)
+        embeds = self.model.embed(input_ids, token_type_ids, feats)
+        hidden = self.model(embeds, token_type_ids, position_ids.to(dev), attention_mask)
+        return self.lm_head(hidden).float()
+
+    def generate(
+        self,
+        batch_inputs: BatchInputs,
+        generation_config: GenerationConfig | None = None,
+        *,
+        image_features: torch.Tensor | None = None,
+        return_logits: bool = False,
+    ) -> GenerationOutput:
+        return generate(
+            self, batch_inputs, generation_config or GenerationConfig(), self.tokenizer, image_features, return_logits
+        )
+
+
+def _load_tokenizer_for(ckpt: Path, cfg: CogVLMConfig, override: str | Path | None) -> Any:
+    if override is not None:
+        return load_tokenizer(override)
+    if has_tokenizer(ckpt):
+        return load_tokenizer(ckpt)
+    default = _DEFAULT_TOKENIZER.get(cfg.generation)
+    if default is None:
+        raise CheckpointError(f"{ckpt} has no tokenizer files; name one with tokenizer=...")
+    return load_tokenizer(default)

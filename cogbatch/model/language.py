@@ -1,0 +1,304 @@
+"""The language model with visual experts: a Llama decoder whose every layer has two sets of weights.
+
+Image tokens (token type 1) go through the vision expert's QKV / dense / MLP, text tokens through
+the language expert's; both attend to each other in one causal attention. Names follow the
+official checkpoints (`model.layers.{i}.self_attn.vision_expert_query_key_value`, ...).
+
+Shapes: B batch, L new tokens, T cached + new tokens, H query heads, Hkv key/value heads, hd head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cogbatch.model.config import CogVLMConfig
+
+LANGUAGE, VISION = 0, 1
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Variance in fp32 whatever the activation dtype: fp16 squares overflow at |x| > 256.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * xf).to(x.dtype)
+
+
+def vision_expert_mask(token_type_ids: torch.Tensor) -> torch.Tensor:
+    """Tokens routed to the vision expert: a token is VISION *and* so is the next one.
+
+    So boi and the patches use the vision expert, eoi and all text use the language expert. A
+    single-token decode step is always language.
+    """
+    mask = torch.zeros_like(token_type_ids, dtype=torch.bool)
+    mask[:, :-1] = (token_type_ids[:, :-1] == VISION) & (token_type_ids[:, 1:] == VISION)
+    return mask
+
+
+def build_position_ids(token_type_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Rotary positions exactly as the reference computes them.
+
+    bos = 0, boi = 1, every patch shares position 2, eoi = 3, text continues 4, 5, ...; padding
+    positions add nothing (left pads are 0 and push bos to 1, right pads repeat the last position).
+    """
+    tmp = token_type_ids.clone()
+    tmp[attention_mask == 0] = -1
+    is_boi_eoi = torch.zeros_like(tmp, dtype=torch.bool)
+    is_boi_eoi[:, 1:] |= (tmp[:, 1:] == VISION) & (tmp[:, :-1] == LANGUAGE)  # first token of a vision run
+    is_boi_eoi[:, 0] |= tmp[:, 0] == VISION
+    is_boi_eoi[:, :-1] |= (tmp[:, :-1] == VISION) & (tmp[:, 1:] == LANGUAGE)  # last token of a vision run
+    is_boi_eoi[:, -1] |= tmp[:, -1] == VISION
+    tmp[is_boi_eoi] = LANGUAGE
+    y = torch.zeros_like(tmp)
+    y[:, 1:] = (tmp[:, 1:] == LANGUAGE) | ((tmp[:, 1:] == VISION) & (tmp[:, :-1] == LANGUAGE))
+    return y.cumsum(-1)
+
+
+def padding_invariant_position_ids(token_type_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The reference positions, shifted so that each sample's first real token is at 0.
+
+    With left padding the reference starts a sample at 1 instead of 0. Rotary attention only sees
+    position differences, so the shift is harmless in exact arithmetic, but removing it makes a
+    padded sample compute with the very same numbers as when it runs alone.
+    """
+    pos = build_position_ids(token_type_ids, attention_mask)
+    first_real = attention_mask.long().argmax(-1, keepdim=True)  # index of the first non-pad token
+    return (pos - pos.gather(1, first_real)).clamp_min(0)
+
+
+class RotaryEmbedding(nn.Module):
+    """GPT-NeoX style (rotate-half, not interleaved) rotary embedding over the full head dim."""
+
+    def __init__(self, head_dim: int, base: float) -> None:
+        super().__init__()
+        self.head_dim, self.base = head_dim, base
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        return 1.0 / (self.base**exponent)
+
+    def reset_buffers(self, device: torch.device) -> None:
+        """Recompute `inv_freq` after the module was built on the meta device."""
+        self.inv_freq = self._inv_freq(device)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Computed in fp32 from integer positions: bf16 positions would round above 256.
+        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq  # (B, L, hd/2)
+        emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)  # (B, 1, L, hd)
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer: (B, Hkv, T_max, hd), un-expanded for GQA."""
+
+    def __init__(self, cfg: CogVLMConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.length = 0  # tokens stored; the layers of one forward all write at [length, length + L)
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {end} needed")
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop finished sequences so that they stop costing memory bandwidth in decode."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+
+
+def _route(x: torch.Tensor, vision_mask: torch.Tensor | None, vision: nn.Module, language: nn.Module) -> torch.Tensor:
+    """Apply `vision` to the tokens of `vision_mask` and `language` to the others."""
+    if vision_mask is None:  # text-only input or a decode step: skip the gather / scatter
+        return language(x)
+    text = language(x[~vision_mask])  # (n_text, out)
+    out = text.new_empty(*x.shape[:-1], text.shape[-1])
+    out[~vision_mask] = text
+    out[vision_mask] = vision(x[vision_mask])
+    return out
+
+
+class ExpertMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VisionExpertMLP(nn.Module):
+    def __init__(self, cfg: CogVLMConfig) -> None:
+        super().__init__()
+        self.language_mlp = ExpertMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.vision_mlp = ExpertMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, vision_mask: torch.Tensor | None) -> torch.Tensor:
+        return _route(x, vision_mask, self.vision_mlp, self.language_mlp)
+
+
+class VisionExpertAttention(nn.Module):
+    def __init__(self, cfg: CogVLMConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        # CogVLM2's vision expert QKV has a bias; CogVLM's has none; the language experts never do.
+        self.vision_expert_query_key_value = nn.Linear(
+            cfg.hidden_size, cfg.qkv_out_features, bias=cfg.generation == "cogvlm2"
+        )
+        self.vision_expert_dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.language_expert_query_key_value = nn.Linear(cfg.hidden_size, cfg.qkv_out_features, bias=False)
+        self.language_expert_dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        vision_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer_idx: int,
+    ) -> torch.Tensor:
+        B, L, _ = x.shape
+        H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = _route(x, vision_mask, self.vision_expert_query_key_value, self.language_expert_query_key_value)
+        q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        q = q.view(B, L, H, hd).transpose(1, 2)  # (B, H, L, hd)
+        k = k.view(B, L, Hkv, hd).transpose(1, 2)  # (B, Hkv, L, hd)
+        v = v.view(B, L, Hkv, hd).transpose(1, 2)  # (B, Hkv, L, hd)
+        cos, sin = self.rotary_emb(position_ids)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)  # (B, Hkv, T, hd)
+        if Hkv != H:  # GQA: query head h reads kv head h // (H / Hkv)
+            k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, T, hd)
+            v = v.repeat_interleave(H // Hkv, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and L > 1)
+        out = out.transpose(1, 2).reshape(B, L, H * hd)  # (B, L, D)
+        return _route(out, vision_mask, self.vision_expert_dense, self.language_expert_dense)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: CogVLMConfig) -> None:
+        super().__init__()
+        self.self_attn = VisionExpertAttention(cfg)
+        self.mlp = VisionExpertMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        vision_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer_idx: int,
+    ) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), vision_mask, position_ids, attn_mask, cache, layer_idx)
+        return h + self.mlp(self.post_attention_layernorm(h), vision_mask)
+
+
+def attention_bias(
+    attention_mask: torch.Tensor, query_len: int, past_len: int, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Additive (B, 1, L, T) mask: causal plus key padding, or None when plain causal suffices.
+
+    Masked entries get `finfo.min`, not -inf: a left pad's query row may be fully masked, and a
+    finite row keeps its softmax finite (a NaN there would leak into real tokens through 0 * NaN).
+    """
+    if bool(attention_mask.all()):
+        if past_len == 0:
+            return None  # SDPA's is_causal path (flash / memory-efficient kernels on GPU)
+        if query_len == 1:
+            return None  # one new token may see the whole cache
+    T = past_len + query_len
+    device = attention_mask.device
+    q_pos = torch.arange(past_len, T, device=device).view(-1, 1)
+    k_pos = torch.arange(T, device=device).view(1, -1)
+    allowed = (k_pos <= q_pos).unsqueeze(0) & attention_mask[:, None, :T].bool()  # (B, L, T)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return bias.unsqueeze(1)
+
+
+class CogVLMModel(nn.Module):
+    """Embeddings, decoder layers, final norm and the vision tower (`model.*` in the checkpoint)."""
+
+    def __init__(self, cfg: CogVLMConfig) -> None:
+        super().__init__()
+        from cogbatch.model.vision import VisionTower
+
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.vision = VisionTower(cfg)
+
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, image_features: torch.Tensor | None):
+        """Token embeddings with image features written into the image slots, row-major over the batch."""
+        x = self.embed_tokens(input_ids)  # (B, L, D)
+        slots = token_type_ids == VISION
+        n_slots = int(slots.sum())
+        if image_features is None:
+            if n_slots:
+                raise ValueError(f"input has {n_slots} image positions but no images were given")
+            return x
+        feats = image_features.reshape(-1, x.shape[-1]).to(x.dtype)  # (n_img * n_vis, D)
+        if feats.shape[0] != n_slots:
+            raise ValueError(f"{feats.shape[0]} image feature rows for {n_slots} image positions")
+        x[slots] = feats
+        return x
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Decoder over (B, L, D) embeddings; `attention_mask` covers cached + new tokens (B, T)."""
+        L = inputs_embeds.shape[1]
+        past = cache.length if cache is not None else 0
+        vision_mask = vision_expert_mask(token_type_ids) if L > 1 else None
+        if vision_mask is not None and not bool(vision_mask.any()):
+            vision_mask = None
+        bias = attention_bias(attention_mask, L, past, inputs_embeds.dtype)
+        x = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, vision_mask, position_ids, bias, cache, i)
+        if cache is not None:
+            cache.advance(L)
+        return self.norm(x)
