@@ -1,0 +1,523 @@
+"""Job configuration: `pipeline.yaml` defaults merged under a job file, validated before any work.
+
+Every problem is reported with the path of the offending key (`tasks[1].max_new_tokens: must be a
+positive integer`) so that a typo in a nightly job fails at once, with exit code 2, instead of
+after the model has loaded. The dataclasses here are the only shape the rest of the pipeline sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import string
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TEMPLATES = ("base", "chat", "vqa")
+QUANT_DTYPES = ("int4", "int8", "none")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16")
+DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+# Placeholders every request can use, whatever the input.
+BUILTIN_PLACEHOLDERS = ("filename", "stem", "folder")
+TINY_PREFIX = "tiny-random:"  # a random model built on the fly (demo / smoke runs)
+
+BUILTIN_PIPELINE: dict[str, Any] = {
+    "models": {},
+    "tokenizers": {},
+    "cache_dir": "~/.cache/cogbatch",
+    "device": "auto",
+    "dtype": "auto",
+    "quantization": "int4",
+    "vram_ceiling": "11GiB",
+}
+
+
+class ConfigError(Exception):
+    """A configuration problem, with the key path in the message."""
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str
+    template: str
+    generation: GenerationSettings
+    prompt: str | None = None  # a template string with {placeholders}
+    question_column: str | None = None  # or: the question comes from this manifest column
+    strip_prefixes: tuple[str, ...] = ()
+
+    @property
+    def placeholders(self) -> list[str]:
+        if self.prompt is None:
+            return []
+        return [f for _, f, _, _ in string.Formatter().parse(self.prompt) if f is not None]
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    folder: Path | None = None
+    recursive: bool = True
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+    manifest: Path | None = None
+    path_column: str | None = "path"
+    bytes_column: str | None = None
+    id_column: str | None = None
+
+
+@dataclass(frozen=True)
+class QuantRule:
+    pattern: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    default: str = "int4"
+    group_size: int = 128
+    rules: tuple[QuantRule, ...] = ()
+    embeddings_on_cpu: bool = False
+
+    def describe(self) -> str:
+        """Short label for result rows: `int4-g128`, `int8`, `none`, with `+rules` when mixed."""
+        label = f"int4-g{self.group_size}" if self.default == "int4" else self.default
+        return label + ("+rules" if self.rules else "")
+
+    def to_model_arg(self) -> str | dict[str, Any] | None:
+        if self.default == "none" and not self.rules:
+            return None
+        return {
+            "default": self.default,
+            "group_size": self.group_size,
+            "rules": [asdict(r) for r in self.rules],
+            "embeddings_on_cpu": self.embeddings_on_cpu,
+        }
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    path: Path | None
+    model: str  # resolved: hub id, local path, or tiny-random:<arch>
+    model_alias: str
+    tokenizer: str | None
+    input: InputConfig
+    output: Path
+    tasks: tuple[TaskConfig, ...]
+    quantization: QuantSettings
+    device: str = "auto"
+    dtype: str = "auto"
+    vram_ceiling: int = 11 * 2**30
+    batch_size: int = 8
+    limit: int | None = None
+    max_pixels: int = 178_956_970
+    loader_threads: int = 4
+    flush_rows: int = 256
+    flush_seconds: float = 30.0
+    cache_dir: Path = field(default_factory=lambda: Path("~/.cache/cogbatch").expanduser())
+
+    def fingerprint(self, task: TaskConfig, resolved_dtype: str) -> str:
+        """Hash of everything that determines a task's text; a change means old rows are stale."""
+        what = {
+            "model": self.model,
+            "tokenizer": self.tokenizer,
+            "quant": self.quantization.describe(),
+            "quant_rules": [asdict(r) for r in self.quantization.rules],
+            "dtype": resolved_dtype,
+            "template": task.template,
+            "prompt": task.prompt if task.prompt is not None else f"column:{task.question_column}",
+            "generation": asdict(task.generation),
+            "strip_prefixes": list(task.strip_prefixes),
+        }
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+    def fingerprint_fields(self, task: TaskConfig) -> dict[str, Any]:
+        """The settings behind a fingerprint, for naming what changed between two runs."""
+        return {
+            "model": self.model,
+            "quantization": self.quantization.describe(),
+            "template": task.template,
+            "prompt": task.prompt or f"column:{task.question_column}",
+            **asdict(task.generation),
+            "strip_prefixes": list(task.strip_prefixes),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved configuration, as written to `config.resolved.yaml` beside the output."""
+
+        def plain(x: Any) -> Any:
+            if isinstance(x, Path):
+                return str(x)
+            if isinstance(x, dict):
+                return {k: plain(v) for k, v in x.items()}
+            if isinstance(x, list | tuple):
+                return [plain(v) for v in x]
+            return x
+
+        return plain(asdict(self))
+
+
+# -- parsing helpers -----------------------------------------------------------------------------
+
+
+class _Section:
+    """A mapping being consumed key by key, so that leftovers can be reported as unknown keys."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path or 'job'}: must be a mapping of keys to values")
+        self.data, self.path, self.used = data, path, set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str, default: Any = None) -> Any:
+        self.used.add(name)
+        return self.data.get(name, default)
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(
+                f"{self.key(unknown[0])}: unknown key" + (f" (also: {', '.join(unknown[1:])})" if unknown[1:] else "")
+            )
+
+    def str_(self, name: str, default: str | None = None, choices: tuple[str, ...] | None = None) -> str | None:
+        v = self.get(name, default)
+        if v is None:
+            return None
+        if not isinstance(v, str) or not v.strip():
+            raise ConfigError(f"{self.key(name)}: must be a non-empty string")
+        if choices and v not in choices:
+            raise ConfigError(f"{self.key(name)}: must be one of {', '.join(choices)} (got {v!r})")
+        return v
+
+    def bool_(self, name: str, default: bool) -> bool:
+        v = self.get(name, default)
+        if not isinstance(v, bool):
+            raise ConfigError(f"{self.key(name)}: must be true or false")
+        return v
+
+    def int_(self, name: str, default: int | None, minimum: int = 1) -> int | None:
+        v = self.get(name, default)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise ConfigError(f"{self.key(name)}: must be {kind}")
+        return v
+
+    def float_(self, name: str, default: float, low: float, high: float | None = None, low_open=True) -> float:
+        v = self.get(name, default)
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ConfigError(f"{self.key(name)}: must be a number")
+        too_low = v <= low if low_open else v < low
+        if too_low or (high is not None and v > high):
+            bounds = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+            raise ConfigError(f"{self.key(name)}: must be {bounds}")
+        return float(v)
+
+    def str_list(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        v = self.get(name, list(default))
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v):
+            raise ConfigError(f"{self.key(name)}: must be a list of strings")
+        return tuple(v)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(value: Any, key: str) -> int:
+    """`11GiB`, `10.5GB`, `512MiB` or a plain number of bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    m = _SIZE.match(str(value)) if isinstance(value, str) else None
+    if not m:
+        raise ConfigError(f"{key}: must be a size such as 11GiB or 10GB (got {value!r})")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+
+
+def _generation(sec: _Section, base: GenerationSettings) -> GenerationSettings:
+    return GenerationSettings(
+        max_new_tokens=sec.int_("max_new_tokens", base.max_new_tokens),
+        do_sample=sec.bool_("do_sample", base.do_sample),
+        temperature=sec.float_("temperature", base.temperature, 0.0),
+        top_p=sec.float_("top_p", base.top_p, 0.0, 1.0),
+        top_k=sec.int_("top_k", base.top_k, minimum=0),
+        repetition_penalty=sec.float_("repetition_penalty", base.repetition_penalty, 0.0),
+        seed=sec.int_("seed", base.seed, minimum=0),
+    )
+
+
+_GENERATION_KEYS = tuple(GenerationSettings.__dataclass_fields__)
+
+
+def _task(data: Any, path: str, defaults: GenerationSettings) -> TaskConfig:
+    sec = _Section(data, path)
+    name = sec.str_("name")
+    if name is None:
+        raise ConfigError(f"{sec.key('name')}: required")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ConfigError(f"{sec.key('name')}: use letters, digits, '_', '-' or '.' only (got {name!r})")
+    prompt = sec.get("prompt")
+    question_column = sec.str_("question_column")
+    if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
+        raise ConfigError(f"{sec.key('prompt')}: must be a non-empty string")
+    if (prompt is None) == (question_column is None):
+        raise ConfigError(f"{path}: give exactly one of prompt or question_column")
+    template = sec.str_("template", "chat", TEMPLATES)
+    generation = _generation(sec, defaults)
+    strip = sec.str_list("strip_prefixes", ())
+    sec.finish()
+    task = TaskConfig(name, template, generation, prompt, question_column, strip)
+    try:
+        task.placeholders  # noqa: B018 (parses the format string)
+    except ValueError as e:
+        msg = f"{sec.key('prompt')}: invalid placeholder syntax ({e}); write {{{{ and }}}} for literal braces"
+        raise ConfigError(msg) from None
+    return task
+
+
+def _input(data: Any, base_dir: Path) -> InputConfig:
+    sec = _Section(data, "input")
+    folder, manifest = sec.str_("folder"), sec.str_("manifest")
+    if (folder is None) == (manifest is None):
+        raise ConfigError("input: give exactly one of folder or manifest")
+    exts = tuple(e.lower().lstrip(".") for e in sec.str_list("extensions", DEFAULT_EXTENSIONS))
+    cfg = InputConfig(
+        folder=(base_dir / Path(folder).expanduser()) if folder else None,
+        recursive=sec.bool_("recursive", True),
+        extensions=exts,
+        manifest=(base_dir / Path(manifest).expanduser()) if manifest else None,
+        path_column=sec.str_("path_column", "path" if manifest and not sec.has("bytes_column") else None),
+        bytes_column=sec.str_("bytes_column"),
+        id_column=sec.str_("id_column"),
+    )
+    sec.finish()
+    if cfg.folder is not None:
+        if not cfg.folder.is_dir():
+            raise ConfigError(f"input.folder: {cfg.folder} is not a directory")
+    else:
+        if not cfg.manifest.is_file():
+            raise ConfigError(f"input.manifest: {cfg.manifest} does not exist")
+        if (cfg.path_column is None) == (cfg.bytes_column is None):
+            raise ConfigError("input: a manifest needs exactly one of path_column or bytes_column")
+    return cfg
+
+
+def _quantization(value: Any, key: str = "quantization") -> QuantSettings:
+    if isinstance(value, str):
+        m = re.fullmatch(r"(int4)(?:-g(\d+))?|int8|none", value)
+        if not m:
+            raise ConfigError(f"{key}: must be int4, int4-g32, int4-g64, int4-g128, int8, none or a mapping")
+        group = int(m.group(2)) if m.group(2) else 128
+        if group not in (32, 64, 128):
+            raise ConfigError(f"{key}: group size must be 32, 64 or 128")
+        return QuantSettings(default=value.split("-")[0], group_size=group)
+    sec = _Section(value, key)
+    default = sec.str_("default", "int4", QUANT_DTYPES)
+    group = sec.int_("group_size", 128)
+    if group not in (32, 64, 128):
+        raise ConfigError(f"{sec.key('group_size')}: must be 32, 64 or 128")
+    rules_data = sec.get("rules", [])
+    if not isinstance(rules_data, list):
+        raise ConfigError(f"{sec.key('rules')}: must be a list of {{pattern, dtype}} mappings")
+    rules = []
+    for i, r in enumerate(rules_data):
+        rs = _Section(r, f"{sec.key('rules')}[{i}]")
+        rules.append(QuantRule(rs.str_("pattern"), rs.str_("dtype", None, QUANT_DTYPES)))
+        if rules[-1].pattern is None or rules[-1].dtype is None:
+            raise ConfigError(f"{rs.path}: needs both pattern and dtype")
+        rs.finish()
+    cpu_embed = sec.bool_("embeddings_on_cpu", False)
+    sec.finish()
+    return QuantSettings(default, group, tuple(rules), cpu_embed)
+
+
+def _input_override(path: Path, job_input: Any) -> dict[str, Any]:
+    keep = dict(job_input) if isinstance(job_input, dict) else {}
+    if path.is_dir():
+        for k in ("manifest", "path_column", "bytes_column", "id_column"):
+            keep.pop(k, None)
+        return {**keep, "folder": str(path)}
+    for k in ("folder", "recursive", "extensions"):
+        keep.pop(k, None)
+    return {**keep, "manifest": str(path)}
+
+
+def _resolve_model(name: str, aliases: dict[str, str]) -> str:
+    return aliases.get(name, name)
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+def find_pipeline_file(job_path: Path | None) -> Path | None:
+    """`pipeline.yaml` in the current directory, else beside the job file or in one of its parents."""
+    candidates = [Path.cwd() / "pipeline.yaml"]
+    if job_path is not None:
+        candidates += [d / "pipeline.yaml" for d in job_path.resolve().parents]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def read_yaml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{what} {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path}: must be a mapping of keys to values")
+    return data
+
+
+def load_job(
+    job: str | Path | dict[str, Any],
+    overrides: dict[str, Any] | None = None,
+    pipeline: str | Path | None = None,
+) -> JobConfig:
+    """Read, merge and validate a job. `overrides` are command-line values (None = not given)."""
+    job_path = None if isinstance(job, dict) else Path(job)
+    job_data = dict(job) if isinstance(job, dict) else read_yaml(job_path, "job file")
+    pipe_path = Path(pipeline) if pipeline else find_pipeline_file(job_path)
+    pipe_data = {**BUILTIN_PIPELINE, **(read_yaml(pipe_path, "pipeline file") if pipe_path else {})}
+    for k, v in (overrides or {}).items():
+        if v is None:
+            continue
+        if k == "input":  # --input PATH: a folder or a Parquet manifest, keeping the job's other input keys
+            job_data["input"] = _input_override(Path(v), job_data.get("input"))
+        else:
+            job_data[k] = v
+    return _build(job_data, pipe_data, job_path)
+
+
+def _build(job: dict[str, Any], pipe: dict[str, Any], job_path: Path | None) -> JobConfig:
+    aliases = pipe.get("models") or {}
+    tokenizers = pipe.get("tokenizers") or {}
+    if not isinstance(aliases, dict) or not isinstance(tokenizers, dict):
+        raise ConfigError("pipeline.models and pipeline.tokenizers: must be mappings")
+    # Job keys win over pipeline defaults; keys of either that nobody reads are unknown.
+    merged = {k: v for k, v in pipe.items() if k not in ("models", "tokenizers")}
+    merged.update(job)
+    sec = _Section(merged, "")
+    model_name = sec.str_("model")
+    if model_name is None:
+        raise ConfigError("model: required (an alias from pipeline.yaml, a hub id or a local checkpoint path)")
+    model = _resolve_model(model_name, aliases)
+    tokenizer = sec.str_("tokenizer") or tokenizers.get(model)
+    if sec.get("input") is None:
+        raise ConfigError("input: required (folder: DIR or manifest: FILE.parquet)")
+    base_dir = Path.cwd()
+    inp = _input(sec.get("input"), base_dir)
+    output = sec.str_("output")
+    if output is None:
+        raise ConfigError("output: required (the directory of the result dataset)")
+    gen_sec = _Section(sec.get("generation", {}) or {}, "generation")
+    defaults = _generation(gen_sec, GenerationSettings())
+    gen_sec.finish()
+    tasks_data = sec.get("tasks")
+    if not isinstance(tasks_data, list) or not tasks_data:
+        raise ConfigError("tasks: must be a non-empty list of tasks")
+    tasks = tuple(_task(t, f"tasks[{i}]", defaults) for i, t in enumerate(tasks_data))
+    names = [t.name for t in tasks]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise ConfigError(f"tasks: the name {dup!r} is used twice")
+    configured_cache = sec.str_("cache_dir", "~/.cache/cogbatch")
+    cache_dir = Path(os.environ.get("COGBATCH_CACHE_DIR") or configured_cache).expanduser()
+    cfg = JobConfig(
+        path=job_path,
+        model=model,
+        model_alias=model_name,
+        tokenizer=tokenizer,
+        input=inp,
+        output=base_dir / Path(output).expanduser(),
+        tasks=tasks,
+        quantization=_quantization(sec.get("quantization", "int4")),
+        device=sec.str_("device", "auto"),
+        dtype=sec.str_("dtype", "auto", DTYPES),
+        vram_ceiling=parse_size(sec.get("vram_ceiling", "11GiB"), "vram_ceiling"),
+        batch_size=sec.int_("batch_size", 8),
+        limit=sec.int_("limit", None),
+        max_pixels=sec.int_("max_pixels", 178_956_970),
+        loader_threads=sec.int_("loader_threads", 4),
+        flush_rows=sec.int_("flush_rows", 256),
+        flush_seconds=sec.float_("flush_seconds", 30.0, 0.0),
+        cache_dir=cache_dir,
+    )
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise ConfigError(f"device: must be auto, cpu, cuda or cuda:N (got {cfg.device!r})")
+    sec.finish()
+    _check_placeholders(cfg)
+    return cfg
+
+
+def manifest_columns(inp: InputConfig) -> list[str]:
+    """Column names of a Parquet manifest, read from its footer only."""
+    if inp.manifest is None:
+        return []
+    import pyarrow.parquet as pq
+
+    try:
+        return list(pq.read_schema(inp.manifest).names)
+    except Exception as e:  # not Parquet, truncated, unreadable
+        raise ConfigError(f"input.manifest: {inp.manifest} is not a readable Parquet file ({e})") from None
+
+
+def _check_placeholders(cfg: JobConfig) -> None:
+    columns = manifest_columns(cfg.input)
+    for col_key in ("path_column", "bytes_column", "id_column"):
+        col = getattr(cfg.input, col_key)
+        if col is not None and cfg.input.manifest is not None and col not in columns:
+            raise ConfigError(f"input.{col_key}: the manifest has no column {col!r} (columns: {', '.join(columns)})")
+    known = set(BUILTIN_PLACEHOLDERS) | set(columns)
+    for i, task in enumerate(cfg.tasks):
+        if task.question_column is not None:
+            if cfg.input.manifest is None:
+                raise ConfigError(f"tasks[{i}].question_column: needs a Parquet manifest input")
+            if task.question_column not in columns:
+                raise ConfigError(f"tasks[{i}].question_column: the manifest has no column {task.question_column!r}")
+        for ph in task.placeholders:
+            if ph not in known:
+                raise ConfigError(
+                    f"tasks[{i}].prompt: unknown placeholder {{{ph}}} (known: {', '.join(sorted(known))})"
+                )

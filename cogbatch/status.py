@@ -1,0 +1,37 @@
+"""Progress of a job from its output dataset and its input, without loading the model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cogbatch.config import JobConfig
+from cogbatch.manifest import build_entries
+from cogbatch.store import latest_rows, read_results
+
+
+def job_status(cfg: JobConfig) -> dict[str, Any]:
+    """Per task: ok / failed / pending images, and rows made with other settings (stale)."""
+    from cogbatch.runner import resolved_dtype
+
+    dtype = resolved_dtype(cfg)
+    fingerprints = {t.name: cfg.fingerprint(t, dtype) for t in cfg.tasks}
+    ids = {e.image_id for e in build_entries(cfg)}
+    newest = latest_rows(read_results(cfg.output, ["image_id", "task", "status", "fingerprint", "created_at"]))
+    rows = newest.to_pydict()
+    state = {
+        (i, t): (s, f)
+        for i, t, s, f in zip(rows["image_id"], rows["task"], rows["status"], rows["fingerprint"], strict=True)
+    }
+    tasks = {}
+    for task in cfg.tasks:
+        counts = {"ok": 0, "error": 0, "stale": 0, "pending": 0}
+        for image_id in ids:
+            row = state.get((image_id, task.name))
+            if row is None:
+                counts["pending"] += 1
+            elif row[1] != fingerprints[task.name]:
+                counts["stale"] += 1
+            else:
+                counts[row[0]] += 1
+        tasks[task.name] = counts
+    return {"output": str(cfg.output), "images": len(ids), "rows": newest.num_rows, "tasks": tasks}

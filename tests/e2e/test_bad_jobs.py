@@ -1,0 +1,76 @@
+"""Malformed job files stop before any work with exit code 2 and a message naming the key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tests.e2e.conftest import cogbatch_cmd
+
+
+def _job(tmp_path, text: str):
+    (tmp_path / "images").mkdir(exist_ok=True)
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = {
+    "model": "some/model",
+    "input": {"folder": "IMAGES"},
+    "output": "OUT",
+    "tasks": [{"name": "caption", "prompt": "Describe this image."}],
+}
+
+
+def _variant(**changes):
+    job = yaml.safe_load(yaml.safe_dump(BASE))
+    for key, value in changes.items():
+        if value is None:
+            job.pop(key)
+        else:
+            job[key] = value
+    return yaml.safe_dump(job)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model: [unclosed\n", "not valid YAML at line"),
+        (_variant(colour="red"), "colour: unknown key"),
+        (_variant(batch_size="eight"), "batch_size: must be a positive integer"),
+        (_variant(model=None), "model: required"),
+        (_variant(tasks=[]), "tasks: must be a non-empty list"),
+        (_variant(tasks=[{"name": "a", "prompt": "x"}, {"name": "b", "prompt": "y", "max_new_tokens": 0}]),
+         "tasks[1].max_new_tokens: must be a positive integer"),
+        (_variant(tasks=[{"name": "a", "prompt": "Tags: {tags}"}]), "tasks[0].prompt: unknown placeholder {tags}"),
+        (_variant(tasks=[{"name": "a", "prompt": "x", "template": "poem"}]), "tasks[0].template: must be one of"),
+        (_variant(tasks=[{"name": "a", "prompt": "x", "temprature": 0.5}]), "tasks[0].temprature: unknown key"),
+        (_variant(input={"folder": "nowhere"}), "input.folder:"),
+        (_variant(quantization="int3"), "quantization: must be"),
+        (_variant(vram_ceiling="lots"), "vram_ceiling: must be a size"),
+        ("- just\n- a list\n", "must be a mapping"),
+    ],
+)  # fmt: skip
+def test_bad_job_exits_2_naming_the_key(tmp_path, text, message):
+    text = text.replace("IMAGES", str(tmp_path / "images")).replace("OUT", str(tmp_path / "out"))
+    res = cogbatch_cmd("run", str(_job(tmp_path, text)))
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()  # stopped before any work
+
+
+def test_missing_job_file(tmp_path):
+    res = cogbatch_cmd("run", str(tmp_path / "nope.yaml"))
+    assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+def test_unknown_model_path_is_a_usage_error(tmp_path, job_factory):
+    (tmp_path / "images").mkdir()
+    from tests.e2e.conftest import make_images
+
+    make_images(tmp_path / "images", 1)
+    res = cogbatch_cmd("run", str(job_factory(model=str(tmp_path / "no-model"))))
+    assert res.returncode == 2
+    assert "no such checkpoint directory" in res.stderr and "Traceback" not in res.stderr
