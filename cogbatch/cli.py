@@ -99,9 +99,19 @@ def _emit(summary: dict, as_json: bool, human: str) -> None:
 @click.option("--limit", type=click.IntRange(min=1), help="Process at most N new images in this run.")
 @click.option("--device", help="cpu, cuda or cuda:N (overrides the job).")
 @click.option("--vram-ceiling", help="Memory ceiling for batches, e.g. 11GiB (overrides the job).")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Requests per batch (overrides the job).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Cap on sequences decoded together (default: planned).")
 @click.option("--redo-changed", is_flag=True, help="Redo tasks whose settings changed since their rows were made.")
 @click.option("--fail-on-error", is_flag=True, help="Exit with code 3 when any image ended as an error row.")
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: this process; ray: a Ray cluster (RAY_ADDRESS, else a local one; needs cogbatch[ray]).",
+)
+@click.option(
+    "--workers", type=click.IntRange(min=1), help="Ray actors, one model each (default: one per GPU, else 1-2)."
+)
 @pipeline_option
 @json_option
 @quiet_option
@@ -115,6 +125,8 @@ def run(
     batch_size,
     redo_changed,
     fail_on_error,
+    engine,
+    workers,
     pipeline,
     as_json,
     quiet,
@@ -126,10 +138,13 @@ def run(
 
     \b
     Exit codes: 0 done (error rows included), 2 configuration error or changed settings,
-    1 aborted, 3 error rows with --fail-on-error, 130/143 interrupted (resumable).
+    1 aborted, 3 error rows with --fail-on-error, 75 another run of this output is going,
+    130/143 interrupted (resumable).
 
     Example: cogbatch run jobs/caption.yaml --input ~/Pictures --output outputs/pictures
     """
+    from cogbatch.engines import EngineError
+    from cogbatch.lock import JobLocked
     from cogbatch.runner import RunOptions, SettingsChanged
     from cogbatch.runner import run as run_job
 
@@ -143,10 +158,24 @@ def run(
         "batch_size": batch_size,
     }
     cfg = _load(job, overrides, pipeline)
+    if workers is not None and engine != "ray":
+        raise click.UsageError("--workers applies to --engine ray only")
+    options = RunOptions(redo_changed=redo_changed, fail_on_error=fail_on_error, quiet=quiet)
     try:
-        summary = run_job(cfg, RunOptions(redo_changed=redo_changed, fail_on_error=fail_on_error, quiet=quiet))
+        if engine == "ray":
+            from cogbatch.engines.ray import run_ray
+
+            summary = run_ray(cfg, options, workers=workers)
+        else:
+            summary = run_job(cfg, options)
     except SettingsChanged as e:
         raise ConfigFailure(str(e)) from None
+    except EngineError as e:  # missing extra, impossible --workers: nothing was done
+        raise ConfigFailure(str(e)) from None
+    except JobLocked as e:  # exit 75 (EX_TEMPFAIL): cron and scripts can tell "busy" from "failed"
+        busy = click.ClickException(f"{e}; this run did nothing (exit {e.exit_code}: try again when that one ends)")
+        busy.exit_code = e.exit_code
+        raise busy from None
     except Exception as e:
         _abort(e)
     _emit(summary, as_json, _describe_run(summary))
@@ -159,8 +188,9 @@ def _abort(e: Exception):
     import traceback
 
     from cogbatch.model.weights import CheckpointError
+    from cogbatch.planner import DoesNotFit
 
-    if isinstance(e, CheckpointError):
+    if isinstance(e, CheckpointError | DoesNotFit):
         raise ConfigFailure(str(e)) from None
     if os.environ.get("COGBATCH_DEBUG"):
         traceback.print_exc()
@@ -191,18 +221,37 @@ def _describe_run(s: dict) -> str:
 @cli.command(short_help="Show done / failed / pending counts of a job without loading the model.")
 @click.argument("job", type=click.Path(dir_okay=False))
 @output_option
+@click.option("--history", is_flag=True, help="Show the past runs (from <output>/runs.jsonl) instead.")
 @pipeline_option
 @json_option
-def status(job, output, pipeline, as_json) -> None:
+def status(job, output, history, pipeline, as_json) -> None:
     """Show what JOB has done, failed and still has pending, per task.
+
+    With --history: one line per past run (start, wall time, exit code, counts, model).
 
     Example: cogbatch status jobs/caption.yaml
     """
     from cogbatch.status import job_status
 
     cfg = _load(job, {"output": output}, pipeline)
+    if history:
+        from cogbatch.history import format_table, read_history
+
+        records = read_history(cfg.output)
+        if as_json:
+            click.echo(json.dumps(records, indent=2))
+        elif records:
+            click.echo(format_table(records))
+        else:
+            click.echo(f"{cfg.output}: no runs recorded yet", err=True)
+        return
+    from cogbatch.lock import current_holder, describe_holder
+
     report = job_status(cfg)
+    report["running"] = current_holder(cfg.output)  # a run holding the output's lock now, or None
     lines = [f"{report['output']}: {report['images']} images"]
+    if report["running"] is not None:
+        lines.append(f"  running now: {describe_holder(report['running'])}")
     for name, t in report["tasks"].items():
         lines.append(
             f"  {name}: {t['ok']} ok, {t['error']} failed, {t['pending']} pending"
@@ -216,12 +265,50 @@ def status(job, output, pipeline, as_json) -> None:
 
 @cli.command(short_help="Predict memory use and the largest batch that fits, without loading weights.")
 @click.argument("job", type=click.Path(dir_okay=False))
-def plan(job: str) -> None:
+@click.option("--vram-ceiling", help="Plan for this ceiling instead of the job's, e.g. 16GiB.")
+@pipeline_option
+@json_option
+def plan(job, vram_ceiling, pipeline, as_json) -> None:
     """Predict device memory for JOB's model and quantization, and the batch size that fits.
 
-    Example: cogbatch plan jobs/caption.yaml
+    Reads only the checkpoint's config.json: weight bytes follow from the tensor shapes and the
+    quantization rules. Both execution modes are shown: all weights resident, and phase-swapped
+    (vision tower and language model take turns on the device).
+
+    Example: cogbatch plan jobs/caption.yaml --vram-ceiling 11GiB
     """
-    raise NotAvailableYet("plan", 8)
+    from cogbatch.planner import job_plan
+
+    cfg = _load(job, {"vram_ceiling": vram_ceiling}, pipeline)
+    try:
+        report = job_plan(cfg)
+    except Exception as e:
+        _abort(e)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(_describe_plan(report))
+
+
+def _describe_plan(r: dict) -> str:
+    gib = 2**30
+    w = r["weights"]
+    lines = [
+        f"{r['model']} ({r['generation']}), {r['quantization']}, {r['dtype']} on {r['device']}, "
+        f"ceiling {r['vram_ceiling'] / gib:.2f} GiB",
+        f"weights on the device: {w['device'] / gib:.2f} GiB (vision {w['vision'] / gib:.2f}, language "
+        f"{w['language'] / gib:.2f}, embeddings {w['embeddings'] / gib:.2f}, lm_head {w['lm_head'] / gib:.2f})",
+        "  by dtype: " + ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in sorted(w["by_dtype"].items())),
+        f"per request: KV cache {r['per_request']['kv_cache_bytes'] / gib:.3f} GiB (image prefix "
+        f"{r['per_request']['image_prefix_bytes'] / gib:.3f}), vision activations "
+        f"{r['per_request']['vision_activation_bytes_per_image'] / gib:.3f} GiB per image",
+    ]
+    for mode, m in r["modes"].items():
+        verdict = f"largest batch {m['largest_batch']}" if m["fits"] else "does not fit"
+        lines.append(f"{mode:>9}: batch 1 needs {m['peak_bytes_batch_1'] / gib:.2f} GiB -> {verdict}")
+    p = r["plan"]
+    lines.append(f"plan: {p['mode']} mode, batch {p['slots']}" if p.get("mode") else f"plan: {p['error']}")
+    return "\n".join(lines)
 
 
 @cli.command(short_help="Quantize a checkpoint ahead of time into the quantized-weights cache.")
@@ -235,23 +322,120 @@ def quantize(model: str) -> None:
 
 
 @cli.command(short_help="Install, remove or list a nightly cron entry for a job.")
-@click.argument("job", type=click.Path(dir_okay=False))
-def schedule(job: str) -> None:
+@click.argument("job", type=click.Path(dir_okay=False), required=False)
+@click.option("--cron", "cron_expr", metavar="EXPR", help='When to run, e.g. "0 2 * * *" (02:00 daily) or @daily.')
+@click.option("--install", "action", flag_value="install", help="Add the line to your crontab (or replace it).")
+@click.option("--remove", "action", flag_value="remove", help="Remove JOB's line from your crontab.")
+@click.option("--list", "action", flag_value="list", help="List cogbatch's crontab entries (JOB's only, if given).")
+@output_option
+@pipeline_option
+@json_option
+def schedule(job, cron_expr, action, output, pipeline, as_json) -> None:
     """Print or install a crontab line that runs JOB unattended, one run at a time.
 
-    Example: cogbatch schedule jobs/caption.yaml --cron "0 2 * * *"
+    Without --install the line is only printed. The line runs the same cogbatch (absolute path of
+    this environment) on the absolute JOB path from the current directory, under `flock -n`, with
+    `--quiet --json` appended to <output>/cogbatch.log. A run that finds the job still running
+    exits 75 and does nothing; each night only the new images are done.
+
+    \b
+    Examples:
+      cogbatch schedule jobs/caption.yaml --cron "0 2 * * *"            print the line
+      cogbatch schedule jobs/caption.yaml --cron "0 2 * * *" --install  add (or update) it
+      cogbatch schedule jobs/caption.yaml --remove                      remove it
+      cogbatch schedule --list                                          every cogbatch entry
     """
-    raise NotAvailableYet("schedule", 6)
+    from cogbatch import schedule as sched
+
+    action = action or "print"
+    if job is None and action != "list":
+        raise click.UsageError("JOB is required (only --list works without it)")
+    if action in ("print", "install") and not cron_expr:
+        raise click.UsageError('--cron EXPR is required, e.g. --cron "0 2 * * *"')
+    if action in ("remove", "list") and cron_expr:
+        raise click.UsageError(f"--cron has no meaning with --{action}")
+    try:
+        if action == "list":
+            entries = sched.list_entries(job)
+            if as_json:
+                click.echo(json.dumps(entries, indent=2))
+            elif entries:
+                click.echo(sched.format_entries(entries))
+            else:
+                click.echo("no cogbatch entries in your crontab", err=True)
+            return
+        if action == "remove":
+            n = sched.remove(job)
+            human = f"removed {n} crontab line(s) for {job}" if n else f"no crontab line for {job}: nothing removed"
+            _emit({"removed": n, "job": str(Path(job).resolve())}, as_json, human)
+            return
+        try:
+            expr = sched.validate_cron(cron_expr)
+        except sched.CronError as e:
+            raise click.BadParameter(str(e), param_hint="--cron") from None
+        cfg = _load(job, {"output": output}, pipeline)
+        entry = sched.build_entry(job, expr, cfg.output, output_override=output is not None, pipeline=pipeline)
+        if action == "print":
+            if as_json:
+                click.echo(json.dumps(entry.to_dict(), indent=2))
+            else:
+                click.echo(entry.line)
+                click.echo(f"(not installed: add --install to put it in your crontab; log: {entry.log})", err=True)
+            return
+        result = sched.install(entry)
+        _emit({**entry.to_dict(), "result": result}, as_json, f"crontab line {result}: {entry.line}\nlog: {entry.log}")
+    except sched.ScheduleError as e:
+        raise click.ClickException(str(e)) from None
 
 
 @cli.command(short_help="Export results as .txt captions beside the images, JSONL or CSV.")
 @click.argument("job", type=click.Path(dir_okay=False))
-def export(job: str) -> None:
+@click.option("--format", "fmt", type=click.Choice(["txt", "jsonl", "csv"]), required=True, help="What to write.")
+@click.option(
+    "--task",
+    help="txt: the task whose text is written (required when the job has several). jsonl/csv: only this task's rows.",
+)
+@click.option(
+    "--dest",
+    type=click.Path(file_okay=False),
+    help="txt: mirror the input tree under DIR instead of writing beside the images. "
+    "jsonl/csv: write DIR/<output name>.<format> instead of stdout.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace existing files whose content differs.")
+@output_option
+@pipeline_option
+@json_option
+def export(job, fmt, task, dest, overwrite, output, pipeline, as_json) -> None:
     """Export JOB's results, e.g. one .txt caption per image for LoRA training.
 
-    Example: cogbatch export jobs/caption.yaml --format txt
+    \b
+    txt    one <image stem>.txt per image with TASK's newest text, beside the image (or under
+           --dest, mirroring the input folder); error rows and images not done yet are skipped;
+           an existing file with other text is kept unless --overwrite.
+    jsonl  every column of the newest row per (path, task), to stdout or --dest.
+    csv    the same as CSV with a header line.
+
+    The summary (written / unchanged / skipped / conflicts) goes to stderr, or stdout with --json.
+
+    \b
+    Examples:
+      cogbatch export jobs/caption.yaml --format txt
+      cogbatch export jobs/vqa.yaml --format txt --task colors --dest captions/
+      cogbatch export jobs/caption.yaml --format jsonl > captions.jsonl
     """
-    raise NotAvailableYet("export", 6)
+    from cogbatch.export import ExportError, export_rows, export_txt
+
+    if fmt != "txt" and dest is None and as_json:
+        raise click.UsageError(f"--json needs --dest with --format {fmt} (the rows themselves go to stdout)")
+    cfg = _load(job, {"output": output}, pipeline)
+    try:
+        if fmt == "txt":
+            report = export_txt(cfg, task, Path(dest) if dest else None, overwrite)
+        else:
+            report = export_rows(cfg, fmt, task, Path(dest) if dest else None, overwrite)
+    except ExportError as e:
+        raise click.UsageError(str(e)) from None
+    _emit(report.to_dict(), as_json, report.describe())
 
 
 @cli.command(short_help="Merge an output dataset's part files into fewer files.")
@@ -290,6 +474,7 @@ def demo(output, n_images, as_json, quiet) -> None:
     Afterwards `cogbatch run jobs/demo.yaml` runs the same job from its YAML file.
     """
     from cogbatch.demo import demo_job
+    from cogbatch.lock import JobLocked
     from cogbatch.runner import RunOptions
     from cogbatch.runner import run as run_job
 
@@ -298,6 +483,10 @@ def demo(output, n_images, as_json, quiet) -> None:
     cfg = demo_job(Path(output), n_images)
     try:
         summary = run_job(cfg, RunOptions(quiet=quiet))
+    except JobLocked as e:
+        busy = click.ClickException(f"{e}; this run did nothing (exit {e.exit_code})")
+        busy.exit_code = e.exit_code
+        raise busy from None
     except Exception as e:
         _abort(e)
     _emit(summary, as_json, _describe_run(summary) + "\nNOTE: the text is random (random demo model).")

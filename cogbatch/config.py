@@ -51,6 +51,9 @@ class GenerationSettings:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int = 0
+    no_repeat_ngram_size: int = 0
+    stop_on_repetition: bool = True  # end a looping output early (finish_reason "repetition")
+    retry_on_repetition: int = 0  # then try again this many times with sampling
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ class JobConfig:
     device: str = "auto"
     dtype: str = "auto"
     vram_ceiling: int = 11 * 2**30
-    batch_size: int = 8
+    batch_size: int | None = None  # upper bound on sequences decoded together; None: the planner decides
     limit: int | None = None
     max_pixels: int = 178_956_970
     loader_threads: int = 4
@@ -276,10 +279,10 @@ def _generation(sec: _Section, base: GenerationSettings) -> GenerationSettings:
         top_k=sec.int_("top_k", base.top_k, minimum=0),
         repetition_penalty=sec.float_("repetition_penalty", base.repetition_penalty, 0.0),
         seed=sec.int_("seed", base.seed, minimum=0),
+        no_repeat_ngram_size=sec.int_("no_repeat_ngram_size", base.no_repeat_ngram_size, minimum=0),
+        stop_on_repetition=sec.bool_("stop_on_repetition", base.stop_on_repetition),
+        retry_on_repetition=sec.int_("retry_on_repetition", base.retry_on_repetition, minimum=0),
     )
-
-
-_GENERATION_KEYS = tuple(GenerationSettings.__dataclass_fields__)
 
 
 def _task(data: Any, path: str, defaults: GenerationSettings) -> TaskConfig:
@@ -476,7 +479,7 @@ def _build(job: dict[str, Any], pipe: dict[str, Any], job_path: Path | None) -> 
         device=sec.str_("device", "auto"),
         dtype=sec.str_("dtype", "auto", DTYPES),
         vram_ceiling=parse_size(sec.get("vram_ceiling", "11GiB"), "vram_ceiling"),
-        batch_size=sec.int_("batch_size", 8),
+        batch_size=sec.int_("batch_size", None),
         limit=sec.int_("limit", None),
         max_pixels=sec.int_("max_pixels", 178_956_970),
         loader_threads=sec.int_("loader_threads", 4),

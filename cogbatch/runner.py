@@ -28,8 +28,7 @@ from typing import Any
 
 import yaml
 
-from cogbatch.config import TINY_PREFIX, JobConfig
-from cogbatch.images import ImageError, decode_image, read_image_bytes
+from cogbatch.config import JobConfig
 from cogbatch.manifest import (
     ImageEntry,
     ManifestBytes,
@@ -39,9 +38,9 @@ from cogbatch.manifest import (
     expand_requests,
     limit_images,
     pending,
-    sha256_hex,
 )
-from cogbatch.store import PartWriter, done_keys, make_row, prepare_output
+from cogbatch.store import PartWriter, done_keys, prepare_output
+from cogbatch.worker import LoadedImage, Worker, error_row, load_entry, resolved_dtype
 
 log = logging.getLogger("cogbatch")
 
@@ -54,173 +53,32 @@ class SettingsChanged(Exception):
 
 
 @dataclass
-class LoadedImage:
-    entry: ImageEntry
-    pixels: Any = None  # (3, S, S) float tensor
-    width: int | None = None
-    height: int | None = None
-    error: str | None = None
-
-
-@dataclass
 class RunOptions:
     redo_changed: bool = False
     fail_on_error: bool = False
     quiet: bool = False
 
 
-# -- model ---------------------------------------------------------------------------------------
-
-
-def tiny_model_dir(cfg: JobConfig) -> Path:
-    """Build (once) the random model that `tiny-random:<arch>` names; its text is meaningless."""
-    from filelock import FileLock
-
-    from cogbatch.model.tiny import write_tiny_checkpoint
-
-    arch = cfg.model[len(TINY_PREFIX) :] or "cogvlm2"
-    target = cfg.cache_dir / "tiny-random" / arch
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if not (target / "config.json").is_file():
-            sizes = {"hidden_size": 32, "heads": 4, "kv_heads": 2} if arch == "cogvlm2" else {}
-            write_tiny_checkpoint(target, arch=arch, seed=0, overwrite=True, **sizes)
-    return target
-
-
-def load_model(cfg: JobConfig):
-    """The model for a job: hub id, local checkpoint or tiny random model, with the job's settings."""
-    from cogbatch.model.cogvlm import CogVLM
-
-    source = tiny_model_dir(cfg) if cfg.model.startswith(TINY_PREFIX) else cfg.model
-    return CogVLM.from_pretrained(
-        source,
-        dtype=cfg.dtype,
-        device=None if cfg.device == "auto" else cfg.device,
-        quantization=cfg.quantization.to_model_arg(),
-        tokenizer=cfg.tokenizer,
-    )
-
-
-def resolved_dtype(cfg: JobConfig) -> str:
-    """The compute dtype a run will use, without loading the model (it enters the fingerprint)."""
-    import torch
-
-    from cogbatch.model.cogvlm import resolve_dtype
-
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    return str(resolve_dtype(cfg.dtype, torch.device(device))).removeprefix("torch.")
-
-
 # -- images --------------------------------------------------------------------------------------
 
 
-def _load(entry: ImageEntry, cfg: JobConfig, image_size: int, inline: ManifestBytes | None) -> LoadedImage:
-    """Read, verify, decode and preprocess one image; every failure is a reason, never an exception."""
-    from cogbatch.model.preprocess import preprocess_image
-
-    if entry.error:
-        return LoadedImage(entry, error=entry.error)
-    try:
-        data = inline.get(entry.row) if entry.row is not None else read_image_bytes(entry.file)
-        if sha256_hex(data) != entry.image_id:
-            raise ImageError("file changed during the run (it will be done on the next run)")
-        decoded = decode_image(data, max_pixels=cfg.max_pixels)
-        pixels = preprocess_image(decoded.image, image_size)
-        return LoadedImage(entry, pixels, decoded.width, decoded.height)
-    except ImageError as e:
-        return LoadedImage(entry, error=str(e))
-
-
-def prefetch(entries: list[ImageEntry], cfg: JobConfig, image_size: int) -> Iterator[LoadedImage]:
+def prefetch(entries: list[ImageEntry], cfg: JobConfig, image_size: int, chunk: int) -> Iterator[LoadedImage]:
     """Images in order, decoded by background threads at most `window` images ahead of the model."""
     inline = ManifestBytes(cfg.input.manifest, cfg.input.bytes_column) if cfg.input.bytes_column else None
-    window = max(2 * cfg.batch_size, 2 * cfg.loader_threads)
+    window = max(chunk, 2 * cfg.loader_threads)
     with ThreadPoolExecutor(cfg.loader_threads, thread_name_prefix="cogbatch-load") as pool:
         queue: list[Future] = []
         it = iter(entries)
         for e in it:
-            queue.append(pool.submit(_load, e, cfg, image_size, inline))
+            queue.append(pool.submit(load_entry, e, cfg, image_size, inline))
             if len(queue) >= window:
                 break
         while queue:
             result = queue.pop(0).result()
             nxt = next(it, None)
             if nxt is not None:
-                queue.append(pool.submit(_load, nxt, cfg, image_size, inline))
+                queue.append(pool.submit(load_entry, nxt, cfg, image_size, inline))
             yield result
-
-
-# -- batches -------------------------------------------------------------------------------------
-
-
-def postprocess(text: str, strip_prefixes: tuple[str, ...]) -> str:
-    """Trim, and drop a configured boilerplate opening such as 'The image shows'."""
-    text = text.strip()
-    for prefix in strip_prefixes:
-        if text.lower().startswith(prefix.lower()):
-            rest = text[len(prefix) :].lstrip(" ,:;-")
-            text = rest[:1].upper() + rest[1:]
-            break
-    return text
-
-
-def error_row(req: Request, reason: str, cfg: JobConfig, run_id: str, img: LoadedImage | None = None) -> dict:
-    return make_row(
-        image_id=req.image.image_id,
-        path=req.image.path,
-        task=req.task.name,
-        prompt=req.prompt,
-        status="error",
-        error=reason,
-        width=img.width if img else None,
-        height=img.height if img else None,
-        model=cfg.model,
-        quant=cfg.quantization.describe(),
-        fingerprint=req.fingerprint,
-        run_id=run_id,
-    )
-
-
-def run_batch(model, items: list[tuple[Request, LoadedImage]], cfg: JobConfig, run_id: str) -> list[dict]:
-    """Generate for requests of one task and return their result rows (shared by every engine)."""
-    from cogbatch.model.generate import GenerationConfig
-
-    task = items[0][0].task
-    g = task.generation
-    gen = GenerationConfig(
-        max_new_tokens=g.max_new_tokens,
-        do_sample=g.do_sample,
-        temperature=g.temperature,
-        top_p=g.top_p,
-        top_k=g.top_k,
-        repetition_penalty=g.repetition_penalty,
-        seed=g.seed,
-    )
-    samples = [model.build_inputs(None, req.prompt, img.pixels, task.template) for req, img in items]
-    out = model.generate(model.collate(samples), gen)
-    rows = []
-    for i, (req, img) in enumerate(items):
-        rows.append(
-            make_row(
-                image_id=req.image.image_id,
-                path=req.image.path,
-                task=task.name,
-                prompt=req.prompt,
-                text=postprocess(out.texts[i], task.strip_prefixes),
-                status="ok",
-                finish_reason=out.finish_reasons[i],
-                tokens_in=out.prompt_tokens[i],
-                tokens_out=len(out.token_ids[i]),
-                width=img.width,
-                height=img.height,
-                model=cfg.model,
-                quant=cfg.quantization.describe(),
-                fingerprint=req.fingerprint,
-                run_id=run_id,
-            )
-        )
-    return rows
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -292,13 +150,24 @@ def write_resolved_config(cfg: JobConfig) -> None:
     os.replace(tmp, target)
 
 
-def run(cfg: JobConfig, options: RunOptions | None = None) -> dict[str, Any]:
-    """Run a validated job and return its summary (`exit_code` says how it ended)."""
-    opts = options or RunOptions()
-    started = time.time()
+@dataclass
+class Plan:
+    """What a run will do: computed identically for every engine, before any model is loaded."""
+
+    run_id: str
+    todo: list[Request]  # pending requests, in order, after --limit
+    summary: dict[str, Any]  # counts so far; the engine adds done / failed / timings
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def plan_run(cfg: JobConfig, opts: RunOptions) -> Plan:
+    """Pending work = images x tasks - rows already in the output; refuse changed settings."""
     # Pillow warns once per process about odd EXIF blocks; such an image still decodes fine.
     warnings.filterwarnings("ignore", message="(Possibly )?[Cc]orrupt EXIF", category=UserWarning)
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    run_id = new_run_id()
     prepare_output(cfg.output)
     dtype = resolved_dtype(cfg)
     fingerprints = {t.name: cfg.fingerprint(t, dtype) for t in cfg.tasks}
@@ -328,27 +197,26 @@ def run(cfg: JobConfig, options: RunOptions | None = None) -> dict[str, Any]:
         "generated_tokens": 0,
         "model_loaded": False,
     }
+    if not todo:
+        summary["message"] = "nothing to do: every image and task is already in the output"
+    return Plan(run_id, todo, summary)
 
-    stop = _StopFlag()
-    progress = _Progress(len(todo), opts.quiet)
-    writer = PartWriter(cfg.output, run_id, flush_rows=cfg.flush_rows, flush_seconds=cfg.flush_seconds)
-    try:
-        with stop, writer:
-            _process(cfg, todo, writer, progress, summary, stop, run_id)
-    finally:
-        progress.close()
+
+def finish_summary(
+    summary: dict[str, Any], plan: Plan, started: float, interrupted_by: int | None, opts: RunOptions
+) -> dict[str, Any]:
+    """Timings, memory and the exit code, the same for every engine."""
     wall = time.time() - started
     summary.update(
         {
             "wall_s": round(wall, 3),
-            "images_per_s": round(len({r.image.image_id for r in todo}) / wall, 3) if wall else 0.0,
+            "images_per_s": round(len({r.image.image_id for r in plan.todo}) / wall, 3) if wall else 0.0,
             "tokens_per_s": round(summary["generated_tokens"] / wall, 2) if wall else 0.0,
             "peak_host_rss_bytes": _peak_rss_bytes(),
-            "parts_written": len(writer.parts_written),
         }
     )
-    if stop.signum is not None:
-        summary["exit_code"] = EXIT_SIGNAL[stop.signum]
+    if interrupted_by is not None:
+        summary["exit_code"] = EXIT_SIGNAL[interrupted_by]
         summary["interrupted"] = True
     elif opts.fail_on_error and summary["failed"]:
         summary["exit_code"] = EXIT_ROW_ERRORS
@@ -357,8 +225,36 @@ def run(cfg: JobConfig, options: RunOptions | None = None) -> dict[str, Any]:
     return summary
 
 
+def run(cfg: JobConfig, options: RunOptions | None = None) -> dict[str, Any]:
+    """Run a validated job and return its summary (`exit_code` says how it ended).
+
+    One run per output at a time: a second one raises `cogbatch.lock.JobLocked` at once. Every run
+    that got the lock appends a line to `<output>/runs.jsonl` (`cogbatch.history`), also when it raises.
+    """
+    from cogbatch.lock import run_exclusive
+
+    return run_exclusive(cfg, lambda: _run_locked(cfg, options))
+
+
+def _run_locked(cfg: JobConfig, options: RunOptions | None = None) -> dict[str, Any]:
+    """The run itself, under the output's lock (see `run`)."""
+    opts = options or RunOptions()
+    started = time.time()
+    plan = plan_run(cfg, opts)
+    stop = _StopFlag()
+    progress = _Progress(len(plan.todo), opts.quiet)
+    writer = PartWriter(cfg.output, plan.run_id, flush_rows=cfg.flush_rows, flush_seconds=cfg.flush_seconds)
+    try:
+        with stop, writer:
+            _process(cfg, plan.todo, writer, progress, plan.summary, stop, plan.run_id)
+    finally:
+        progress.close()
+    plan.summary["parts_written"] = len(writer.parts_written)
+    return finish_summary(plan.summary, plan, started, stop.signum, opts)
+
+
 def _process(cfg, todo, writer, progress, summary, stop, run_id) -> None:
-    """Error rows for what cannot run; batches through the model for the rest."""
+    """Error rows for what cannot run; chunks of decoded images through the worker for the rest."""
     runnable = []
     for r in todo:
         reason = r.image.error or r.error
@@ -369,52 +265,37 @@ def _process(cfg, todo, writer, progress, summary, stop, run_id) -> None:
         else:
             runnable.append(r)
     if not runnable or stop.signum is not None:
-        if not todo:
-            summary["message"] = "nothing to do: every image and task is already in the output"
         return
 
-    model = load_model(cfg)
+    worker = Worker(cfg, run_id)
     summary["model_loaded"] = True
-    summary["model_load"] = _load_report(model)
+    summary["model_load"] = worker.load_report()
     by_image: dict[str, list[Request]] = {}
     for r in runnable:
         by_image.setdefault(r.image.image_id, []).append(r)
     images = [reqs[0].image for reqs in by_image.values()]
-    buffers: dict[str, list[tuple[Request, LoadedImage]]] = {t.name: [] for t in cfg.tasks}
+    chunk: list[tuple[LoadedImage, list[Request]]] = []
 
-    def flush(task_name: str) -> None:
-        items = buffers[task_name]
-        if items:
-            rows = run_batch(model, items, cfg, run_id)
-            for row in rows:
-                writer.add(row)
-            summary["done"] += len(rows)
-            summary["generated_tokens"] += sum(row["tokens_out"] or 0 for row in rows)
-            progress.update(len(rows), 0)
-            buffers[task_name] = []
+    def flush() -> None:
+        rows = worker.process(chunk)
+        for row in rows:
+            writer.add(row)
+        ok = sum(row["status"] == "ok" for row in rows)
+        summary["done"] += ok
+        summary["failed"] += len(rows) - ok
+        progress.update(len(rows), len(rows) - ok)
+        chunk.clear()
 
-    for img in prefetch(images, cfg, model.config.vision.image_size):
+    for img in prefetch(images, cfg, worker.image_size, 2 * worker.chunk_images):
         if stop.signum is not None:
             break
-        for req in by_image[img.entry.image_id]:
-            if img.error:
-                writer.add(error_row(req, img.error, cfg, run_id, img))
-                summary["failed"] += 1
-                progress.update(1, 1)
-                continue
-            buffers[req.task.name].append((req, img))
-            if len(buffers[req.task.name]) >= cfg.batch_size:
-                flush(req.task.name)
-    if stop.signum is None:
-        for name in list(buffers):
-            flush(name)
-
-
-def _load_report(model) -> dict[str, Any]:
-    report = getattr(model, "load_report", None)
-    if report is None:
-        return {"dtype": str(model.dtype), "device": str(model.device)}
-    return report.to_dict() if hasattr(report, "to_dict") else dict(report)
+        chunk.append((img, by_image[img.entry.image_id]))
+        if len(chunk) >= worker.chunk_images:
+            flush()
+    if stop.signum is None and chunk:
+        flush()
+    summary["generated_tokens"] = int(worker.stats["generated_tokens"])
+    summary.update(worker.summary_stats())
 
 
 class SettingsRegistry:

@@ -11,7 +11,7 @@ from cogbatch.store import latest_rows, read_results
 
 def job_status(cfg: JobConfig) -> dict[str, Any]:
     """Per task: ok / failed / pending images, and rows made with other settings (stale)."""
-    from cogbatch.runner import resolved_dtype
+    from cogbatch.worker import resolved_dtype
 
     dtype = resolved_dtype(cfg)
     fingerprints = {t.name: cfg.fingerprint(t, dtype) for t in cfg.tasks}

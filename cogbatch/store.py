@@ -70,6 +70,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("fingerprint", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("attempts", pa.int32()),  # generations made for the row (> 1 after repetition retries)
     ]
 )
 

@@ -13,6 +13,7 @@ device, so the full-precision model is never held twice.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ from cogbatch.model.weights import (
     stream_tensors,
     weight_files,
 )
+
+log = logging.getLogger("cogbatch.model")
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
@@ -64,6 +67,7 @@ class CogVLM(nn.Module):
         self.model = CogVLMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tokenizer: Any = None
+        self.load_report: Any = None  # set by from_pretrained (cogbatch.model.quantize.LoadReport)
 
     @property
     def device(self) -> torch.device:
@@ -82,31 +86,61 @@ class CogVLM(nn.Module):
         device: str | torch.device | None = None,
         quantization: Any = None,
         tokenizer: str | Path | None = None,
+        cache_dir: str | Path | bool | None = None,
+        dequant_threshold: Any = None,
     ) -> CogVLM:
         """Load an official checkpoint (local directory or hub id) with our implementation.
 
         `tokenizer` names a tokenizer to use when the checkpoint has none (cogvlm-chat-hf).
+        `quantization`: None/"none", "int4" (group 128), "int4-g32"/"-g64"/"-g128", "int8", or a
+        dict / `QuantConfig` with per-module rules (see `cogbatch.model.quantize`). Quantized loads
+        stream the checkpoint layer by layer and use the quantized-weights cache under `cache_dir`
+        (default `$COGBATCH_CACHE_DIR`, else `~/.cache/cogbatch`; False disables it).
+        `dequant_threshold`: rows above which a quantized layer uses a transient dense weight
+        (None = the device's default, `math.inf` = never, or a dict per device type).
+        The load report is `model.load_report`.
         """
-        from accelerate import init_empty_weights
-        from accelerate.utils import set_module_tensor_to_device
+        from cogbatch.model.quantize import LoadTracker, QuantConfig, build_report, load_quantized
 
-        if quantization is not None:
-            raise NotImplementedError("quantized loading is not available yet (issue #8); use quantization=None")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = resolve_dtype(dtype, device)
+        quant = QuantConfig.parse(quantization)
         ckpt = resolve_checkpoint(path_or_id)
         cfg = CogVLMConfig.from_json(ckpt)
         files = weight_files(ckpt)
-        check_tensors(checkpoint_tensor_shapes(cfg), scan_tensors(files), ckpt)
+        found = scan_tensors(files)
+        check_tensors(checkpoint_tensor_shapes(cfg), found, ckpt)
+
+        cache: dict[str, Any] = {}
+        with LoadTracker(device) as tracker:
+            if quant is None:
+                model = cls._load_unquantized(cfg, files, dtype, device, tracker)
+            else:
+                model, cache = load_quantized(
+                    cls, cfg, ckpt, files, list(found), quant=quant, dtype=dtype, device=device,
+                    cache_dir=cache_dir, dequant_threshold=dequant_threshold, tracker=tracker,
+                )  # fmt: skip
+            model.eval().requires_grad_(False)
+        model.load_report = build_report(model, tracker, checkpoint=ckpt, dtype=dtype, quant=quant, **cache)
+        log.info("%s", model.load_report.summary())
+        model.tokenizer = _load_tokenizer_for(ckpt, cfg, tokenizer)
+        return model
+
+    @classmethod
+    def _load_unquantized(
+        cls, cfg: CogVLMConfig, files: list[Path], dtype: torch.dtype, device: torch.device, tracker: Any
+    ) -> CogVLM:
+        """Assign every tensor, cast to `dtype`, into a model built on meta: never two full copies."""
+        from accelerate import init_empty_weights
+        from accelerate.utils import set_module_tensor_to_device
 
         with init_empty_weights():  # parameters on meta; buffers (rotary) stay real
             model = cls(cfg)
-        for name, tensor in stream_tensors(files, device):
-            if not name.endswith(DERIVED_SUFFIXES):
-                set_module_tensor_to_device(model, name, device, value=tensor, dtype=dtype)
-        model.to(device)  # the rotary buffers
-        model.eval().requires_grad_(False)
-        model.tokenizer = _load_tokenizer_for(ckpt, cfg, tokenizer)
+        with tracker.phase("read"):
+            for name, tensor in stream_tensors(files, device):
+                if not name.endswith(DERIVED_SUFFIXES):
+                    set_module_tensor_to_device(model, name, device, value=tensor, dtype=dtype)
+            model.to(device)  # the rotary buffers
         return model
 
     # -- inputs ---------------------------------------------------------------------------------
@@ -133,8 +167,13 @@ class CogVLM(nn.Module):
     # -- compute --------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(n, 3, S, S) pixels -> (n, n_vis, D) features for the image slots."""
-        return self.model.vision(images.to(self.device, self.dtype))
+        """(n, 3, S, S) pixels -> (n, n_vis, D) features for the image slots.
+
+        Runs wherever the vision tower is, which is not the language model's device while a
+        phase-swapped pipeline has moved the language model off the GPU.
+        """
+        device = self.model.vision.boi.device
+        return self.model.vision(images.to(device, self.dtype))
 
     @torch.no_grad()
     def logits(

@@ -30,6 +30,8 @@ class GenerationConfig:
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the output
     seed: int = 0
     stop_token_ids: tuple[int, ...] | None = None  # None: the model's eos ids; (): never stop early
+    no_repeat_ngram_size: int = 0  # > 0: never repeat an n-gram of the prompt text or the output
+    stop_on_repetition: bool = False  # stop a sequence whose tail loops (finish reason "repetition")
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -42,13 +44,15 @@ class GenerationConfig:
             raise ValueError("top_k must be >= 0")
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be > 0")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError("no_repeat_ngram_size must be >= 0")
 
 
 @dataclass
 class GenerationOutput:
     token_ids: list[list[int]]  # new tokens per sample, the stop token excluded
     texts: list[str]
-    finish_reasons: list[str]  # "eos" (a stop token) or "length" (max_new_tokens reached)
+    finish_reasons: list[str]  # "eos" (a stop token), "length" (max_new_tokens) or "repetition" (a loop)
     prompt_tokens: list[int]
     step_logits: list[torch.Tensor] | None = None  # per sample (steps, V) raw logits, when asked for
     timings: dict[str, float] = field(default_factory=dict)  # encode_s, prefill_s, decode_s (wall seconds)
@@ -73,25 +77,89 @@ def _filter_top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch
     return scores
 
 
-class _Sampler:
-    """Turns raw logits into next tokens; one generator per sequence keeps sampling batch-invariant."""
+def looping_tail(tokens: list[int], max_period: int = 16, min_span: int = 16, min_repeats: int = 3) -> bool:
+    """True when the output ends in a loop: a block of <= `max_period` tokens repeated back to back.
 
-    def __init__(self, cfg: GenerationConfig, batch: int, device: torch.device) -> None:
-        self.cfg = cfg
-        self.generators = None
-        if cfg.do_sample:
-            self.generators = [torch.Generator(device=device).manual_seed(cfg.seed) for _ in range(batch)]
+    The block must repeat at least `min_repeats` times and cover at least `min_span` tokens, so
+    "very very" is fine while sixteen identical tokens, or a phrase said three times over, is a loop.
+    """
+    n = len(tokens)
+    for p in range(1, max_period + 1):
+        span = p * max(min_repeats, -(-min_span // p))
+        if span > n:
+            continue
+        tail = tokens[n - span :]
+        if all(tail[i] == tail[i - p] for i in range(p, span)):
+            return True
+    return False
 
-    def __call__(self, logits: torch.Tensor, seen: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        cfg = self.cfg
-        scores = logits
-        if cfg.repetition_penalty != 1.0:
-            scores = _apply_repetition_penalty(scores, seen, cfg.repetition_penalty)
-        if not cfg.do_sample:
-            return scores.argmax(-1)
-        scores = _filter_top_k_top_p(scores / cfg.temperature, cfg.top_k, cfg.top_p)
-        probs = scores.softmax(-1)
-        return torch.cat([torch.multinomial(probs[j], 1, generator=self.generators[r]) for j, r in enumerate(rows)])
+
+class Sequence:
+    """One request's decoding state: output so far, its own sampler, its stop rules."""
+
+    def __init__(self, prompt_text: list[int], cfg: GenerationConfig, stop_ids: set[int], device: torch.device):
+        self.cfg, self.stop_ids = cfg, stop_ids
+        self.out: list[int] = []
+        self.finish: str | None = None
+        self.generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.do_sample else None
+        self.history = list(prompt_text)  # what n-gram bans look at: prompt text, then output
+        self.ngrams: dict[tuple[int, ...], set[int]] = {}
+        n = cfg.no_repeat_ngram_size
+        for i in range(len(self.history) - n + 1 if n else 0):
+            self._add_ngram(i)
+
+    def _add_ngram(self, start: int) -> None:
+        n = self.cfg.no_repeat_ngram_size
+        gram = self.history[start : start + n]
+        self.ngrams.setdefault(tuple(gram[:-1]), set()).add(gram[-1])
+
+    def banned(self) -> set[int]:
+        """Tokens that would complete an n-gram already present (transformers' no_repeat_ngram_size)."""
+        n = self.cfg.no_repeat_ngram_size
+        if not n or len(self.history) < n - 1:
+            return set()
+        return self.ngrams.get(tuple(self.history[len(self.history) - n + 1 :]), set())
+
+    def push(self, token: int) -> None:
+        if token in self.stop_ids:
+            self.finish = "eos"
+            return
+        self.out.append(token)
+        self.history.append(token)
+        if self.cfg.no_repeat_ngram_size and len(self.history) >= self.cfg.no_repeat_ngram_size:
+            self._add_ngram(len(self.history) - self.cfg.no_repeat_ngram_size)
+        if len(self.out) >= self.cfg.max_new_tokens:
+            self.finish = "length"
+        elif self.cfg.stop_on_repetition and looping_tail(self.out):
+            self.finish = "repetition"
+
+
+def choose_tokens(logits: torch.Tensor, seqs: list[Sequence], seen: torch.Tensor, cfg: GenerationConfig):
+    """Next token of every row: penalties and bans, then greedy argmax or a per-sequence sample."""
+    scores = logits
+    if cfg.repetition_penalty != 1.0:
+        scores = _apply_repetition_penalty(scores, seen, cfg.repetition_penalty)
+    if cfg.no_repeat_ngram_size:
+        for j, seq in enumerate(seqs):
+            banned = seq.banned()
+            if banned:
+                scores[j, list(banned)] = float("-inf")
+    if not cfg.do_sample:
+        return scores.argmax(-1)
+    scores = _filter_top_k_top_p(scores / cfg.temperature, cfg.top_k, cfg.top_p)
+    probs = scores.softmax(-1)
+    return torch.cat([torch.multinomial(probs[j], 1, generator=seq.generator) for j, seq in enumerate(seqs)])
+
+
+def stop_ids_for(model: CogVLM, cfg: GenerationConfig) -> set[int]:
+    return set(model.config.eos_token_ids if cfg.stop_token_ids is None else cfg.stop_token_ids)
+
+
+def decode_text(tokenizer: Any, ids: list[int]) -> str:
+    if tokenizer is None:
+        return ""
+    # No clean-up pass: for BPE tokenizers it deletes real spaces before punctuation.
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 class _PhaseClock:
@@ -110,13 +178,6 @@ class _PhaseClock:
         self.t = now
 
 
-def _decode(tokenizer: Any, ids: list[int]) -> str:
-    if tokenizer is None:
-        return ""
-    # No clean-up pass: for BPE tokenizers it deletes real spaces before punctuation.
-    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-
 @torch.no_grad()
 def generate(
     model: CogVLM,
@@ -130,7 +191,6 @@ def generate(
     device = model.device
     batch = batch.to(device)
     B, L = batch.input_ids.shape
-    stop_ids = set(model.config.eos_token_ids if cfg.stop_token_ids is None else cfg.stop_token_ids)
     clock = _PhaseClock(device)
     if image_features is None and batch.images is not None:
         image_features = model.encode_images(batch.images)
@@ -140,52 +200,48 @@ def generate(
     positions = padding_invariant_position_ids(batch.token_type_ids, batch.attention_mask)
     cache = KVCache(model.config, B, L + cfg.max_new_tokens, embeds.dtype, device)
     hidden = model.model(embeds, batch.token_type_ids, positions, batch.attention_mask, cache)
+    cache.advance(L)
     logits = model.lm_head(hidden[:, -1]).float()  # (B, V): only the last position predicts
     next_pos = positions[:, -1] + 1  # (B,)
     attention_mask = batch.attention_mask
     clock.lap("prefill_s")
 
     # Tokens the repetition penalty looks at: the prompt's real text tokens, then every output token.
-    seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
     text = (batch.attention_mask == 1) & (batch.token_type_ids == 0)
+    seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
     seen.scatter_(1, torch.where(text, batch.input_ids, 0), text)
-
-    sampler = _Sampler(cfg, B, device)
-    rows = list(range(B))  # original sample index of each active batch row
-    out_ids: list[list[int]] = [[] for _ in range(B)]
-    finish: list[str] = ["length"] * B
+    stop_ids = stop_ids_for(model, cfg)
+    seqs = [Sequence(batch.input_ids[b][text[b]].tolist(), cfg, stop_ids, device) for b in range(B)]
+    active = list(range(B))  # original sample index of each batch row
     step_logits: list[list[torch.Tensor]] = [[] for _ in range(B)]
-    for _ in range(cfg.max_new_tokens):
+    while True:
         if return_logits:
-            for j, r in enumerate(rows):
+            for j, r in enumerate(active):
                 step_logits[r].append(logits[j].cpu())
-        tokens = sampler(logits, seen, rows)  # (B_active,)
-        keep = []
-        for j, (r, tok) in enumerate(zip(rows, tokens.tolist(), strict=True)):
-            if tok in stop_ids:
-                finish[r] = "eos"
-                continue
-            out_ids[r].append(tok)
-            if len(out_ids[r]) < cfg.max_new_tokens:
-                keep.append(j)
+        tokens = choose_tokens(logits, [seqs[r] for r in active], seen, cfg)  # (B_active,)
+        for r, tok in zip(active, tokens.tolist(), strict=True):
+            seqs[r].push(tok)
+        keep = [j for j, r in enumerate(active) if seqs[r].finish is None]
         if not keep:
             break
-        if len(keep) < len(rows):  # drop finished sequences from every per-row tensor
+        if len(keep) < len(active):  # drop finished sequences from every per-row tensor
             idx = torch.tensor(keep, device=device)
             cache.keep(idx)
             tokens, next_pos, attention_mask, seen = tokens[idx], next_pos[idx], attention_mask[idx], seen[idx]
-            rows = [rows[j] for j in keep]
+            active = [active[j] for j in keep]
         seen.scatter_(1, tokens.unsqueeze(1), True)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
-        step_types = torch.zeros(len(rows), 1, dtype=torch.long, device=device)  # generated text is language
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], dim=1)
+        step_types = torch.zeros(len(active), 1, dtype=torch.long, device=device)  # generated text is language
         hidden = model.model(
             model.model.embed_tokens(tokens.unsqueeze(1)), step_types, next_pos.unsqueeze(1), attention_mask, cache
         )
+        cache.advance(1)
         logits = model.lm_head(hidden[:, -1]).float()
         next_pos = next_pos + 1
 
     clock.lap("decode_s")
-    texts = [_decode(tokenizer, ids) for ids in out_ids]
+    out_ids = [seq.out for seq in seqs]
+    texts = [decode_text(tokenizer, ids) for ids in out_ids]
     prompt_tokens = batch.attention_mask.sum(-1).tolist()
     logits_out = [torch.stack(s) if s else torch.empty(0) for s in step_logits] if return_logits else None
-    return GenerationOutput(out_ids, texts, finish, prompt_tokens, logits_out, clock.laps)
+    return GenerationOutput(out_ids, texts, [seq.finish for seq in seqs], prompt_tokens, logits_out, clock.laps)

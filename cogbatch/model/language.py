@@ -135,6 +135,73 @@ class KVCache:
         self.v = [v.index_select(0, rows) for v in self.v]
 
 
+class SlotKVCache:
+    """Per-sequence ("slot") caches of different lengths, for continuous batching.
+
+    Each slot holds one sequence contiguously (its image prefix, its prompt, its output) with its
+    own length, so a finished sequence's slot can take a new request while the others decode. A
+    forward pass works on the contiguous slots `[start, start + B)` set by `select`; new keys and
+    values are written at each slot's own length. Lengths grow only through `advance`, by each
+    row's real (unpadded) token count.
+    """
+
+    def __init__(self, cfg: CogVLMConfig, slots: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.start, self.stop = 0, slots
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def select(self, start: int, stop: int) -> None:
+        self.start, self.stop = start, stop
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, _, L, _ = k.shape
+        lengths = self.lengths[self.start : self.stop]
+        pos = lengths.unsqueeze(1) + torch.arange(L, device=k.device)  # (B, L) cache index per new token
+        end = int(pos.max()) + 1
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens per sequence; {end} needed")
+        rows = torch.arange(B, device=k.device).unsqueeze(1)  # (B, 1)
+        kc, vc = self.k[layer][self.start : self.stop], self.v[layer][self.start : self.stop]
+        kc[rows, :, pos] = k.transpose(1, 2)  # (B, L, Hkv, hd) scattered into (B, Hkv, T, hd)
+        vc[rows, :, pos] = v.transpose(1, 2)
+        return kc[:, :, :end], vc[:, :, :end]
+
+    def bias(self, query_len: int, dtype: torch.dtype) -> torch.Tensor:
+        """(B, 1, L, T) additive mask: query i of a slot sees that slot's keys up to its own position."""
+        lengths = self.lengths[self.start : self.stop]
+        T = int(lengths.max()) + query_len
+        q_pos = lengths.unsqueeze(1) + torch.arange(query_len, device=lengths.device)  # (B, L)
+        k_pos = torch.arange(T, device=lengths.device)
+        allowed = k_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)  # (B, L, T)
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=lengths.device)
+        return bias.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+    def advance(self, n: torch.Tensor | int) -> None:
+        self.lengths[self.start : self.stop] += n
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot `src` into slot `dst` (to keep the active slots contiguous)."""
+        n = int(self.lengths[src])
+        for kv in (self.k, self.v):
+            for t in kv:
+                t[dst, :, :n] = t[src, :, :n]
+        self.lengths[dst] = self.lengths[src]
+
+    def load_prefix(self, slot: int, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+        """Start slot `slot` with a precomputed prefix: per layer (Hkv, P, hd)."""
+        P = k[0].shape[1]
+        for layer in range(len(self.k)):
+            self.k[layer][slot, :, :P] = k[layer]
+            self.v[layer][slot, :, :P] = v[layer]
+        self.lengths[slot] = P
+
+
 def _route(x: torch.Tensor, vision_mask: torch.Tensor | None, vision: nn.Module, language: nn.Module) -> torch.Tensor:
     """Apply `vision` to the tokens of `vision_mask` and `language` to the others."""
     if vision_mask is None:  # text-only input or a decode step: skip the gather / scatter
@@ -188,7 +255,7 @@ class VisionExpertAttention(nn.Module):
         vision_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
         attn_mask: torch.Tensor | None,
-        cache: KVCache | None,
+        cache: KVCache | SlotKVCache | None,
         layer_idx: int,
     ) -> torch.Tensor:
         B, L, _ = x.shape
@@ -202,10 +269,10 @@ class VisionExpertAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, Hkv, T, hd)
-        if Hkv != H:  # GQA: query head h reads kv head h // (H / Hkv)
-            k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, T, hd)
-            v = v.repeat_interleave(H // Hkv, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and L > 1)
+        # GQA: query head h reads kv head h // (H / Hkv); SDPA does it without copying the cache.
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and L > 1, enable_gqa=Hkv != H
+        )
         out = out.transpose(1, 2).reshape(B, L, H * hd)  # (B, L, D)
         return _route(out, vision_mask, self.vision_expert_dense, self.language_expert_dense)
 
@@ -224,7 +291,7 @@ class DecoderLayer(nn.Module):
         vision_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
         attn_mask: torch.Tensor | None,
-        cache: KVCache | None,
+        cache: KVCache | SlotKVCache | None,
         layer_idx: int,
     ) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), vision_mask, position_ids, attn_mask, cache, layer_idx)
@@ -286,19 +353,23 @@ class CogVLMModel(nn.Module):
         inputs_embeds: torch.Tensor,
         token_type_ids: torch.Tensor,
         position_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None,
+        cache: KVCache | SlotKVCache | None = None,
+        attn_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Decoder over (B, L, D) embeddings; `attention_mask` covers cached + new tokens (B, T)."""
+        """Decoder over (B, L, D) embeddings; `attention_mask` covers cached + new tokens (B, T).
+
+        `attn_bias` replaces the mask built from `attention_mask` (slot caches build their own).
+        The caller advances the cache afterwards: only it knows how many of the L tokens are real.
+        """
         L = inputs_embeds.shape[1]
-        past = cache.length if cache is not None else 0
         vision_mask = vision_expert_mask(token_type_ids) if L > 1 else None
         if vision_mask is not None and not bool(vision_mask.any()):
             vision_mask = None
-        bias = attention_bias(attention_mask, L, past, inputs_embeds.dtype)
+        if attn_bias is None:
+            past = cache.length if cache is not None else 0
+            attn_bias = attention_bias(attention_mask, L, past, inputs_embeds.dtype)
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
-            x = layer(x, vision_mask, position_ids, bias, cache, i)
-        if cache is not None:
-            cache.advance(L)
+            x = layer(x, vision_mask, position_ids, attn_bias, cache, i)
         return self.norm(x)

@@ -50,10 +50,7 @@ def test_help_does_not_import_torch():
 @pytest.mark.parametrize(
     "args, issue",
     [
-        (["plan", "jobs/caption.yaml"], 8),
         (["quantize", "THUDM/cogvlm2-llama3-chat-19B"], 8),
-        (["schedule", "jobs/caption.yaml"], 6),
-        (["export", "jobs/caption.yaml"], 6),
     ],
 )
 def test_unfinished_commands_say_so_without_a_traceback(args, issue):

@@ -86,6 +86,7 @@ def test_schema_is_exactly_the_documented_one():
         ("fingerprint", string, False),
         ("run_id", string, False),
         ("created_at", pa.timestamp("us", tz="UTC"), False),
+        ("attempts", pa.int32(), True),
     ]
     assert [(f.name, f.type, f.nullable) for f in RESULT_SCHEMA] == expected
 

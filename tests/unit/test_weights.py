@@ -107,8 +107,3 @@ def test_explicit_tokenizer_is_used(ckpt, tiny_cogvlm1):
         (ckpt / name).unlink(missing_ok=True)
     model = CogVLM.from_pretrained(ckpt, dtype="float32", device="cpu", tokenizer=tiny_cogvlm1)
     assert model.tokenizer.bos_token_id == model.config.bos_token_id
-
-
-def test_quantization_is_refused_until_it_lands(ckpt):
-    with pytest.raises(NotImplementedError, match="issue #8"):
-        CogVLM.from_pretrained(ckpt, quantization="int4")

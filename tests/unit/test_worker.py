@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cogbatch.runner import postprocess
+from cogbatch.worker import postprocess
 
 
 @pytest.mark.parametrize(

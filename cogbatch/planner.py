@@ -1,0 +1,270 @@
+"""Memory model and batch planning: how many sequences fit under the VRAM ceiling, and how to run them.
+
+Predicted peak device memory of the pipeline's generation path (`cogbatch.model.engine`):
+
+    weights resident on the device
+  + image prefixes kept for the chunk's prompts       (images x prefix tokens x KV bytes per token)
+  + the slot KV cache                                 (slots x (prefix + prompt + max_new_tokens) x KV bytes)
+  + the largest transient activation                  (vision tower pass, prefix prefill, prompt prefill)
+  + a safety margin
+
+KV bytes per token = 2 (k, v) x layers x kv heads x head dim x dtype bytes: 128 KiB for CogVLM2 in
+bf16 (GQA), 512 KiB for CogVLM; a CogVLM2 image prefix is 2,307 tokens, ~300 MB. The same model
+feeds `cogbatch plan` (from the config, without weights) and the runner (from the loaded model),
+and on CUDA the runner scales its estimates by what `torch.cuda.max_memory_allocated()` measured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cogbatch.model.config import CogVLMConfig
+
+GiB = 2**30
+
+
+class DoesNotFit(Exception):
+    """Even one request does not fit under the ceiling; the message gives needed and available memory."""
+
+
+@dataclass
+class MemoryModel:
+    cfg: CogVLMConfig
+    dtype_bytes: int
+    weights_vision: int  # device bytes of the vision tower
+    weights_language: int  # everything else resident on the device (decoder, embeddings, lm_head)
+    materialized_attention: bool  # CPU / math SDPA keeps full score matrices; flash kernels do not
+    margin: int = 512 * 2**20
+    correction: float = 1.0  # >= 1 after calibration or an out-of-memory error
+
+    @property
+    def kv_per_token(self) -> int:
+        c = self.cfg
+        return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * self.dtype_bytes
+
+    @property
+    def prefix_tokens(self) -> int:
+        return self.cfg.vision_tokens + 1
+
+    def vision_activations(self, images: int) -> int:
+        """Peak transient of one vision-tower pass over `images` images."""
+        v, b = self.cfg.vision, self.dtype_bytes
+        n = v.grid**2 + 1
+        per_layer = n * (6 * v.hidden_size + v.intermediate_size) * b
+        scores = v.num_heads * n * n * 4 if self.materialized_attention else 0
+        glu = self.cfg.vision_tokens * (2 * self.cfg.hidden_size + 2 * self.cfg.intermediate_size) * b
+        return int(self.correction * images * (per_layer + scores + glu))
+
+    def prefill_activations(self, rows: int, tokens: int, keys: int) -> int:
+        """Peak transient of a language-model pass over `rows` x `tokens` new tokens seeing `keys` keys."""
+        c, b = self.cfg, self.dtype_bytes
+        t = rows * tokens
+        hidden = t * (8 * c.hidden_size + c.qkv_out_features + 3 * c.intermediate_size) * b
+        scores = rows * c.num_attention_heads * tokens * keys * 4 if self.materialized_attention else 0
+        bias = rows * tokens * keys * b
+        logits = rows * c.vocab_size * 4
+        return int(self.correction * (hidden + scores + bias + logits))
+
+    def kv(self, tokens: int) -> int:
+        return int(self.correction * tokens * self.kv_per_token)
+
+    def engine_peak(self, slots: int, prefixes: int, max_text: int, max_new: int, with_vision: bool) -> int:
+        """Peak of the decode phase: `slots` sequences in flight, `prefixes` image prefixes held."""
+        seq = self.prefix_tokens + max_text + max_new
+        transient = max(
+            self.prefill_activations(slots, max_text, seq),
+            self.prefill_activations(1, self.prefix_tokens, self.prefix_tokens),  # one prefix prefill
+        )
+        weights = self.weights_language + (self.weights_vision if with_vision else 0)
+        return weights + self.kv(prefixes * self.prefix_tokens) + self.kv(slots * seq) + transient + self.margin
+
+    def encode_peak(self, images: int, with_language: bool) -> int:
+        """Peak of the vision phase for `images` images."""
+        weights = self.weights_vision + (self.weights_language if with_language else 0)
+        features = images * self.cfg.vision_tokens * self.cfg.hidden_size * self.dtype_bytes
+        return weights + self.vision_activations(images) + features + self.margin
+
+
+@dataclass
+class Plan:
+    mode: str  # "resident": every weight stays on the device; "swap": vision and language take turns
+    slots: int  # sequences decoded together
+    encode_batch: int  # images per vision-tower pass
+    chunk_images: int  # images whose prefixes are held at once
+    peak_bytes: int
+    ceiling: int
+    per_request_bytes: int  # KV cache of one sequence (prefix + prompt + max_new_tokens)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_batches(mm: MemoryModel, ceiling: int, max_text: int, max_new: int, cap: int = 64) -> Plan:
+    """The largest batch whose predicted peak stays under `ceiling`.
+
+    Phase swapping is chosen only when it allows a larger batch than keeping every weight resident
+    (moving the language model costs a few hundred milliseconds per chunk on PCIe; a batch of one
+    instead of four costs far more).
+    """
+    plans = [p for p in (_plan_mode(mm, ceiling, max_text, max_new, cap, m) for m in ("resident", "swap")) if p]
+    if plans:
+        return max(plans, key=lambda p: (p.slots, p.mode == "resident"))
+    need = min(
+        max(mm.engine_peak(1, 1, max_text, max_new, False), mm.encode_peak(1, False)),
+        max(mm.engine_peak(1, 1, max_text, max_new, True), mm.encode_peak(1, True)),
+    )
+    raise DoesNotFit(
+        f"the model needs about {need / GiB:.2f} GiB for a single request "
+        f"(weights {(mm.weights_vision + mm.weights_language) / GiB:.2f} GiB), but the ceiling is "
+        f"{ceiling / GiB:.2f} GiB; raise vram_ceiling, quantize more (int4), or use a bigger device"
+    )
+
+
+def _plan_mode(mm: MemoryModel, ceiling: int, max_text: int, max_new: int, cap: int, mode: str) -> Plan | None:
+    """The largest batch in one execution mode, or None when a single request does not fit."""
+    both = mode == "resident"
+
+    def peak(s: int) -> int:
+        return max(mm.engine_peak(s, s, max_text, max_new, both), mm.encode_peak(1, both))
+
+    if peak(1) > ceiling:
+        return None
+    slots = 1
+    while slots < cap and peak(slots + 1) <= ceiling:
+        slots += 1
+    encode = 1
+    while encode < slots and mm.encode_peak(encode + 1, both) <= ceiling:
+        encode += 1
+    notes = []
+    if mode == "swap":
+        notes.append("vision tower and language model take turns on the device (phase-swapped)")
+    per_request = mm.kv(mm.prefix_tokens + max_text + max_new)
+    return Plan(mode, slots, encode, slots, peak(slots), ceiling, per_request, notes)
+
+
+def memory_model_for(model: Any) -> MemoryModel:
+    """The memory model of a loaded model: weight bytes measured on its device, not guessed."""
+    import torch
+
+    device = model.device
+
+    def device_bytes(module: torch.nn.Module) -> int:
+        total = 0
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.device == device:
+                total += _tensor_bytes(t)
+        return total
+
+    vision = device_bytes(model.model.vision)
+    return MemoryModel(
+        cfg=model.config,
+        dtype_bytes=torch.finfo(model.dtype).bits // 8,
+        weights_vision=vision,
+        weights_language=device_bytes(model) - vision,
+        materialized_attention=device.type != "cuda",
+    )
+
+
+def _tensor_bytes(t: Any) -> int:
+    """Storage bytes of a tensor, including quantized tensors whose data live in inner tensors."""
+    inner = getattr(t, "__tensor_flatten__", None)
+    if inner is not None and type(t).__name__ not in ("Tensor", "Parameter"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def calibrate(mm: MemoryModel, predicted: int, measured: int) -> None:
+    """Scale future estimates when the device used more than predicted (never scale down)."""
+    static = mm.weights_vision + mm.weights_language + mm.margin
+    if measured > predicted and predicted > static:
+        mm.correction *= math.ceil(100 * (measured - static) / (predicted - static)) / 100
+
+
+def job_plan(job: Any, max_text: int = 128) -> dict[str, Any]:
+    """`cogbatch plan`: predicted device memory of a job's model and the batches that fit, from config.json alone.
+
+    Weight bytes come from the checkpoint's tensor shapes under the job's quantization rules (no
+    weights are read); both execution modes are reported so a user sees what phase swapping buys.
+    """
+    import torch
+
+    from cogbatch.model.cogvlm import resolve_dtype
+    from cogbatch.model.quantize import QuantConfig, predict_weight_bytes
+
+    cfg = model_config_for(job)
+    device = torch.device(
+        "cuda"
+        if job.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if job.device == "auto" else job.device)
+    )
+    dtype = resolve_dtype(job.dtype, device)
+    quant = QuantConfig.parse(job.quantization.to_model_arg())
+    weights = predict_weight_bytes(cfg, quant, dtype)
+    max_new = max(t.generation.max_new_tokens for t in job.tasks)
+    mm = MemoryModel(
+        cfg,
+        torch.finfo(dtype).bits // 8,
+        weights["vision"],
+        weights["device"] - weights["vision"],
+        materialized_attention=device.type != "cuda",
+    )
+    modes = {}
+    for mode, both in (("resident", True), ("swap", False)):
+        peak1 = max(mm.engine_peak(1, 1, max_text, max_new, both), mm.encode_peak(1, both))
+        slots = 0
+        while (
+            slots < 256
+            and max(mm.engine_peak(slots + 1, slots + 1, max_text, max_new, both), mm.encode_peak(1, both))
+            <= job.vram_ceiling
+        ):
+            slots += 1
+        modes[mode] = {"peak_bytes_batch_1": peak1, "fits": slots > 0, "largest_batch": slots}
+    try:
+        chosen = plan_batches(mm, job.vram_ceiling, max_text, max_new, cap=job.batch_size or 64).to_dict()
+    except DoesNotFit as e:
+        chosen = {"mode": None, "error": str(e)}
+    return {
+        "model": job.model,
+        "generation": cfg.generation,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "quantization": job.quantization.describe(),
+        "vram_ceiling": job.vram_ceiling,
+        "weights": weights,
+        "per_request": {
+            "kv_cache_bytes": mm.kv(mm.prefix_tokens + max_text + max_new),
+            "image_prefix_bytes": mm.kv(mm.prefix_tokens),
+            "vision_activation_bytes_per_image": mm.vision_activations(1),
+            "assumed_prompt_tokens": max_text,
+            "max_new_tokens": max_new,
+        },
+        "modes": modes,
+        "plan": chosen,
+    }
+
+
+def model_config_for(job: Any) -> CogVLMConfig:
+    """The model's config.json: a local checkpoint, the hub (config.json only), or the tiny random model."""
+    from pathlib import Path
+
+    from cogbatch.config import TINY_PREFIX
+
+    if job.model.startswith(TINY_PREFIX):
+        from cogbatch.worker import tiny_model_dir
+
+        return CogVLMConfig.from_json(tiny_model_dir(job))
+    local = Path(job.model).expanduser()
+    if local.is_dir():
+        return CogVLMConfig.from_json(local)
+    from huggingface_hub import hf_hub_download
+
+    from cogbatch.model.weights import CheckpointError
+
+    try:
+        return CogVLMConfig.from_json(hf_hub_download(job.model, "config.json"))
+    except Exception as e:
+        raise CheckpointError(f"{job.model}: cannot read its config.json ({type(e).__name__}: {e})") from None

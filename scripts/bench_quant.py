@@ -1,0 +1,289 @@
+#!/usr/bin/env python
+"""INT4 / INT8 quantization benchmark: per-layer forward time at CogVLM2's real shapes, and load times.
+
+Part 1 times one Linear layer of each of CogVLM2's shapes (LM 4096x4096 dense, 6144x4096 QKV,
+14336x4096 gate/up, 4096x14336 down; vision 5376x1792 QKV, 1792x1792 dense, 15360x1792 fc1,
+1792x15360 fc2) at 1, 16 and 256 tokens in fp32, bf16, int8 and int4 (quanto, group 128), plus
+int4 with the dense (dequantize + matmul) path, and sweeps the token count to find where the
+dense path overtakes TinyGemm (the `dequant_threshold` default).
+
+Part 2 writes (once) a random CogVLM2-shaped checkpoint of ~0.5B parameters in fp16 shards and
+loads it in fresh subprocesses: fp16 without quantization, INT4 first load (quantize + cache
+write) and INT4 from the cache, with peak host memory from the load report.
+
+    python scripts/bench_quant.py --quick          # a few minutes on a 2-core CPU
+    python scripts/bench_quant.py                  # every shape, more repeats
+
+Times are the minimum over repeats (the median is in the JSON): shared machines are noisy and the
+minimum is the least disturbed run. Results go to outputs/bench/quant_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+LAYERS = {  # name: (out_features, in_features)
+    "lm dense 4096x4096": (4096, 4096),
+    "lm qkv 6144x4096": (6144, 4096),
+    "lm gate/up 14336x4096": (14336, 4096),
+    "lm down 4096x14336": (4096, 14336),
+    "vit qkv 5376x1792": (5376, 1792),
+    "vit dense 1792x1792": (1792, 1792),
+    "vit fc1 15360x1792": (15360, 1792),
+    "vit fc2 1792x15360": (1792, 15360),
+}
+QUICK_LAYERS = (
+    "lm dense 4096x4096",
+    "lm qkv 6144x4096",
+    "lm gate/up 14336x4096",
+    "lm down 4096x14336",
+    "vit dense 1792x1792",
+    "vit fc1 15360x1792",
+)
+TOKENS = (1, 16, 256)
+SWEEP = (16, 32, 64, 128, 192, 256, 384, 512, 1024)
+CKPT_SHAPE = {
+    "arch": "cogvlm2",
+    "hidden_size": 1024,
+    "layers": 8,
+    "vision_hidden_size": 1024,
+    "vision_layers": 8,
+    "image_size": 224,
+    "dtype": "fp16",
+    "shard_size": "200MB",
+}
+
+
+def timed(fn, repeats: int, budget_s: float) -> tuple[float, float]:
+    """(min, median) seconds of `fn()` after one warm-up call; stops early once `budget_s` is spent."""
+    fn()
+    runs: list[float] = []
+    start = time.perf_counter()
+    while len(runs) < repeats and (not runs or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    return min(runs), statistics.median(runs)
+
+
+def make_layer(out_f: int, in_f: int, config: str) -> nn.Module:
+    """One Linear in `config`: fp32, bf16, int8, int4 (fused kernel) or int4-dense (dequantize + matmul)."""
+    from optimum.quanto import qint4, qint8
+
+    from cogbatch.model.quantize import DequantQLinear
+
+    gen = torch.Generator().manual_seed(0)
+    lin = nn.Linear(in_f, out_f, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(out_f, in_f, generator=gen) / in_f**0.5)
+    if config == "fp32":
+        return lin
+    lin = lin.to(torch.bfloat16)
+    if config == "bf16":
+        return lin
+    q = DequantQLinear.from_module(lin, weights=qint8 if config == "int8" else qint4)
+    if config.startswith("int4"):
+        q.weight_group_size = 128
+    q.freeze()  # bf16 + group 128 on CPU: TinyGemm
+    q.dequant_threshold = 0 if config.endswith("dense") else None
+    return q
+
+
+@torch.no_grad()
+def bench_layers(layers: list[str], repeats: int, budget_s: float) -> list[dict]:
+    rows = []
+    configs = ("fp32", "bf16", "int8", "int4", "int4-dense")
+    for name in layers:
+        out_f, in_f = LAYERS[name]
+        for config in configs:
+            layer = make_layer(out_f, in_f, config)
+            kind = type(layer.weight).__name__ if config.startswith("int") else str(layer.weight.dtype)
+            for tokens in TOKENS:
+                x = torch.randn(tokens, in_f, dtype=torch.float32 if config == "fp32" else torch.bfloat16)
+                best, med = timed(lambda layer=layer, x=x: layer(x), repeats, budget_s)
+                rows.append(
+                    {
+                        "layer": name,
+                        "config": config,
+                        "weight": kind,
+                        "tokens": tokens,
+                        "ms": best * 1e3,
+                        "median_ms": med * 1e3,
+                    }
+                )
+            del layer
+            print(f"  {name:24s} {config:10s} done", file=sys.stderr, flush=True)
+    return rows
+
+
+@torch.no_grad()
+def bench_crossover(layers: list[str], repeats: int, budget_s: float) -> list[dict]:
+    """int4 fused (TinyGemm) against int4 dense (dequantize + matmul) over token counts."""
+    rows = []
+    for name in layers:
+        out_f, in_f = LAYERS[name]
+        fused, dense = make_layer(out_f, in_f, "int4"), make_layer(out_f, in_f, "int4-dense")
+        for tokens in SWEEP:
+            x = torch.randn(tokens, in_f, dtype=torch.bfloat16)
+            f = timed(lambda x=x, layer=fused: layer(x), repeats, budget_s)[0]
+            d = timed(lambda x=x, layer=dense: layer(x), repeats, budget_s)[0]
+            rows.append({"layer": name, "tokens": tokens, "fused_ms": f * 1e3, "dense_ms": d * 1e3})
+        print(f"  crossover {name} done", file=sys.stderr, flush=True)
+    return rows
+
+
+def crossover_threshold(rows: list[dict]) -> int | None:
+    """The smallest swept token count from which the dense path is faster on every layer measured."""
+    for tokens in SWEEP:
+        later = [r for r in rows if r["tokens"] >= tokens]
+        if later and all(r["dense_ms"] < r["fused_ms"] for r in later):
+            return tokens
+    return None
+
+
+_LOAD_CHILD = r"""
+import json, sys, torch
+from cogbatch.model.cogvlm import CogVLM
+mode, path, cache = sys.argv[1:4]
+kw = {"dtype": "float32" if mode == "fp32" else "bfloat16", "device": "cpu", "cache_dir": cache}
+if mode == "int4":
+    kw["quantization"] = "int4"
+r = CogVLM.from_pretrained(path, **kw).load_report
+print(json.dumps({"load_s": r.total_s, "cpu_s": r.cpu_s, "read_s": r.read_s, "quantize_s": r.quantize_s,
+                  "repack_s": r.repack_s, "cache_read_s": r.cache_read_s, "cache_write_s": r.cache_write_s,
+                  "cache": r.cache_status, "peak_rss": r.peak_host_rss_bytes, "peak_anon": r.peak_host_anon_bytes,
+                  "baseline_anon": r.baseline_host_anon_bytes, "weight_bytes": r.total_weight_bytes,
+                  "kernels": r.kernels}))
+"""
+# label -> child mode; "int4 from cache" runs right after "int4 first load" filled the cache
+LOAD_MODES = {"bf16 unquantized": "bf16", "fp32 unquantized": "fp32", "int4 first load": "int4",
+              "int4 from cache": "int4"}  # fmt: skip
+
+
+def load_once(mode: str, ckpt: Path, cache: Path, threads: int) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    out = subprocess.run(
+        [sys.executable, "-c", _LOAD_CHILD, mode, str(ckpt), str(cache)],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_loads(ckpt: Path, repeats: int, threads: int) -> dict:
+    """Best of `repeats` per mode, each in a fresh process; the INT4 first load gets a fresh cache dir each time."""
+    results: dict[str, list[dict]] = {k: [] for k in LOAD_MODES}
+    with tempfile.TemporaryDirectory(prefix="cogbatch-bench-cache-") as tmp:
+        for i in range(repeats):
+            cache = Path(tmp) / f"run{i}"
+            for label, mode in LOAD_MODES.items():
+                results[label].append(load_once(mode, ckpt, cache, threads))
+    best = {k: min(v, key=lambda r: r["load_s"]) for k, v in results.items()}
+    return {"best": best, "runs": results}
+
+
+def checkpoint(path: Path) -> Path:
+    if not (path / "model.safetensors.index.json").is_file():
+        from cogbatch.model.tiny import write_tiny_checkpoint
+
+        print(f"writing the benchmark checkpoint to {path} ...", file=sys.stderr, flush=True)
+        write_tiny_checkpoint(path, **CKPT_SHAPE, seed=0, overwrite=True)
+    return path
+
+
+def print_tables(report: dict) -> None:
+    mib = 2**20
+    if report.get("layers"):
+        print(f"\nPer-layer forward, ms (min over repeats; CPU, {report['threads']} threads)")
+        header = f"{'layer':24s} {'config':10s} {'weight class':27s}" + "".join(f"{t:>9d} tok" for t in TOKENS)
+        print(header)
+        print("-" * len(header))
+        rows = report["layers"]
+        for name in dict.fromkeys(r["layer"] for r in rows):
+            for config in dict.fromkeys(r["config"] for r in rows if r["layer"] == name):
+                cells = {r["tokens"]: r for r in rows if r["layer"] == name and r["config"] == config}
+                kind = next(iter(cells.values()))["weight"]
+                print(f"{name:24s} {config:10s} {kind:27s}" + "".join(f"{cells[t]['ms']:13.2f}" for t in TOKENS))
+    if report.get("crossover"):
+        print("\nint4: fused TinyGemm vs dense path (dequantize + matmul), ms")
+        rows = report["crossover"]
+        print(f"{'layer':24s}" + "".join(f"{t:>15d}" for t in SWEEP))
+        for name in dict.fromkeys(r["layer"] for r in rows):
+            cells = {r["tokens"]: r for r in rows if r["layer"] == name}
+            print(f"{name:24s}" + "".join(f"{cells[t]['fused_ms']:7.1f}/{cells[t]['dense_ms']:<7.1f}" for t in SWEEP))
+        print(f"dense faster on every layer from {report['crossover_threshold']} tokens")
+    if report.get("loads"):
+        best = report["loads"]["best"]
+        threads = report["load_threads"] or "default"
+        print(
+            f"\nLoad of {report['checkpoint']} ({report['checkpoint_mib']:.0f} MiB fp16 on disk), CPU, best of "
+            f"{report['load_repeats']}, {threads} thread(s); peak anon = above the load's start"
+        )
+        cols = ("load s", "cpu s", "read", "quant", "repack", "c.read", "c.write")
+        print(f"{'mode':18s}" + "".join(f"{c:>8s}" for c in cols) + f" {'peak anon MiB':>14s} {'weights MiB':>12s}")
+        keys = ("load_s", "cpu_s", "read_s", "quantize_s", "repack_s", "cache_read_s", "cache_write_s")
+        for mode, r in best.items():
+            anon = (r["peak_anon"] - r["baseline_anon"]) / mib if r["peak_anon"] else float("nan")
+            cells = "".join(f"{r[k]:8.2f}" for k in keys)
+            print(f"{mode:18s}{cells} {anon:14.1f} {r['weight_bytes'] / mib:12.1f}")
+        ratio = best["int4 from cache"]["load_s"] / best["bf16 unquantized"]["load_s"]
+        print(f"int4 from cache / bf16 unquantized load = {ratio:.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for the layer timings (0 = torch's default)")
+    ap.add_argument("--load-threads", type=int, default=1, help="OMP threads of the load subprocesses (0 = default)")
+    ap.add_argument("--skip-layers", action="store_true")
+    ap.add_argument("--skip-loads", action="store_true")
+    ap.add_argument("--checkpoint", type=Path, default=REPO / "outputs" / "bench" / "cogvlm2-quant-ckpt")
+    ap.add_argument("--json", type=Path, default=None, help="default: outputs/bench/quant_cpu.json")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeats, budget = (3, 2.0) if args.quick else (7, 6.0)
+    layers = list(QUICK_LAYERS) if args.quick else list(LAYERS)
+    report: dict = {
+        "device": "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "quick": args.quick,
+    }
+    if not args.skip_layers:
+        report["layers"] = bench_layers(layers, repeats, budget)
+        cross_layers = ["lm dense 4096x4096", "lm gate/up 14336x4096", "vit fc1 15360x1792"]
+        report["crossover"] = bench_crossover(cross_layers[:2] if args.quick else cross_layers, repeats, budget)
+        report["crossover_threshold"] = crossover_threshold(report["crossover"])
+    if not args.skip_loads:
+        ckpt = checkpoint(args.checkpoint)
+        report["checkpoint"] = str(ckpt)
+        report["checkpoint_mib"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 2**20
+        report["load_repeats"] = 2 if args.quick else 3
+        report["load_threads"] = args.load_threads
+        report["loads"] = bench_loads(ckpt, report["load_repeats"], args.load_threads)
+    print_tables(report)
+    out = args.json or REPO / "outputs" / "bench" / "quant_cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

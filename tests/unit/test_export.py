@@ -1,0 +1,320 @@
+"""`cogbatch.export` on synthetic result datasets (no model): txt beside / under DEST, jsonl, csv."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cogbatch.config import load_job
+from cogbatch.export import ExportError, export_rows, export_txt, latest_by_path
+from cogbatch.store import PartWriter, make_row, read_results
+
+T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def image(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)  # export hashes bytes only: they need not decode
+    return path
+
+
+def row(path: Path | str, data: bytes, task: str, text: str | None, *, status="ok", minutes=0, run_id="r1"):
+    return make_row(
+        image_id=sha(data),
+        path=str(path),
+        task=task,
+        prompt="p",
+        text=text,
+        status=status,
+        error="cannot identify image" if status == "error" else None,
+        fingerprint="f",
+        run_id=run_id,
+        created_at=T0 + dt.timedelta(minutes=minutes),
+    )
+
+
+def write_rows(out: Path, rows: list[dict], run_id: str = "r1") -> None:
+    with PartWriter(out, run_id) as w:
+        for r in rows:
+            w.add(r)
+
+
+@pytest.fixture
+def folder_job(tmp_path, monkeypatch):
+    """A folder job with two tasks and four images: two ok, one error row, one not done yet."""
+    monkeypatch.chdir(tmp_path)
+    imgs = tmp_path / "images"
+    files = {
+        "a": image(imgs / "a.png", b"aaa"),
+        "b": image(imgs / "sub" / "b.jpg", b"bbb"),
+        "bad": image(imgs / "bad.png", b"not an image"),
+        "new": image(imgs / "new.png", b"new"),
+    }
+    out = tmp_path / "out"
+    write_rows(
+        out,
+        [
+            row(files["a"], b"aaa", "caption", "A red square.\nOn white, ünïcode ✓"),
+            row(files["a"], b"aaa", "tags", "red, square"),
+            row(files["b"], b"bbb", "caption", "  A blue circle  "),
+            row(files["b"], b"bbb", "tags", "blue"),
+            row(files["bad"], b"not an image", "caption", None, status="error"),
+        ],
+    )
+    cfg = load_job(
+        {
+            "model": "tiny-random:cogvlm2",
+            "input": {"folder": str(imgs)},
+            "output": str(out),
+            "tasks": [{"name": "caption", "prompt": "Describe."}, {"name": "tags", "prompt": "Tags?"}],
+        }
+    )
+    return cfg, files
+
+
+def test_txt_beside_the_images_holds_the_exact_text(folder_job):
+    cfg, files = folder_job
+    report = export_txt(cfg, "caption", None)
+    assert report.written == 2 and report.unchanged == 0 and report.conflicts == []
+    assert (files["a"].with_suffix(".txt")).read_bytes() == "A red square.\nOn white, ünïcode ✓".encode()
+    assert (files["b"].with_suffix(".txt")).read_text() == "  A blue circle  "  # exactly the row's text
+    assert not files["bad"].with_suffix(".txt").exists() and not files["new"].with_suffix(".txt").exists()
+    reasons = {Path(s["path"]).name: s["reason"] for s in report.skipped}
+    assert reasons["bad.png"].startswith("error row") and "no result yet" in reasons["new.png"]
+    assert not list(files["a"].parent.glob(".tmp-*"))
+
+    again = export_txt(cfg, "caption", None)
+    assert again.written == 0 and again.unchanged == 2
+    tags = export_txt(cfg, "tags", None, overwrite=True)
+    assert tags.written == 2 and tags.overwritten == 2
+    assert files["a"].with_suffix(".txt").read_text() == "red, square"
+
+
+def test_txt_never_replaces_a_different_file_without_overwrite(folder_job):
+    cfg, files = folder_job
+    edited = files["a"].with_suffix(".txt")
+    edited.write_text("my hand-corrected caption")
+    report = export_txt(cfg, "caption", None)
+    assert edited.read_text() == "my hand-corrected caption"
+    assert [Path(c["target"]).name for c in report.conflicts] == ["a.txt"]
+    assert "--overwrite" in report.conflicts[0]["reason"]
+    assert report.written == 1  # b.txt
+    report = export_txt(cfg, "caption", None, overwrite=True)
+    assert edited.read_text().startswith("A red square.") and report.overwritten == 1 and not report.conflicts
+
+
+def test_txt_needs_a_task_when_the_job_has_several(folder_job):
+    cfg, _ = folder_job
+    with pytest.raises(ExportError, match="several tasks"):
+        export_txt(cfg, None, None)
+    with pytest.raises(ExportError, match="not a task"):
+        export_txt(cfg, "nope", None)
+
+
+def test_txt_under_dest_mirrors_the_input_tree(folder_job, tmp_path):
+    cfg, files = folder_job
+    dest = tmp_path / "captions"
+    report = export_txt(cfg, "caption", dest)
+    assert report.written == 2
+    assert (dest / "a.txt").read_text().startswith("A red square.")
+    assert (dest / "sub" / "b.txt").read_text() == "  A blue circle  "
+    assert not files["a"].with_suffix(".txt").exists()  # nothing beside the images
+
+
+def test_latest_row_wins_after_an_image_is_edited(folder_job):
+    cfg, files = folder_job
+    files["a"].write_bytes(b"aaa, edited")  # same path, new bytes: a new image id
+    txt = export_txt(cfg, "caption", None)
+    assert not files["a"].with_suffix(".txt").exists()  # the old caption is not the new image's
+    assert "no result yet" in {Path(s["path"]).name: s["reason"] for s in txt.skipped}["a.png"]
+
+    write_rows(cfg.output, [row(files["a"], b"aaa, edited", "caption", "An edited square.", minutes=5)], "r2")
+    again = export_txt(cfg, "caption", None)
+    assert (again.written, again.unchanged) == (1, 1)  # a.txt now; b.txt was written the first time
+    assert files["a"].with_suffix(".txt").read_text() == "An edited square."
+    out = io.StringIO()
+    report = export_rows(cfg, "jsonl", "caption", stdout=out)
+    texts = {Path(r["path"]).name: r["text"] for r in map(json.loads, out.getvalue().splitlines())}
+    assert texts["a.png"] == "An edited square." and report.rows == 3  # a, b, bad: one row per path
+
+
+def test_a_caption_of_the_images_old_bytes_is_named_as_such_and_kept(folder_job):
+    cfg, files = folder_job
+    export_txt(cfg, "caption", None)
+    files["a"].write_bytes(b"aaa, edited")
+    write_rows(cfg.output, [row(files["a"], b"aaa, edited", "caption", "An edited square.", minutes=5)], "r2")
+    report = export_txt(cfg, "caption", None)
+    assert "older caption of this image" in report.conflicts[0]["reason"]
+    assert files["a"].with_suffix(".txt").read_text().startswith("A red square.")
+    assert export_txt(cfg, "caption", None, overwrite=True).overwritten == 1
+    assert files["a"].with_suffix(".txt").read_text() == "An edited square."
+
+
+def test_renamed_image_keeps_its_caption(folder_job):
+    cfg, files = folder_job
+    files["b"].rename(files["b"].with_name("renamed.jpg"))
+    export_txt(cfg, "caption", None)
+    assert (files["b"].parent / "renamed.txt").read_text() == "  A blue circle  "
+
+
+def test_two_images_with_one_stem_conflict(folder_job):
+    cfg, files = folder_job
+    image(files["a"].with_suffix(".jpg"), b"aaa")  # a.jpg: same bytes as a.png, so it has a row too
+    report = export_txt(cfg, "caption", None)
+    assert len(report.conflicts) == 1 and "same .txt name" in report.conflicts[0]["reason"]
+
+
+def test_symlinked_target_file_is_not_followed(folder_job, tmp_path):
+    cfg, files = folder_job
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    files["a"].with_suffix(".txt").symlink_to(victim)
+    report = export_txt(cfg, "caption", None, overwrite=True)
+    assert victim.read_text() == "keep me"
+    assert any("symlink" in s["reason"] for s in report.skipped)
+
+
+# -- escapes under --dest ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def manifest_job(tmp_path, monkeypatch):
+    """A manifest that names images inside, above (..), and outside (absolute) its directory."""
+    monkeypatch.chdir(tmp_path)
+    base = tmp_path / "data"
+    inside = image(base / "pics" / "in.png", b"in")
+    linked = image(base / "pics" / "deep" / "viaLink.png", b"link")
+    above = image(tmp_path / "above.png", b"above")
+    absolute = image(tmp_path / "elsewhere" / "abs.png", b"abs")
+    paths = ["pics/in.png", "../above.png", str(absolute), "pics/deep/viaLink.png"]
+    pq.write_table(pa.table({"path": paths}), base / "manifest.parquet")
+    out = tmp_path / "out"
+    write_rows(
+        out,
+        [
+            row("pics/in.png", b"in", "caption", "inside"),
+            row("../above.png", b"above", "caption", "above"),
+            row(str(absolute), b"abs", "caption", "absolute"),
+            row("pics/deep/viaLink.png", b"link", "caption", "through a link"),
+        ],
+    )
+    cfg = load_job(
+        {
+            "model": "tiny-random:cogvlm2",
+            "input": {"manifest": str(base / "manifest.parquet")},
+            "output": str(out),
+            "tasks": [{"name": "caption", "prompt": "Describe."}],
+        }
+    )
+    return cfg, {"in": inside, "link": linked, "above": above, "abs": absolute}
+
+
+def test_paths_that_would_escape_dest_are_skipped(manifest_job, tmp_path):
+    cfg, files = manifest_job
+    dest = tmp_path / "dest"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (dest / "pics").mkdir(parents=True)
+    (dest / "pics" / "deep").symlink_to(outside, target_is_directory=True)  # a symlink inside DEST leading out
+    before = {p for p in tmp_path.rglob("*.txt")}
+
+    report = export_txt(cfg, None, dest)  # one task: --task not needed
+    assert report.written == 1
+    assert (dest / "pics" / "in.txt").read_text() == "inside"
+    escaped = {s["path"] for s in report.skipped if "outside" in s["reason"]}
+    assert escaped == {"../above.png", str(files["abs"]), "pics/deep/viaLink.png"}
+    assert {p for p in tmp_path.rglob("*.txt")} - before == {dest / "pics" / "in.txt"}
+    assert not list(outside.iterdir())
+
+
+def test_manifest_beside_the_images_writes_where_they_are(manifest_job):
+    cfg, files = manifest_job
+    report = export_txt(cfg, "caption", None)
+    assert report.written == 4  # without --dest the images' own folders are the destination
+    assert files["above"].with_suffix(".txt").read_text() == "above"
+
+
+def test_bytes_manifest_needs_dest_and_stays_inside(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    table = pa.table({"image": [b"one", b"two", b"three"], "name": ["x/one.png", "../two.png", "/abs/three.png"]})
+    pq.write_table(table, tmp_path / "m.parquet")
+    out = tmp_path / "out"
+    cols = table.to_pydict()
+    pairs = zip(cols["image"], cols["name"], strict=True)
+    write_rows(out, [row(n, d, "caption", f"text {i}") for i, (d, n) in enumerate(pairs)])
+    cfg = load_job(
+        {
+            "model": "tiny-random:cogvlm2",
+            "input": {"manifest": "m.parquet", "bytes_column": "image", "id_column": "name"},
+            "output": str(out),
+            "tasks": [{"name": "caption", "prompt": "Describe."}],
+        }
+    )
+    with pytest.raises(ExportError, match="--dest"):
+        export_txt(cfg, None, None)
+    report = export_txt(cfg, None, tmp_path / "dest")
+    assert (tmp_path / "dest" / "x" / "one.txt").read_text() == "text 0"
+    assert report.written == 1 and len(report.skipped) == 2
+
+
+# -- jsonl / csv ---------------------------------------------------------------------------------
+
+
+def test_jsonl_and_csv_hold_every_newest_row(folder_job, tmp_path):
+    cfg, files = folder_job
+    out = io.StringIO()
+    report = export_rows(cfg, "jsonl", stdout=out)
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert report.rows == len(rows) == read_results(cfg.output).num_rows == 5
+    assert rows[0].keys() == set(read_results(cfg.output).column_names)
+    assert {(Path(r["path"]).name, r["task"]): r["text"] for r in rows}[("a.png", "caption")].startswith("A red")
+    assert {r["status"] for r in rows} == {"ok", "error"}
+    assert rows[0]["created_at"].endswith("Z")
+
+    dest = tmp_path / "exports"
+    report = export_rows(cfg, "csv", "caption", dest)
+    target = dest / "out.csv"
+    with open(target, newline="", encoding="utf-8") as f:
+        parsed = list(csv.DictReader(f))
+    assert report.rows == len(parsed) == 3 and report.written == 1
+    assert {Path(r["path"]).name: r["text"] for r in parsed}["a.png"] == "A red square.\nOn white, ünïcode ✓"
+
+    assert export_rows(cfg, "csv", "caption", dest).unchanged == 1
+    write_rows(cfg.output, [row(files["new"], b"new", "caption", "new one", minutes=9)], "r3")
+    conflict = export_rows(cfg, "csv", "caption", dest)
+    assert len(conflict.conflicts) == 1
+    assert len(list(csv.DictReader(io.StringIO(target.read_text(encoding="utf-8"))))) == 3
+    assert export_rows(cfg, "csv", "caption", dest, overwrite=True).overwritten == 1
+    assert len(list(csv.DictReader(io.StringIO(target.read_text(encoding="utf-8"))))) == 4
+    assert not [p for p in os.listdir(dest) if p.startswith(".tmp-")]
+
+
+def test_latest_by_path_keeps_the_newest_row_per_path_and_task():
+    rows = [
+        row("a.png", b"old", "caption", "old", minutes=1),
+        row("a.png", b"new", "caption", "new", minutes=2),
+        row("a.png", b"new", "tags", "t", minutes=0),
+        row("b.png", b"b", "caption", "b", minutes=3),
+    ]
+    from cogbatch.store import RESULT_SCHEMA
+
+    table = pa.Table.from_pylist(rows[::-1], schema=RESULT_SCHEMA)
+    kept = latest_by_path(table).to_pylist()
+    assert sorted((r["path"], r["task"], r["text"]) for r in kept) == [
+        ("a.png", "caption", "new"),
+        ("a.png", "tags", "t"),
+        ("b.png", "caption", "b"),
+    ]
