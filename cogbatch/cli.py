@@ -17,15 +17,6 @@ from cogbatch import __version__
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-class NotAvailableYet(click.ClickException):
-    """A command whose implementation has not landed: say so plainly instead of pretending to work."""
-
-    exit_code = 2
-
-    def __init__(self, command: str, issue: int) -> None:
-        super().__init__(f"`cogbatch {command}` is not available yet (tracked in issue #{issue}).")
-
-
 @click.group(context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, "--version", prog_name="cogbatch")
 def cli() -> None:
@@ -313,12 +304,72 @@ def _describe_plan(r: dict) -> str:
 
 @cli.command(short_help="Quantize a checkpoint ahead of time into the quantized-weights cache.")
 @click.argument("model")
-def quantize(model: str) -> None:
-    """Quantize MODEL (hub id or local checkpoint directory) and store it in the cache.
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    help="Cache directory to fill (default: the pipeline's "
+    "cache_dir, or $COGBATCH_CACHE_DIR). Point the runs' cache_dir at it.",
+)
+@click.option("--quantization", "-q", default="int4", show_default=True, help="int4, int4-g32, int4-g64, int8.")
+@click.option(
+    "--rule",
+    "rules",
+    multiple=True,
+    metavar="PATTERN=DTYPE",
+    help="Mixed precision: module glob = int4 | int8 | none, first match wins (repeatable).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["bf16", "fp16", "fp32"]),
+    default="bf16",
+    show_default=True,
+    help="Compute dtype of the runs that will use the cache (part of its key).",
+)
+@click.option("--device", default="cpu", show_default=True, help="Where to quantize (cpu or cuda).")
+@click.option("--tokenizer", help="Tokenizer to load when the checkpoint has none.")
+@pipeline_option
+@json_option
+def quantize(model, out, quantization, rules, dtype, device, tokenizer, pipeline, as_json) -> None:
+    """Quantize MODEL (alias, hub id or local checkpoint) into the cache, e.g. on a bigger machine.
 
-    Example: cogbatch quantize THUDM/cogvlm2-llama3-chat-19B
+    The next load with the same checkpoint, rules and dtype reads the cache instead of quantizing.
+
+    Example: cogbatch quantize cogvlm2 --rule "lm_head=none" --rule "*.vision_mlp.*=int8"
     """
-    raise NotAvailableYet("quantize", 8)
+    import os
+
+    from cogbatch.config import BUILTIN_PIPELINE, ConfigError, _quantization, find_pipeline_file, read_yaml
+
+    try:
+        pipe_path = Path(pipeline) if pipeline else find_pipeline_file(None)
+        pipe = {**BUILTIN_PIPELINE, **(read_yaml(pipe_path, "pipeline file") if pipe_path else {})}
+        parsed = []
+        for r in rules:
+            pattern, sep, qtype = r.rpartition("=")
+            if not sep or not pattern:
+                raise ConfigError(f"--rule {r!r}: expected PATTERN=DTYPE, e.g. lm_head=none")
+            parsed.append({"pattern": pattern, "dtype": qtype})
+        base = _quantization(quantization, "--quantization")
+        spec = _quantization({"default": base.default, "group_size": base.group_size, "rules": parsed}, "--rule")
+    except ConfigError as e:
+        raise ConfigFailure(str(e)) from None
+    source = (pipe.get("models") or {}).get(model, model)
+    cache = Path(out or os.environ.get("COGBATCH_CACHE_DIR") or pipe.get("cache_dir") or "~/.cache/cogbatch")
+    try:
+        from cogbatch.model.cogvlm import CogVLM
+
+        loaded = CogVLM.from_pretrained(
+            source,
+            dtype=dtype,
+            device=device,
+            quantization=spec.to_model_arg(),
+            tokenizer=tokenizer or (pipe.get("tokenizers") or {}).get(source),
+            cache_dir=cache.expanduser(),
+        )
+    except Exception as e:
+        _abort(e)
+    report = loaded.load_report.to_dict()
+    _emit(report, as_json, f"{source}: {loaded.load_report.summary()}\ncache: {report['cache_path']}")
 
 
 @cli.command(short_help="Install, remove or list a nightly cron entry for a job.")

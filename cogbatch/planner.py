@@ -192,8 +192,8 @@ def job_plan(job: Any, max_text: int = 128) -> dict[str, Any]:
     """
     import torch
 
-    from cogbatch.model.cogvlm import resolve_dtype
     from cogbatch.model.quantize import QuantConfig, predict_weight_bytes
+    from cogbatch.worker import resolved_dtype
 
     cfg = model_config_for(job)
     device = torch.device(
@@ -201,7 +201,7 @@ def job_plan(job: Any, max_text: int = 128) -> dict[str, Any]:
         if job.device == "auto" and torch.cuda.is_available()
         else ("cpu" if job.device == "auto" else job.device)
     )
-    dtype = resolve_dtype(job.dtype, device)
+    dtype = getattr(torch, resolved_dtype(job))
     quant = QuantConfig.parse(job.quantization.to_model_arg())
     weights = predict_weight_bytes(cfg, quant, dtype)
     max_new = max(t.generation.max_new_tokens for t in job.tasks)

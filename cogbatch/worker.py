@@ -55,10 +55,11 @@ def load_model(cfg: JobConfig):
     source = tiny_model_dir(cfg) if cfg.model.startswith(TINY_PREFIX) else cfg.model
     return CogVLM.from_pretrained(
         source,
-        dtype=cfg.dtype,
+        dtype=resolved_dtype(cfg),
         device=None if cfg.device == "auto" else cfg.device,
         quantization=cfg.quantization.to_model_arg(),
         tokenizer=cfg.tokenizer,
+        cache_dir=cfg.cache_dir,
     )
 
 
@@ -69,6 +70,8 @@ def resolved_dtype(cfg: JobConfig) -> str:
     from cogbatch.model.cogvlm import resolve_dtype
 
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.dtype == "auto" and device == "cpu" and cfg.quantization.to_model_arg() is not None:
+        return "bfloat16"  # quantized on CPU: bf16 is what gets the fused int4 kernel (TinyGemm)
     return str(resolve_dtype(cfg.dtype, torch.device(device))).removeprefix("torch.")
 
 
@@ -458,8 +461,11 @@ class Worker:
         language += [m for name, m in self.model.model.named_children() if name != "vision"]
         language = [m for m in language if id(m) not in self._host_modules]
         off, on = (language, [vision]) if phase == "vision" else ([vision], language)
+        # Packed quantized weights are copied as they are: `Module.to` would repack them (seconds per layer).
+        from cogbatch.model.quantize import move_module
+
         for m in off:
-            m.to("cpu")
+            move_module(m, "cpu")
         for m in on:
-            m.to(device)
+            move_module(m, device)
         self._placement = phase

@@ -10,9 +10,10 @@ Why it looks like this (the measured facts are in `../shared/QUANTO_NOTES.md`):
   128256-row `lm_head` (whole-tensor `freeze()` would need ~8 B/param of it transiently).
   Quantization is per row (groups run along the input dimension), so block-wise results are bit-identical
   to `quantize()` + `freeze()` on the whole float model; `tests/unit/test_quantize.py` checks it.
-* **Portable layout first.** Each layer is quantized into quanto's kernel-agnostic layout, written to
-  the cache as it is produced, and only then repacked for the device kernel (TinyGemm / AWQ). Saving a
-  TinyGemm-packed weight on CPU costs an O(K^2 N) identity matmul; repacking goes the cheap way.
+* **Portable layout for the cache.** What is written to the cache is quanto's kernel-agnostic layout,
+  as each layer is produced; the device kernel's layout (TinyGemm / AWQ) is derived from it block by
+  block (on CPU, bf16 group-128 blocks go straight from the codes to TinyGemm's layout). Converting
+  a TinyGemm-packed weight back for saving would cost quanto's O(K^2 N) identity matmul.
 * **Cache.** One safetensors file whose header is computed up front (every shape is known from the
   config), so tensors are written at their offsets as they are produced, plus a JSON sidecar with the
   key, quanto's quantization map, the group size per module (quanto does not record it) and our rules.
@@ -75,7 +76,11 @@ _EMBEDDING_SUFFIXES = ("embed_tokens", "position_embedding")
 # small (the transient memory of a load is a few MB). Repacking (uint8 only, two temporaries) takes bigger ones.
 CHUNK_ELEMENTS = 1 << 19
 REPACK_CHUNK_ELEMENTS = 1 << 22
-# Rows > threshold use the dense path; measured on CPU with scripts/bench_quant.py (see DEFAULT_DEQUANT_THRESHOLD).
+# Calls with more rows than this use a transient dense weight instead of the fused int4 kernel.
+# CPU: scripts/bench_quant.py measured the dense path (dequantize + bf16 GEMM) overtaking TinyGemm from
+# 192-384 rows on 4096x4096 and 14336x4096 (2-core Zen AVX-512-BF16, noisy shared machine); 256 sits in
+# between and also suits AVX2 CPUs, where the dense GEMM runs in fp32 (QUANTO_NOTES: fp32 wins from ~256).
+# CUDA: not measured (no GPU here) and TinyGemm's CUDA packing has no fast decoder here: fused always.
 DEFAULT_DEQUANT_THRESHOLD: dict[str, float | None] = {"cpu": 256, "cuda": None}
 
 CACHE_FORMAT = 1
@@ -1432,6 +1437,37 @@ def _place(name: str, quant: QuantConfig, device: torch.device) -> torch.device:
     if quant.embeddings_on_cpu and name == "model.embed_tokens.weight":
         return torch.device("cpu")
     return device
+
+
+def _move_raw(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device` with quantized (sub)tensors rebuilt from their moved inner tensors, layout unchanged."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is None or type(t) in (torch.Tensor, nn.Parameter):
+        return t.detach().to(device)
+    names, meta = flatten()
+    inner = {n: _move_raw(getattr(t, n), device) for n in names}
+    return type(t).__tensor_unflatten__(inner, meta, t.size(), t.stride())
+
+
+def move_module(module: nn.Module, device: str | torch.device) -> nn.Module:
+    """Move a module, quantized weights included, by copying their inner tensors as they are.
+
+    `module.to(device)` makes quanto convert a TinyGemm weight back to its portable layout and repack
+    it on the other side (an O(K^2 N) identity matmul: 51 s for one 4096x11008 layer on CPU,
+    QUANTO_NOTES 1.4). For parking weights in host memory between phases and bringing them back,
+    the packed bytes can simply be copied; a weight parked this way is only meant to return to a
+    device of its original type (its packing is that device's).
+    """
+    device = torch.device(device)
+    with torch.no_grad():
+        for m in module.modules():
+            for name, param in m._parameters.items():
+                if param is not None and param.device != device:
+                    m._parameters[name] = nn.Parameter(_move_raw(param, device), requires_grad=param.requires_grad)
+            for name, buf in m._buffers.items():
+                if buf is not None and buf.device != device:
+                    m._buffers[name] = buf.to(device)
+    return module
 
 
 def offload_embeddings(model: nn.Module, device: torch.device) -> None:

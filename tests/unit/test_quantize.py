@@ -336,21 +336,29 @@ def test_cache_file_matches_the_portable_state_dict(ckpt, cache_dir):
         assert torch.equal(cached[name], t), name
 
 
-@pytest.mark.parametrize("damage", ["truncate", "edit_sidecar_key", "edit_sidecar_group", "delete_sidecar", "garbage"])
-def test_corrupt_cache_falls_back_to_quantizing(ckpt, cache_dir, caplog, damage):
-    spec = "int4"
-    first = _load(ckpt, spec, cache_dir)
-    entry = Path(first.load_report.cache_path)
+@pytest.fixture(scope="module")
+def valid_cache(ckpt, tmp_path_factory) -> tuple[Path, torch.Tensor]:
+    """A cache root holding a valid int4 entry for `ckpt`, and the logits of that first load."""
+    root = tmp_path_factory.mktemp("valid_cache")
+    first = _load(ckpt, "int4", root)
+    assert first.load_report.cache_status == "written"
+    return root, _logits(first)
+
+
+@pytest.mark.parametrize(
+    "damage", ["truncate", "garbage_header", "edit_sidecar_key", "edit_sidecar_group", "delete_sidecar"]
+)
+def test_corrupt_cache_falls_back_to_quantizing(ckpt, valid_cache, tmp_path, caplog, damage):
+    root = Path(shutil.copytree(valid_cache[0], tmp_path / "cache"))
+    (entry,) = (root / "quantized").iterdir()
     weights, side = entry / Q.CACHE_WEIGHTS, entry / Q.CACHE_SIDECAR
     if damage == "truncate":
         with open(weights, "r+b") as f:
             f.truncate(weights.stat().st_size - 1000)
-    elif damage == "garbage":
+    elif damage == "garbage_header":
         data = bytearray(weights.read_bytes())
-        data[:8] = (10**9).to_bytes(8, "little")  # header length pointing past the end
+        data[:8] = (10**9).to_bytes(8, "little")  # header length pointing past the end; same file size
         weights.write_bytes(bytes(data))
-        sidecar = json.loads(side.read_text())
-        side.write_text(json.dumps(sidecar))
     elif damage == "delete_sidecar":
         side.unlink()
     else:
@@ -361,12 +369,12 @@ def test_corrupt_cache_falls_back_to_quantizing(ckpt, cache_dir, caplog, damage)
             sidecar["layers"]["lm_head"]["group_size"] = 64
         side.write_text(json.dumps(sidecar))
     with caplog.at_level(logging.WARNING, logger="cogbatch"):
-        second = _load(ckpt, spec, cache_dir)
+        second = _load(ckpt, "int4", root)
     assert "ignoring the quantized-weights cache" in caplog.text
     assert not second.load_report.cache_hit and second.load_report.cache_status.startswith("stale")
-    assert torch.equal(_logits(first), _logits(second))
-    third = _load(ckpt, spec, cache_dir)  # the rebuilt entry is valid again
-    assert third.load_report.cache_hit
+    assert torch.equal(_logits(second), valid_cache[1])
+    third = _load(ckpt, "int4", root)  # the rebuilt entry is valid again
+    assert third.load_report.cache_hit and third.load_report.cache_path == str(entry)
 
 
 def test_cache_key_changes_with_rules_dtype_and_checkpoint(ckpt, tmp_path):
@@ -528,6 +536,28 @@ def test_model_logits_with_dynamic_dequant_stay_close(ckpt, cache_dir):
     assert (dense - fused).abs().max() / fused.abs().max() < 0.05
     cos = torch.nn.functional.cosine_similarity(dense.flatten(0, 1), fused.flatten(0, 1), dim=-1)
     assert cos.min() > 0.999
+
+
+def test_move_module_copies_packed_weights_without_repacking(monkeypatch):
+    """Phase swapping parks layers in host memory; `.to()` would unpack TinyGemm through an identity matmul."""
+    model = nn.Sequential(_linear(256, 256), _linear(256, 256))
+    model[0] = _quanto_frozen(model[0], qint4)
+    model[1] = _quanto_frozen(model[1], qint8)
+
+    def no_repack(*args, **kwargs):
+        raise AssertionError("the packed weight was converted")
+
+    monkeypatch.setattr(TinyGemmWeightQBitsTensor, "weight_qbits_tensor", no_repack)
+    before = {n: [t.clone() for t in _flat(p)] for n, p in model.named_parameters()}
+    Q.move_module(model, "meta")  # another device: every inner tensor must travel as it is
+    for name, p in model.named_parameters():
+        assert p.device.type == "meta"
+        assert [(t.shape, t.dtype) for t in _flat(p)] == [(t.shape, t.dtype) for t in before[name]], name
+    assert type(model[0].weight) is TinyGemmWeightQBitsTensor and type(model[1].weight) is WeightQBytesTensor
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    cpu = Q.move_module(nn.Sequential(_quanto_frozen(_linear(256, 256), qint4)), "cpu")
+    with torch.no_grad():
+        assert torch.isfinite(cpu(x)).all()
 
 
 def test_dequant_threshold_resolution():

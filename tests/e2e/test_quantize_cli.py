@@ -1,0 +1,37 @@
+"""`cogbatch quantize` fills the cache; a quantized `cogbatch run` then loads from it."""
+
+from __future__ import annotations
+
+import json
+
+from tests.e2e.conftest import cogbatch_cmd, make_images, summary_of
+
+
+def test_quantize_ahead_then_run_from_the_cache(tmp_path, tiny_cogvlm1, job_factory):
+    cache = tmp_path / "qcache"
+    res = cogbatch_cmd(
+        "quantize", str(tiny_cogvlm1), "--out", str(cache), "-q", "int8", "--rule", "lm_head=none", "--json"
+    )
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["cache_hit"] is False and report["kernels"]
+    assert list(cache.glob("quantized/*/quant.json"))
+
+    make_images(tmp_path / "images", 2)
+    job = job_factory(
+        quantization={"default": "int8", "rules": [{"pattern": "lm_head", "dtype": "none"}]},
+        dtype="bf16",
+        cache_dir=str(cache),
+    )
+    env = {"COGBATCH_CACHE_DIR": ""}  # the job's cache_dir, not the test session's
+    summary = summary_of(cogbatch_cmd("run", str(job), "--json", "--quiet", env=env))
+    assert summary["exit_code"] == 0 and summary["done"] == 4
+    assert summary["model_load"]["cache_hit"] is True
+    assert summary["quant"] == "int8+rules"
+
+
+def test_bad_rule_is_a_usage_error(tiny_cogvlm1):
+    res = cogbatch_cmd("quantize", str(tiny_cogvlm1), "--rule", "lm_head")
+    assert res.returncode == 2 and "PATTERN=DTYPE" in res.stderr
+    res = cogbatch_cmd("quantize", str(tiny_cogvlm1), "--rule", "lm_head=int3")
+    assert res.returncode == 2 and "int4, int8, none" in res.stderr
