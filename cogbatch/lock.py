@@ -179,9 +179,9 @@ def current_holder(output: str | os.PathLike[str]) -> dict[str, Any] | None:
     return info
 
 
-def run_exclusive(cfg: Any, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run `body` (an engine's whole run, returning its summary) under `cfg.output`'s lock, and append
-    the run's line to `<output>/runs.jsonl` however it ends (`cogbatch.history`).
+def run_exclusive(cfg: Any, body: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    """Run `body(holder)` (an engine's whole run, returning its summary) under `cfg.output`'s lock, and
+    append the run's line to `<output>/runs.jsonl` however it ends (`cogbatch.history`).
 
     Every engine (local runner, Ray) goes through here, so "one run per output" and the history do
     not depend on how a run was started. Raises JobLocked, before doing anything, when another run
@@ -189,11 +189,11 @@ def run_exclusive(cfg: Any, body: Callable[[], dict[str, Any]]) -> dict[str, Any
     """
     from cogbatch.history import part_names, record_run
 
-    with job_lock(cfg.output):
+    with job_lock(cfg.output) as holder:
         started, before = time.time(), part_names(cfg.output)
         summary, error = None, None
         try:
-            summary = body()
+            summary = body(holder)
         except BaseException as e:
             error = e
             raise

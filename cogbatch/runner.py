@@ -233,7 +233,7 @@ def run(cfg: JobConfig, options: RunOptions | None = None) -> dict[str, Any]:
     """
     from cogbatch.lock import run_exclusive
 
-    return run_exclusive(cfg, lambda: _run_locked(cfg, options))
+    return run_exclusive(cfg, lambda _holder: _run_locked(cfg, options))
 
 
 def _run_locked(cfg: JobConfig, options: RunOptions | None = None) -> dict[str, Any]:

@@ -220,23 +220,12 @@ def run_ray(cfg: JobConfig, opts: RunOptions | None = None, workers: int | None 
     1-2 CPU actors. `workers` sets the number of actors. Like the local engine, it holds the output's
     run lock (a second run raises `cogbatch.lock.JobLocked`) and appends the run to its history.
     """
-    from cogbatch.history import part_names, record_run
-    from cogbatch.lock import job_lock
+    from cogbatch.lock import run_exclusive
 
     if workers is not None and workers < 1:
         raise EngineError(f"--workers must be at least 1, got {workers}")
     _check_ray_installed()  # before the lock and the plan: a missing extra is a usage error, nothing is done
-    with job_lock(cfg.output) as holder:
-        started, before = time.time(), part_names(cfg.output)
-        summary, error = None, None
-        try:
-            summary = _run_ray_locked(cfg, opts or RunOptions(), workers, holder)
-        except BaseException as e:
-            error = e
-            raise
-        finally:
-            record_run(cfg, started, before, summary, error)
-    return summary
+    return run_exclusive(cfg, lambda holder: _run_ray_locked(cfg, opts or RunOptions(), workers, holder))
 
 
 @dataclass

@@ -197,7 +197,7 @@ class DecodeEngine:
             s.position += 1
         self.stats.decode_steps += 1
         self.stats.decode_rows += n
-        self._choose(self.model.lm_head(hidden[:, -1]).float(), 0, n)
+        self._choose(self.model.lm_head(hidden[:, -1].contiguous()).float(), 0, n)
 
     def _choose(self, logits: torch.Tensor, start: int, stop: int) -> None:
         slots = self.active[start:stop]

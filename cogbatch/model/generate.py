@@ -201,7 +201,8 @@ def generate(
     cache = KVCache(model.config, B, L + cfg.max_new_tokens, embeds.dtype, device)
     hidden = model.model(embeds, batch.token_type_ids, positions, batch.attention_mask, cache)
     cache.advance(L)
-    logits = model.lm_head(hidden[:, -1]).float()  # (B, V): only the last position predicts
+    # Only the last position predicts. Contiguous: the fused int4 kernels refuse strided activations.
+    logits = model.lm_head(hidden[:, -1].contiguous()).float()  # (B, V)
     next_pos = positions[:, -1] + 1  # (B,)
     attention_mask = batch.attention_mask
     clock.lap("prefill_s")
@@ -236,7 +237,7 @@ def generate(
             model.model.embed_tokens(tokens.unsqueeze(1)), step_types, next_pos.unsqueeze(1), attention_mask, cache
         )
         cache.advance(1)
-        logits = model.lm_head(hidden[:, -1]).float()
+        logits = model.lm_head(hidden[:, -1].contiguous()).float()
         next_pos = next_pos + 1
 
     clock.lap("decode_s")

@@ -123,7 +123,7 @@ class VisionTower(nn.Module):
             g = int(N**0.5)
             x = x.view(B, g, g, Dv).permute(0, 3, 1, 2)  # (B, Dv, G, G)
             x = self.conv(x).flatten(2).transpose(1, 2)  # (B, G/2 * G/2, Dv)
-        glu_in = x
+        glu_in = x.contiguous()  # a strided view here; fused int4 kernels need contiguous input
         y = self.linear_proj(glu_in)  # (B, n_patches, D)
         B = y.shape[0]
         out = torch.cat([self.boi.expand(B, -1, -1), y, self.eoi.expand(B, -1, -1)], dim=1)  # (B, n_vis, D)

@@ -30,9 +30,17 @@ def model(tiny_cogvlm2):
 
 def _job(tmp_path, model_dir, n_images, **keys):
     make_images(tmp_path / "images", n_images)
-    job = {"model": str(model_dir), "input": {"folder": str(tmp_path / "images")}, "output": str(tmp_path / "out"),
-           "quantization": "none", "device": "cpu", "dtype": "fp32", "generation": {"max_new_tokens": 6},
-           "tasks": TASKS, **keys}  # fmt: skip
+    job = {
+        "model": str(model_dir),
+        "input": {"folder": str(tmp_path / "images")},
+        "output": str(tmp_path / "out"),
+        "quantization": "none",
+        "device": "cpu",
+        "dtype": "fp32",
+        "generation": {"max_new_tokens": 6},
+        "tasks": TASKS,
+        **keys,
+    }
     cfg = load_job(job, pipeline=None)
     requests = expand_requests(build_entries(cfg), cfg, {t.name: "fp" for t in cfg.tasks})
     return cfg, requests
@@ -130,8 +138,11 @@ def test_continuous_refill_matches_each_request_alone(model, golden_dir):
     probe = [_plain(model, q, imgs[0], free).token_ids[0] for q in queries]
     stop = probe[0][2]  # a token some sequences emit early and others late or never
     cfg = GenerationConfig(max_new_tokens=8, stop_token_ids=(stop,))
-    reqs = [EngineRequest((i, q), prefixes[i], model.build_inputs(None, q).input_ids[1:])
-            for i in range(2) for q in queries]  # fmt: skip
+    reqs = [
+        EngineRequest((i, q), prefixes[i], model.build_inputs(None, q).input_ids[1:])
+        for i in range(2)
+        for q in queries
+    ]
     engine = DecodeEngine(model, cfg, slots=3, max_text=32)
     results = {r.key: r for r in engine.run(reqs)}
     lengths = set()
@@ -187,8 +198,38 @@ def test_no_repeat_ngram_size_bans_repeats(model, golden_dir):
 
 @pytest.mark.parametrize(
     "tokens, loops",
-    [([7] * 16, True), ([7] * 15, False), ([1, 2, 3] * 6, True), ([1, 2, 3] * 5, False),
-     (list(range(20)) + [5, 6, 7, 8, 9] * 4, True), (list(range(40)), False), ([1, 2] * 7 + [3], False)],
-)  # fmt: skip
+    [
+        ([7] * 16, True),
+        ([7] * 15, False),
+        ([1, 2, 3] * 6, True),
+        ([1, 2, 3] * 5, False),
+        (list(range(20)) + [5, 6, 7, 8, 9] * 4, True),
+        (list(range(40)), False),
+        ([1, 2] * 7 + [3], False),
+    ],
+)
 def test_looping_tail(tokens, loops):
     assert looping_tail(tokens) is loops
+
+
+def test_int4_model_generates_batches_on_both_paths(tmp_path, golden_dir):
+    """Fused int4 kernels (TinyGemm) refuse strided activations: batches > 1 must still work."""
+    from PIL import Image
+
+    from cogbatch.model.tiny import write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(
+        tmp_path / "ck", arch="cogvlm1", hidden_size=128, vision_hidden_size=128, image_size=56, dtype="bf16"
+    )
+    model = CogVLM.from_pretrained(ckpt, dtype="bf16", device="cpu", quantization="int4", cache_dir=False)
+    assert model.load_report.kernels.get("TinyGemmWeightQBitsTensor", 0) > 0
+    imgs = [Image.open(golden_dir / "images" / n) for n in ("img_a_rgb_150x97.png", "img_b_rgba_48x64.png")]
+    cfg = GenerationConfig(max_new_tokens=4, stop_token_ids=())
+    out = model.generate(model.collate([model.build_inputs(None, "Describe.", i) for i in imgs]), cfg)
+    assert [len(t) for t in out.token_ids] == [4, 4]
+    prefixes = encode_prefixes(model, torch.stack([model.preprocess(i) for i in imgs]))
+    ids = model.build_inputs(None, "Describe.").input_ids[1:]
+    results = DecodeEngine(model, cfg, slots=2, max_text=len(ids)).run(
+        [EngineRequest(i, p, ids) for i, p in enumerate(prefixes)]
+    )
+    assert sorted(len(r.token_ids) for r in results) == [4, 4]
