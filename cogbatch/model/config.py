@@ -17,6 +17,9 @@ Generation = Literal["cogvlm1", "cogvlm2"]
 
 # Rotary bases are not stored in the official configs: the reference code hard-codes them.
 _DEFAULT_ROPE_THETA = {"cogvlm1": 10_000.0, "cogvlm2": 500_000.0}
+# CogVLM2's reference hard-codes `<|reserved_special_token_0|>` as pad and image placeholder.
+COGVLM2_PLACEHOLDER_ID = 128_002
+_ARCHITECTURE = "CogVLMForCausalLM"
 
 
 class ConfigError(ValueError):
@@ -82,7 +85,9 @@ class CogVLMConfig:
         if self.downsample and v.grid % 2:
             problems.append("CogVLM2 needs an even number of patches per side (2x2 convolution)")
         if not 0 <= self.pad_token_id < self.vocab_size:
-            problems.append("pad_token_id must be a valid token id (it is the image placeholder)")
+            problems.append("pad_token_id must be a valid token id")
+        if not 0 <= self.image_placeholder_id < self.vocab_size:
+            problems.append(f"vocab_size must exceed the image placeholder id {self.image_placeholder_id}")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -115,13 +120,14 @@ class CogVLMConfig:
     def image_placeholder_id(self) -> int:
         """Token id written at image positions (never embedded; features overwrite them).
 
-        The reference uses the tokenizer's pad id for CogVLM (vicuna `<unk>` = 0) and a hard-coded
-        128002 for CogVLM2; both equal `pad_token_id` of the official configs.
+        The reference uses the tokenizer's pad id for CogVLM (vicuna `<unk>` = 0, the config's
+        `pad_token_id`) and a hard-coded 128002 for CogVLM2, whatever its config says.
         """
-        return self.pad_token_id
+        return COGVLM2_PLACEHOLDER_ID if self.generation == "cogvlm2" else self.pad_token_id
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CogVLMConfig:
+        _reject_unsupported(d)
         try:
             generation: Generation = "cogvlm2" if "num_multi_query_heads" in d else "cogvlm1"
             vd = d["vision_config"]
@@ -152,7 +158,7 @@ class CogVLMConfig:
                 rope_theta=float(d.get("rope_theta", _DEFAULT_ROPE_THETA[generation])),
                 bos_token_id=int(d.get("bos_token_id", 1)),
                 eos_token_ids=eos_ids,
-                pad_token_id=int(d.get("pad_token_id", 0)),
+                pad_token_id=int(d.get("pad_token_id", COGVLM2_PLACEHOLDER_ID if generation == "cogvlm2" else 0)),
                 vision=vision,
                 template_version=str(d.get("template_version", "chat")),
                 max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
@@ -178,6 +184,26 @@ class CogVLMConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
         return cls.from_dict(d)
+
+
+def _reject_unsupported(d: dict[str, Any]) -> None:
+    """Refuse relatives of CogVLM that this implementation would load but compute wrongly.
+
+    CogAgent adds a cross-attention high-resolution tower (`cross_*` keys), CogVLM2-Video another
+    architecture class; both share enough keys with CogVLM to pass a shape check.
+    """
+    archs = d.get("architectures") or [_ARCHITECTURE]
+    if _ARCHITECTURE not in archs:
+        raise ConfigError(f"architecture {', '.join(map(str, archs))} is not supported (only {_ARCHITECTURE})")
+    cross = sorted(k for k in d if k.startswith("cross_"))
+    if cross:
+        raise ConfigError(f"CogAgent-style checkpoints ({', '.join(cross)}) are not supported")
+    vision = d.get("vision_config")
+    vision_act = vision.get("hidden_act", "gelu") if isinstance(vision, dict) else "gelu"
+    acts = {"hidden_act": (d.get("hidden_act", "silu"), "silu"), "vision_config.hidden_act": (vision_act, "gelu")}
+    for key, (value, supported) in acts.items():
+        if value != supported:
+            raise ConfigError(f"{key} {value!r} is not supported (CogVLM uses {supported!r})")
 
 
 def checkpoint_tensor_shapes(cfg: CogVLMConfig) -> dict[str, tuple[int, ...]]:

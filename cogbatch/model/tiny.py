@@ -55,6 +55,7 @@ DTYPES: dict[str, tuple[torch.dtype, str]] = {
 
 LLAMA3_VOCAB_SIZE = 128_256  # 128000 BPE entries + 256 special tokens
 LLAMA3_FIRST_SPECIAL_ID = 128_000
+LLAMA3_PAD_TOKEN = "<|reserved_special_token_0|>"  # id 128002: CogVLM2's pad and image placeholder
 # The Llama-3 pre-tokenizer regex (tiktoken's cl100k pattern), as in the real tokenizer.json.
 LLAMA3_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -479,6 +480,7 @@ def build_tokenizer(cfg: CogVLMConfig) -> tuple[Tokenizer, dict[str, Any], dict[
             {
                 "bos_token": "<|begin_of_text|>",
                 "eos_token": "<|end_of_text|>",
+                "pad_token": LLAMA3_PAD_TOKEN,
             },
         )
     return (
@@ -612,7 +614,10 @@ def _llama3_tokenizer() -> Tokenizer:
 
 
 def _llama3_tokenizer_config() -> dict[str, Any]:
-    """As Meta-Llama-3: loaded through PreTrainedTokenizerFast; no pad token (the model uses 128002).
+    """As Meta-Llama-3, loaded through PreTrainedTokenizerFast, with the pad token set.
+
+    The real Llama-3 tokenizer has no pad token; the reference `build_conversation_input_ids` sets
+    `tokenizer.pad_token_id = 128002` itself. Writing it here lets generic tooling pad batches.
 
     clean_up_tokenization_spaces is off (the real file says true): it would strip spaces before
     punctuation on decode, and transformers 5 ignores it for BPE with a warning anyway.
@@ -633,6 +638,7 @@ def _llama3_tokenizer_config() -> dict[str, Any]:
         "bos_token": "<|begin_of_text|>",
         "clean_up_tokenization_spaces": False,
         "eos_token": "<|end_of_text|>",
+        "pad_token": LLAMA3_PAD_TOKEN,
         "model_input_names": ["input_ids", "attention_mask"],
         "model_max_length": 1000000000000000019884624838656,
         "tokenizer_class": "PreTrainedTokenizerFast",

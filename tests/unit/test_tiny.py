@@ -217,7 +217,7 @@ def test_cogvlm1_tokenizer_loads_offline_like_vicuna(tiny_cogvlm1):
 
 def test_cogvlm2_tokenizer_has_the_llama3_special_ids(tiny_cogvlm2, golden_dir):
     tok = load_tokenizer(tiny_cogvlm2)
-    assert (tok.bos_token_id, tok.eos_token_id) == (128000, 128001)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (128000, 128001, 128002)
     assert tok.convert_tokens_to_ids(["<|eot_id|>", "<|reserved_special_token_0|>"]) == [128009, 128002]
     assert len(tok) == CogVLMConfig.from_json(tiny_cogvlm2).vocab_size == 128256
     golden = json.loads((golden_dir / "cogvlm2" / "dev" / "tokenizer_config.json").read_text())
