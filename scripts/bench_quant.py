@@ -4,8 +4,8 @@
 Part 1 times one Linear layer of each of CogVLM2's shapes (LM 4096x4096 dense, 6144x4096 QKV,
 14336x4096 gate/up, 4096x14336 down; vision 5376x1792 QKV, 1792x1792 dense, 15360x1792 fc1,
 1792x15360 fc2) at 1, 16 and 256 tokens in fp32, bf16, int8 and int4 (quanto, group 128), plus
-int4 with the dense (dequantize + matmul) path, and sweeps the token count to find where the
-dense path overtakes TinyGemm (the `dequant_threshold` default).
+int4 with the dense (dequantize + matmul) path, and sweeps the token count (1 to 1024 rows) to find
+where the dense path overtakes TinyGemm (the `dequant_threshold` default; `--crossover-only`).
 
 Part 2 writes (once) a random CogVLM2-shaped checkpoint of ~0.5B parameters in fp16 shards and
 loads it in fresh subprocesses: fp16 without quantization, INT4 first load (quantize + cache
@@ -54,7 +54,7 @@ QUICK_LAYERS = (
     "vit fc1 15360x1792",
 )
 TOKENS = (1, 16, 256)
-SWEEP = (16, 32, 64, 128, 192, 256, 384, 512, 1024)
+SWEEP = (1, 4, 16, 32, 64, 128, 192, 256, 384, 512, 1024)
 CKPT_SHAPE = {
     "arch": "cogvlm2",
     "hidden_size": 1024,
@@ -83,7 +83,7 @@ def make_layer(out_f: int, in_f: int, config: str) -> nn.Module:
     """One Linear in `config`: fp32, bf16, int8, int4 (fused kernel) or int4-dense (dequantize + matmul)."""
     from optimum.quanto import qint4, qint8
 
-    from cogbatch.model.quantize import DequantQLinear
+    from cogbatch.model.quant_linear import DequantQLinear
 
     gen = torch.Generator().manual_seed(0)
     lin = nn.Linear(in_f, out_f, bias=False)
@@ -250,6 +250,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads for the layer timings (0 = torch's default)")
     ap.add_argument("--load-threads", type=int, default=1, help="OMP threads of the load subprocesses (0 = default)")
     ap.add_argument("--skip-layers", action="store_true")
+    ap.add_argument("--crossover-only", action="store_true", help="only the fused vs dense sweep (dequant_threshold)")
     ap.add_argument("--skip-loads", action="store_true")
     ap.add_argument("--checkpoint", type=Path, default=REPO / "outputs" / "bench" / "cogvlm2-quant-ckpt")
     ap.add_argument("--json", type=Path, default=None, help="default: outputs/bench/quant_cpu.json")
@@ -267,11 +268,12 @@ def main() -> None:
         "quick": args.quick,
     }
     if not args.skip_layers:
-        report["layers"] = bench_layers(layers, repeats, budget)
-        cross_layers = ["lm dense 4096x4096", "lm gate/up 14336x4096", "vit fc1 15360x1792"]
+        if not args.crossover_only:
+            report["layers"] = bench_layers(layers, repeats, budget)
+        cross_layers = ["lm dense 4096x4096", "lm gate/up 14336x4096", "lm down 4096x14336", "vit fc1 15360x1792"]
         report["crossover"] = bench_crossover(cross_layers[:2] if args.quick else cross_layers, repeats, budget)
         report["crossover_threshold"] = crossover_threshold(report["crossover"])
-    if not args.skip_loads:
+    if not args.skip_loads and not args.crossover_only:
         ckpt = checkpoint(args.checkpoint)
         report["checkpoint"] = str(ckpt)
         report["checkpoint_mib"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 2**20

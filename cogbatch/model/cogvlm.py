@@ -26,6 +26,7 @@ from cogbatch.model.generate import GenerationConfig, GenerationOutput, generate
 from cogbatch.model.language import CogVLMModel, padding_invariant_position_ids
 from cogbatch.model.preprocess import preprocess_image
 from cogbatch.model.prompts import BatchInputs, PromptInputs, build_inputs, collate
+from cogbatch.model.quant_plan import describe_int4_kernel
 from cogbatch.model.weights import (
     DERIVED_SUFFIXES,
     CheckpointError,
@@ -47,17 +48,37 @@ _DEFAULT_TOKENIZER = {"cogvlm1": "lmsys/vicuna-7b-v1.5"}
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """`auto` = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
+    """`auto` = bf16 on GPUs of compute capability >= 8.0 (Ampere on), fp16 on older GPUs, fp32 on CPU.
+
+    Decided by the capability, not `torch.cuda.is_bf16_supported()`: that is True on sm75 (2080 Ti)
+    and sm61 (1080 Ti) as well, where bf16 is emulated, slow, and gets no fused int4 kernel.
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return _auto_cuda_dtype(device)
         return torch.float32
     try:
         return _DTYPES[dtype]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; expected auto, {', '.join(_DTYPES)}") from None
+
+
+def _auto_cuda_dtype(device: torch.device) -> torch.dtype:
+    major, minor = torch.cuda.get_device_capability(device)
+    chosen = torch.bfloat16 if major >= 8 else torch.float16
+    if (str(device), major, minor) not in _logged_choices:  # once per device, not per fingerprint
+        _logged_choices.add((str(device), major, minor))
+        kernel, _ = describe_int4_kernel(device, chosen, 128)
+        why = "native bf16" if major >= 8 else "no native bf16 before sm80"
+        slow = "; fp16 math is slow before sm70 (dtype: fp32 trades memory for speed)" if major < 7 else ""
+        log.info("%s compute capability %d.%d: dtype auto -> %s (%s%s); int4 group 128: %s",
+                 device, major, minor, str(chosen).removeprefix("torch."), why, slow, kernel)  # fmt: skip
+    return chosen
+
+
+_logged_choices: set[tuple[str, int, int]] = set()
 
 
 class CogVLM(nn.Module):
@@ -67,7 +88,7 @@ class CogVLM(nn.Module):
         self.model = CogVLMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tokenizer: Any = None
-        self.load_report: Any = None  # set by from_pretrained (cogbatch.model.quantize.LoadReport)
+        self.load_report: Any = None  # set by from_pretrained (cogbatch.model.load_report.LoadReport)
 
     @property
     def device(self) -> torch.device:
@@ -93,14 +114,16 @@ class CogVLM(nn.Module):
 
         `tokenizer` names a tokenizer to use when the checkpoint has none (cogvlm-chat-hf).
         `quantization`: None/"none", "int4" (group 128), "int4-g32"/"-g64"/"-g128", "int8", or a
-        dict / `QuantConfig` with per-module rules (see `cogbatch.model.quantize`). Quantized loads
+        dict / `QuantConfig` with per-module rules (see `cogbatch.model.quant_plan`). Quantized loads
         stream the checkpoint layer by layer and use the quantized-weights cache under `cache_dir`
         (default `$COGBATCH_CACHE_DIR`, else `~/.cache/cogbatch`; False disables it).
         `dequant_threshold`: rows above which a quantized layer uses a transient dense weight
         (None = the device's default, `math.inf` = never, or a dict per device type).
         The load report is `model.load_report`.
         """
-        from cogbatch.model.quantize import LoadTracker, QuantConfig, build_report, load_quantized
+        from cogbatch.model.load_report import LoadTracker, build_report
+        from cogbatch.model.quant_plan import QuantConfig
+        from cogbatch.model.quantize import load_quantized
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = resolve_dtype(dtype, device)
