@@ -2,16 +2,20 @@
 
 Predicted peak device memory of the pipeline's generation path (`cogbatch.model.engine`):
 
-    weights resident on the device
-  + image prefixes kept for the chunk's prompts       (images x prefix tokens x KV bytes per token)
+    weights resident on the device (both parts, or in swap mode only the part of the phase)
   + the slot KV cache                                 (slots x (prefix + prompt + max_new_tokens) x KV bytes)
-  + the largest transient activation                  (vision tower pass, prefix prefill, prompt prefill)
+  + one held image prefix                             (an image whose requests still wait for a slot)
+  + the largest transient                             (prompt prefill of a full batch, or the prefill of one
+                                                       image prefix with its own KV; prefixes are made one
+                                                       image at a time, when their first request enters)
   + a safety margin
 
-KV bytes per token = 2 (k, v) x layers x kv heads x head dim x dtype bytes: 128 KiB for CogVLM2 in
-bf16 (GQA), 512 KiB for CogVLM; a CogVLM2 image prefix is 2,307 tokens, ~300 MB. The same model
-feeds `cogbatch plan` (from the config, without weights) and the runner (from the loaded model),
-and on CUDA the runner scales its estimates by what `torch.cuda.max_memory_allocated()` measured.
+and, in the vision phase, the vision tower's activations for `encode_batch` images and their
+features (features wait for the language phase in host memory). KV bytes per token = 2 (k, v) x
+layers x kv heads x head dim x dtype bytes: 128 KiB for CogVLM2 in bf16 (GQA), 512 KiB for CogVLM;
+a CogVLM2 image prefix is 2,307 tokens, ~0.28 GiB. The same model feeds `cogbatch plan` (from the
+config, without weights) and the runner (from the loaded model); on CUDA the runner scales its
+estimates by what `torch.cuda.max_memory_allocated()` measured in each phase of the first chunk.
 """
 
 from __future__ import annotations
@@ -70,21 +74,40 @@ class MemoryModel:
     def kv(self, tokens: int) -> int:
         return int(self.correction * tokens * self.kv_per_token)
 
-    def engine_peak(self, slots: int, prefixes: int, max_text: int, max_new: int, with_vision: bool) -> int:
-        """Peak of the decode phase: `slots` sequences in flight, `prefixes` image prefixes held."""
-        seq = self.prefix_tokens + max_text + max_new
+    def features(self, images: int) -> int:
+        """Vision-tower output of `images` images, the language model's input (~19 MB per CogVLM2 image)."""
+        return images * self.cfg.vision_tokens * self.cfg.hidden_size * self.dtype_bytes
+
+    def weights(self, with_vision: bool, with_language: bool) -> int:
+        return (self.weights_vision if with_vision else 0) + (self.weights_language if with_language else 0)
+
+    def engine_work(self, slots: int, max_text: int, max_new: int) -> int:
+        """Device bytes of the language phase beyond the weights, with `slots` sequences in flight."""
+        P = self.prefix_tokens
+        seq = P + max_text + max_new
         transient = max(
-            self.prefill_activations(slots, max_text, seq),
-            self.prefill_activations(1, self.prefix_tokens, self.prefix_tokens),  # one prefix prefill
+            self.prefill_activations(slots, max_text, seq),  # the prompts of a full batch at once
+            self.prefill_activations(1, P, P) + self.kv(P) + self.features(1),  # making one image's prefix
         )
-        weights = self.weights_language + (self.weights_vision if with_vision else 0)
-        return weights + self.kv(prefixes * self.prefix_tokens) + self.kv(slots * seq) + transient + self.margin
+        held = self.kv(P)  # the prefix of an image whose other requests still wait for a slot
+        seen = slots * self.cfg.vocab_size  # the repetition penalty's token set per slot (bool)
+        return self.kv(slots * seq) + held + transient + seen
+
+    def engine_peak(self, slots: int, max_text: int, max_new: int, with_vision: bool) -> int:
+        """Peak of the language phase: `slots` sequences in flight."""
+        return self.weights(with_vision, True) + self.engine_work(slots, max_text, max_new) + self.margin
+
+    def encode_work(self, images: int) -> int:
+        """Device bytes of one vision-tower pass over `images` images beyond the weights."""
+        return self.vision_activations(images) + self.features(images)
 
     def encode_peak(self, images: int, with_language: bool) -> int:
         """Peak of the vision phase for `images` images."""
-        weights = self.weights_vision + (self.weights_language if with_language else 0)
-        features = images * self.cfg.vision_tokens * self.cfg.hidden_size * self.dtype_bytes
-        return weights + self.vision_activations(images) + features + self.margin
+        return self.weights(True, with_language) + self.encode_work(images) + self.margin
+
+
+REASONABLE_BATCH = 4  # resident mode is kept when it decodes this many sequences together
+MAX_CHUNK_IMAGES = 64  # host memory per chunk: decoded pixels and features, ~40 MB per CogVLM2 image
 
 
 @dataclass
@@ -92,29 +115,45 @@ class Plan:
     mode: str  # "resident": every weight stays on the device; "swap": vision and language take turns
     slots: int  # sequences decoded together
     encode_batch: int  # images per vision-tower pass
-    chunk_images: int  # images whose prefixes are held at once
+    chunk_images: int  # images per `Worker.process` call: one vision phase, then one decode engine
     peak_bytes: int
     ceiling: int
     per_request_bytes: int  # KV cache of one sequence (prefix + prompt + max_new_tokens)
+    max_text: int = 128  # prompt tokens planned for
+    max_new: int = 256  # new tokens planned for
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def plan_batches(mm: MemoryModel, ceiling: int, max_text: int, max_new: int, cap: int = 64) -> Plan:
-    """The largest batch whose predicted peak stays under `ceiling`.
+def chunk_images_for(slots: int) -> int:
+    """Images per chunk: at least two requests per slot even with one task, so a finished sequence
+    always has a successor (continuous refill), and up to four while the chunk stays <= 64 images."""
+    return max(2 * slots, min(4 * slots, MAX_CHUNK_IMAGES))
 
-    Phase swapping is chosen only when it allows a larger batch than keeping every weight resident
-    (moving the language model costs a few hundred milliseconds per chunk on PCIe; a batch of one
-    instead of four costs far more).
+
+def plan_batches(
+    mm: MemoryModel, ceiling: int, max_text: int, max_new: int, cap: int = 64, encode_cap: int | None = None
+) -> Plan:
+    """The largest batch whose predicted peak stays under `ceiling`, and the execution mode.
+
+    Every weight stays resident when that fits a batch of at least `REASONABLE_BATCH` (4), or of
+    as many sequences as phase swapping would allow: swapping moves the language model and the
+    vision tower over PCIe for every chunk. Otherwise phase swapping is used when it fits (the
+    model does not fit with both parts resident and a reasonable batch). `cap` bounds the batch
+    (the job's `batch_size`), `encode_cap` the vision batch (lowered after an out-of-memory error).
     """
-    plans = [p for p in (_plan_mode(mm, ceiling, max_text, max_new, cap, m) for m in ("resident", "swap")) if p]
-    if plans:
-        return max(plans, key=lambda p: (p.slots, p.mode == "resident"))
+    resident, swap = (_plan_mode(mm, ceiling, max_text, max_new, cap, encode_cap, m) for m in ("resident", "swap"))
+    if resident and (swap is None or resident.slots >= min(REASONABLE_BATCH, swap.slots)):
+        return resident
+    if swap:
+        if resident:
+            swap.notes.append(f"with every weight resident only a batch of {resident.slots} fits")
+        return swap
     need = min(
-        max(mm.engine_peak(1, 1, max_text, max_new, False), mm.encode_peak(1, False)),
-        max(mm.engine_peak(1, 1, max_text, max_new, True), mm.encode_peak(1, True)),
+        max(mm.engine_peak(1, max_text, max_new, False), mm.encode_peak(1, False)),
+        max(mm.engine_peak(1, max_text, max_new, True), mm.encode_peak(1, True)),
     )
     raise DoesNotFit(
         f"the model needs about {need / GiB:.2f} GiB for a single request "
@@ -123,26 +162,30 @@ def plan_batches(mm: MemoryModel, ceiling: int, max_text: int, max_new: int, cap
     )
 
 
-def _plan_mode(mm: MemoryModel, ceiling: int, max_text: int, max_new: int, cap: int, mode: str) -> Plan | None:
+def _plan_mode(
+    mm: MemoryModel, ceiling: int, max_text: int, max_new: int, cap: int, encode_cap: int | None, mode: str
+) -> Plan | None:
     """The largest batch in one execution mode, or None when a single request does not fit."""
     both = mode == "resident"
 
     def peak(s: int) -> int:
-        return max(mm.engine_peak(s, s, max_text, max_new, both), mm.encode_peak(1, both))
+        return max(mm.engine_peak(s, max_text, max_new, both), mm.encode_peak(1, both))
 
     if peak(1) > ceiling:
         return None
     slots = 1
     while slots < cap and peak(slots + 1) <= ceiling:
         slots += 1
+    chunk = chunk_images_for(slots)
     encode = 1
-    while encode < slots and mm.encode_peak(encode + 1, both) <= ceiling:
+    while encode < min(chunk, cap, encode_cap or cap) and mm.encode_peak(encode + 1, both) <= ceiling:
         encode += 1
     notes = []
     if mode == "swap":
         notes.append("vision tower and language model take turns on the device (phase-swapped)")
     per_request = mm.kv(mm.prefix_tokens + max_text + max_new)
-    return Plan(mode, slots, encode, slots, peak(slots), ceiling, per_request, notes)
+    top = max(mm.engine_peak(slots, max_text, max_new, both), mm.encode_peak(encode, both))
+    return Plan(mode, slots, encode, chunk, top, ceiling, per_request, max_text, max_new, notes)
 
 
 def memory_model_for(model: Any) -> MemoryModel:
@@ -178,10 +221,13 @@ def _tensor_bytes(t: Any) -> int:
 
 
 def calibrate(mm: MemoryModel, predicted: int, measured: int) -> None:
-    """Scale future estimates when the device used more than predicted (never scale down)."""
-    static = mm.weights_vision + mm.weights_language + mm.margin
-    if measured > predicted and predicted > static:
-        mm.correction *= math.ceil(100 * (measured - static) / (predicted - static)) / 100
+    """Scale future estimates when a phase used more device memory than predicted (never scale down).
+
+    Both figures are bytes beyond what was resident when the phase began (the weights of the
+    parts on the device), so the ratio means the same in resident and in phase-swapped mode.
+    """
+    if predicted > 0 and measured > predicted:
+        mm.correction *= math.ceil(100 * measured / predicted) / 100
 
 
 def job_plan(job: Any, max_text: int = 128) -> dict[str, Any]:
@@ -192,7 +238,7 @@ def job_plan(job: Any, max_text: int = 128) -> dict[str, Any]:
     """
     import torch
 
-    from cogbatch.model.quantize import QuantConfig, predict_weight_bytes
+    from cogbatch.model.quant_plan import QuantConfig, predict_weight_bytes
     from cogbatch.worker import resolved_dtype
 
     cfg = model_config_for(job)
@@ -214,14 +260,9 @@ def job_plan(job: Any, max_text: int = 128) -> dict[str, Any]:
     )
     modes = {}
     for mode, both in (("resident", True), ("swap", False)):
-        peak1 = max(mm.engine_peak(1, 1, max_text, max_new, both), mm.encode_peak(1, both))
-        slots = 0
-        while (
-            slots < 256
-            and max(mm.engine_peak(slots + 1, slots + 1, max_text, max_new, both), mm.encode_peak(1, both))
-            <= job.vram_ceiling
-        ):
-            slots += 1
+        peak1 = max(mm.engine_peak(1, max_text, max_new, both), mm.encode_peak(1, both))
+        largest = _plan_mode(mm, job.vram_ceiling, max_text, max_new, 256, None, mode)
+        slots = largest.slots if largest else 0
         modes[mode] = {"peak_bytes_batch_1": peak1, "fits": slots > 0, "largest_batch": slots}
     try:
         chosen = plan_batches(mm, job.vram_ceiling, max_text, max_new, cap=job.batch_size or 64).to_dict()

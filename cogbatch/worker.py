@@ -8,6 +8,7 @@ worker is the pipeline's only contact with the model (load, preprocess, generate
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ def load_model(cfg: JobConfig):
         quantization=cfg.quantization.to_model_arg(),
         tokenizer=cfg.tokenizer,
         cache_dir=cfg.cache_dir,
+        dequant_threshold=cfg.quantization.dequant_threshold,
     )
 
 
@@ -136,10 +138,13 @@ STAT_KEYS = (
     "prefill_tokens",
     "prefill_padding",
     "vision_encodes",
+    "prefix_prefills",
     "prefix_reuses",
     "oom_splits",
     "repetition_retries",
     "generated_tokens",
+    "model_compute_s",
+    "phase_swap_s",
 )
 DEFAULT_MAX_TEXT = 128  # prompt tokens assumed when planning, before the prompts are seen
 
@@ -156,13 +161,58 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError)
 
 
+def _image_major(requests: list[Any]) -> list[Any]:
+    """Engine order: image by image (so one image prefix is held at a time), shorter prompts first.
+
+    Images whose prompts are shorter come first, and within an image shorter prompts first, so the
+    requests entering the engine together have similar lengths; ties keep the input order.
+    """
+    by_image: dict[str, list[Any]] = {}
+    for r in requests:
+        by_image.setdefault(r.prefix, []).append(r)
+    groups = sorted(by_image.values(), key=lambda g: max(len(r.text_ids) for r in g))
+    return [r for g in groups for r in sorted(g, key=lambda r: len(r.text_ids))]
+
+
+class _DeviceMeter:
+    """Wall time of one phase, and with `peak` its device memory; on CUDA it synchronises at the phase's ends only.
+
+    Measuring the peak resets CUDA's peak statistics at the phase start (the load's own peak, or
+    the other phase's, must not count), so the worker measures only until it has calibrated.
+    """
+
+    def __init__(self, device: Any, peak: bool) -> None:
+        import torch
+
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.peak = peak and self.cuda
+        if self.cuda:
+            torch.cuda.synchronize(device)
+        if self.peak:
+            self.base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        self.t = time.perf_counter()
+
+    def stop(self) -> tuple[float, int | None]:
+        """(seconds, device bytes allocated beyond what the phase started with, or None)."""
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - self.t
+        return seconds, torch.cuda.max_memory_allocated(self.device) - self.base if self.peak else None
+
+
 class Worker:
     """One model, many chunks. `process` is what every engine calls per chunk of images.
 
-    Per chunk: each image is decoded and encoded once (vision tower, then its prefix through the
-    language model); then, per task, every prompt about those images is generated with continuous
-    batching, starting from its image's prefix. Batch sizes come from the memory planner; an
-    out-of-memory error halves the batch and retries what was not finished, down to one request.
+    Per chunk: each image is decoded and encoded once (vision phase; the features wait in host
+    memory on a GPU), then one decode engine runs every request of the chunk with continuous
+    batching (language phase): an image's prefix goes through the language model when its first
+    request enters a slot and is dropped when its last one has. Batch sizes come from the memory
+    planner; an out-of-memory error halves the batch, retries what was not finished, down to one
+    request, and lowers the plan for the rest of the run.
     """
 
     def __init__(self, cfg: JobConfig, run_id: str, model: Any = None) -> None:
@@ -173,11 +223,14 @@ class Worker:
         self.stats: dict[str, float] = dict.fromkeys(STAT_KEYS, 0)
         self.memory = memory_model_for(self.model)
         self.max_new = max(t.generation.max_new_tokens for t in cfg.tasks)
+        self.max_text = DEFAULT_MAX_TEXT  # grows when longer prompts are seen
+        self.slot_limit = cfg.batch_size or 64  # lowered by out-of-memory errors
+        self.encode_limit = self.slot_limit
         # Raises DoesNotFit before any work when even one request cannot fit under the ceiling.
-        self.plan = plan_batches(
-            self.memory, cfg.vram_ceiling, DEFAULT_MAX_TEXT, self.max_new, cap=cfg.batch_size or 64
-        )
+        self.plan = plan_batches(self.memory, cfg.vram_ceiling, self.max_text, self.max_new, cap=self.slot_limit)
         self.calibrated = False
+        self._measured: dict[str, tuple[int, int]] = {}  # phase -> (predicted, measured) device work bytes
+        self._first_engine: tuple[int, int, int] | None = None  # (slots, max_text, max_new) of a chunk's engine
         self._placement = "resident"
         self._device = self.model.device
         self._host_modules = {id(m) for m in self.model.modules() if _on_host(m, self._device)}
@@ -188,7 +241,7 @@ class Worker:
 
     @property
     def chunk_images(self) -> int:
-        """Images per chunk: enough prefixes to keep every decode slot busy."""
+        """Images per chunk: more requests than decode slots, so finished sequences have successors."""
         return max(1, self.plan.chunk_images)
 
     def load_report(self) -> dict[str, Any]:
@@ -211,13 +264,14 @@ class Worker:
             "prefix_reuses": int(s["prefix_reuses"]),
             "oom_splits": int(s["oom_splits"]),
             "repetition_retries": int(s["repetition_retries"]),
+            "model_compute_s": round(s["model_compute_s"], 3),
+            "phase_swap_s": round(s["phase_swap_s"], 3),
             "execution_mode": self.plan.mode,
             "planned_batch": self.plan.slots,
         }
 
     def process(self, chunk: list[tuple[LoadedImage, list[Request]]]) -> list[dict]:
         """Result rows for every request of the chunk: error rows for images that failed to load."""
-
         rows: list[dict] = []
         ok: list[tuple[LoadedImage, list[Request]]] = []
         for img, requests in chunk:
@@ -225,56 +279,50 @@ class Worker:
                 rows += [error_row(req, img.error, self.cfg, self.run_id, img) for req in requests]
             else:
                 ok.append((img, requests))
-        store, failed = self._encode([img for img, _ in ok])
-        by_task: dict[str, list[tuple[Request, LoadedImage]]] = {}
+        feats, failed = self._encode([img for img, _ in ok])
+        items: list[tuple[Request, LoadedImage]] = []
         for img, requests in ok:
-            key = img.entry.image_id
-            for req in requests:
-                if key in failed:
-                    rows.append(error_row(req, failed[key], self.cfg, self.run_id, img))
-                else:
-                    by_task.setdefault(req.task.name, []).append((req, img))
-        for items in by_task.values():
-            rows += self._generate(items, store)
-        self.stats["prefix_reuses"] += store.reuses
+            reason = failed.get(img.entry.image_id)
+            if reason:
+                rows += [error_row(req, reason, self.cfg, self.run_id, img) for req in requests]
+            else:
+                items += [(req, img) for req in requests]
+        if items:
+            rows += self._generate(items, feats)
         self._calibrate()
         return rows
 
     # -- vision phase ------------------------------------------------------------------------------
 
-    def _encode(self, images: list[LoadedImage]):
-        """Prefixes of the chunk's images: vision tower, then the prefix through the language model.
-
-        The two passes run one after the other over the whole chunk so that, in swap mode, each
-        part of the model is on the device only for its own pass.
-        """
+    def _encode(self, images: list[LoadedImage]) -> tuple[dict[str, Any], dict[str, str]]:
+        """Vision features of the chunk's images (on the host when the model runs on a GPU), and failures."""
         import torch
 
-        from cogbatch.model.engine import PrefixStore, prefill_prefixes
-
         failed: dict[str, str] = {}
+        if not images:
+            return {}, failed
         self._place("vision")
-        feats = self._in_batches(
-            images,
-            lambda part: list(self.model.encode_images(torch.stack([img.pixels for img in part]))),
-            failed,
-            "encoding this image",
-        )
-        self.stats["vision_encodes"] += len(feats)
-        self._place("language")
-        encoded = [img for img in images if img.entry.image_id in feats]
-        prefixes = self._in_batches(
-            encoded,
-            lambda part: prefill_prefixes(self.model, torch.stack([feats[img.entry.image_id] for img in part])),
-            failed,
-            "prefilling this image",
-        )
-        return PrefixStore(prefixes), failed
+        host = torch.device("cpu")
 
-    def _in_batches(self, images: list[LoadedImage], fn, failed: dict[str, str], what: str) -> dict[str, Any]:
-        """`fn` over `plan.encode_batch` images at a time, halving the batch after an out-of-memory error."""
+        def encode(part: list[LoadedImage]) -> list[Any]:
+            return list(self.model.encode_images(torch.stack([img.pixels for img in part])).to(host))
+
+        meter = _DeviceMeter(self._device, peak=not self.calibrated)
+        feats, largest = self._in_batches(images, encode, failed)
+        seconds, measured = meter.stop()
+        self.stats["model_compute_s"] += seconds
+        self.stats["vision_encodes"] += len(feats)
+        if measured is not None and largest:
+            self._measured.setdefault("vision", (self.memory.encode_work(largest), measured))
+        return feats, failed
+
+    def _in_batches(self, images: list[LoadedImage], fn, failed: dict[str, str]) -> tuple[dict[str, Any], int]:
+        """`fn` over `plan.encode_batch` images at a time, halving the batch after an out-of-memory error.
+
+        Returns the values by image id and the largest batch that ran.
+        """
         out: dict[str, Any] = {}
-        todo, batch = list(images), self.plan.encode_batch
+        todo, batch, largest = list(images), self.plan.encode_batch, 0
         while todo:
             part = todo[:batch]
             try:
@@ -282,41 +330,66 @@ class Worker:
             except Exception as e:
                 if not _is_oom(e):
                     raise
-                self._after_oom()
+                values = None  # recover outside the handler: the traceback pins the failed batch's tensors
+            if values is None:
+                self._after_oom(encode_batch=batch)
                 if batch == 1:
-                    failed[part[0].entry.image_id] = self._oom_reason(what)
+                    failed[part[0].entry.image_id] = self._oom_reason("encoding this image")
                     todo = todo[1:]
-                batch = max(1, batch // 2)
+                batch = max(1, min(batch // 2, self.plan.encode_batch))
                 continue
             for img, value in zip(part, values, strict=True):
                 out[img.entry.image_id] = value
             todo = todo[len(part) :]
-        return out
+            largest = max(largest, len(part))
+        return out, largest
 
     # -- language phase ----------------------------------------------------------------------------
 
-    def _generate(self, items: list[tuple[Request, LoadedImage]], store) -> list[dict]:
-        from cogbatch.model.engine import EngineRequest
+    def _generate(self, items: list[tuple[Request, LoadedImage]], feats: dict[str, Any]) -> list[dict]:
+        """Every request of the chunk through one decode engine, whatever its task."""
+        from cogbatch.model.engine import EngineRequest, PrefixStore, prefill_prefixes
 
-        task = items[0][0].task
         model = self.model
+        settings = {}
         requests = []
         for req, img in items:
+            task = req.task
+            if task.name not in settings:
+                attempts = [self._generation_config(task, a) for a in range(task.generation.retry_on_repetition + 1)]
+                settings[task.name] = (attempts[0], tuple(attempts[1:]))
             text_ids = model.build_inputs(None, req.prompt, None, task.template).input_ids[1:]  # no bos
-            requests.append(EngineRequest((req, img), store.get(img.entry.image_id), text_ids))
-        results, errors = self._run_engine(self._generation_config(task, 0), requests)
-        results = self._retry_loops(task, requests, results)
+            cfg, retries = settings[task.name]
+            requests.append(EngineRequest((req, img), img.entry.image_id, text_ids, cfg, retries))
+        self.stats["requests"] += len(requests)
+        longest = max(len(r.text_ids) for r in requests)
+        if longest > self.max_text:  # plan for the prompts really seen, not the default guess
+            self.max_text = longest
+            self._replan()
+
+        self._place("language")
+        store = PrefixStore(lambda image_id: prefill_prefixes(model, feats[image_id].unsqueeze(0))[0])
+        meter = _DeviceMeter(self._device, peak=not self.calibrated)
+        results, errors = self._run_engine(_image_major(requests), store)
+        seconds, measured = meter.stop()
+        self.stats["model_compute_s"] += seconds
+        self.stats["prefix_prefills"] += store.prefills
+        self.stats["prefix_reuses"] += store.reuses
+        if measured is not None and self._first_engine is not None:
+            self._measured.setdefault("language", (self.memory.engine_work(*self._first_engine), measured))
+
         rows = [error_row(req, reason, self.cfg, self.run_id, img) for (req, img), reason in errors]
-        for result, attempts in results:
+        for result in results:
             req, img = result.key
             self.stats["generated_tokens"] += len(result.token_ids)
+            self.stats["repetition_retries"] += result.attempts - 1
             rows.append(
                 make_row(
                     image_id=req.image.image_id,
                     path=req.image.path,
-                    task=task.name,
+                    task=req.task.name,
                     prompt=req.prompt,
-                    text=postprocess(result.text, task.strip_prefixes),
+                    text=postprocess(result.text, req.task.strip_prefixes),
                     status="ok",
                     finish_reason=result.finish_reason,
                     tokens_in=result.prompt_tokens,
@@ -327,7 +400,7 @@ class Worker:
                     quant=self.cfg.quantization.describe(),
                     fingerprint=req.fingerprint,
                     run_id=self.run_id,
-                    attempts=attempts,
+                    attempts=result.attempts,
                 )
             )
         return rows
@@ -353,79 +426,107 @@ class Worker:
             stop_on_repetition=True,
         )
 
-    def _retry_loops(self, task, requests, results):
-        """Results paired with their attempt count; looping outputs are retried with sampling."""
-        final = {id(r.key): (r, 1) for r in results}
-        by_key = {id(r.key): r for r in requests}
-        for attempt in range(1, task.generation.retry_on_repetition + 1):
-            looping = [by_key[k] for k, (r, _) in final.items() if r.finish_reason == "repetition"]
-            if not looping:
-                break
-            self.stats["repetition_retries"] += len(looping)
-            again, _ = self._run_engine(self._generation_config(task, attempt), looping)
-            for r in again:
-                final[id(r.key)] = (r, attempt + 1)
-        return list(final.values())
+    def _run_engine(self, requests: list[Any], store: Any) -> tuple[list[Any], list[tuple[Any, str]]]:
+        """All requests through one decode engine; OOM halves the slots and retries what is unfinished.
 
-    def _run_engine(self, gen_cfg, requests):
-        """All requests through the decode engine; OOM halves the slots and retries what is unfinished."""
+        The engine takes the requests in the order given; after an out-of-memory error the retry
+        starts from the prefixes again (the failed engine's are dropped to free their memory).
+        """
         from cogbatch.model.engine import DecodeEngine
 
         results, errors = [], []
-        slots = min(self.plan.slots, len(requests))
+        slots = self.plan.slots
         pending = requests
+        self._first_engine = None
         while pending:
+            slots = max(1, min(slots, self.plan.slots, len(pending)))
             max_text = max(len(r.text_ids) for r in pending)
-            engine = DecodeEngine(self.model, gen_cfg, min(slots, len(pending)), max_text)
+            max_new = max(c.max_new_tokens for r in pending for c in (r.cfg, *r.retries))
+            if self._first_engine is None:
+                self._first_engine = (slots, max_text, max_new)
+            store.clear()
+            engine = None
             try:
+                engine = DecodeEngine(self.model, pending[0].cfg, slots, max_text, max_new=max_new, prefixes=store)
                 engine.run(pending)
+                oom = False
             except Exception as e:
                 if not _is_oom(e):
                     raise
+                oom = True  # recover outside the handler: the traceback pins the failed engine's tensors
+            if engine is not None:
                 self._count(engine)
                 results += engine.results
-                finished = {id(r.key) for r in engine.results}
-                # What was being computed when memory ran out; with nothing identifiable, the request the
-                # engine takes first (shortest prompt), so that every retry makes progress.
-                in_flight = [s.request for s in engine.active] + engine.admitting
-                in_flight = in_flight or [min(pending, key=lambda r: len(r.text_ids))]
-                del engine
-                self._after_oom()
-                if slots == 1:  # even alone it does not fit: an error row, never a lost request
-                    errors += [(r.key, self._oom_reason("generating")) for r in in_flight]
-                    finished |= {id(r.key) for r in in_flight}
-                pending = [r for r in pending if id(r.key) not in finished]
-                slots = max(1, slots // 2)
-                continue
-            self._count(engine)
-            results += engine.results
-            pending = []
+            if not oom:
+                break
+            finished = {id(r.key) for r in engine.results} if engine is not None else set()
+            # What was being computed when memory ran out (nothing when the slot cache itself did not
+            # fit: then the request the engine takes first), so that every retry makes progress.
+            in_flight = [s.request for s in engine.active] + engine.admitting if engine is not None else []
+            in_flight = in_flight or [pending[0]]
+            engine = None
+            store.clear()
+            self._after_oom(slots=slots)
+            if slots == 1:  # even alone it does not fit: an error row, never a lost request
+                errors += [(r.key, self._oom_reason("generating")) for r in in_flight]
+                finished |= {id(r.key) for r in in_flight}
+            pending = [r for r in pending if id(r.key) not in finished]
+            slots = max(1, slots // 2)
         return results, errors
 
     def _count(self, engine) -> None:
-        if engine is None:
-            return
         st = engine.stats
         self.stats["batches"] += st.admissions
         self.stats["decode_steps"] += st.decode_steps
         self.stats["decode_rows"] += st.decode_rows
         self.stats["prefill_tokens"] += st.prefill_tokens
         self.stats["prefill_padding"] += st.prefill_padding
-        self.stats["requests"] += len(engine.results)
 
     # -- memory ------------------------------------------------------------------------------------
 
-    def _after_oom(self) -> None:
-        """Free what the failed attempt held and plan smaller from now on."""
+    def _after_oom(self, slots: int | None = None, encode_batch: int | None = None) -> None:
+        """Free what the failed attempt held, and plan smaller for the rest of the run.
+
+        The estimates grow by a quarter, and later plans never exceed the half batch the split
+        retries with (the batch that failed is known not to fit).
+        """
         import gc
 
         import torch
 
         self.stats["oom_splits"] += 1
         self.memory.correction *= 1.25
+        if slots is not None:
+            self.slot_limit = max(1, min(self.slot_limit, slots // 2))
+        if encode_batch is not None:
+            self.encode_limit = max(1, min(self.encode_limit, encode_batch // 2))
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        self._replan()
+
+    def _replan(self) -> None:
+        """Plan again with what the run has learnt (longer prompts, out-of-memory errors, calibration).
+
+        Mid-run, a plan that no longer fits by the estimate falls back to one request at a time:
+        the out-of-memory handling still guards the real limit, and no request is dropped.
+        """
+        from dataclasses import replace
+
+        from cogbatch.planner import DoesNotFit, plan_batches
+
+        try:
+            self.plan = plan_batches(
+                self.memory,
+                self.cfg.vram_ceiling,
+                self.max_text,
+                self.max_new,
+                cap=self.slot_limit,
+                encode_cap=self.encode_limit,
+            )
+        except DoesNotFit as e:
+            log.warning("%s; going on one request at a time", e)
+            self.plan = replace(self.plan, slots=1, encode_batch=1, chunk_images=2, max_text=self.max_text)
 
     def _oom_reason(self, what: str) -> str:
         return (
@@ -434,38 +535,43 @@ class Worker:
         )
 
     def _calibrate(self) -> None:
-        """On CUDA, after the first chunk: scale the estimates by the measured peak and re-plan."""
-        import torch
+        """On CUDA, after the first chunk: scale the estimates by the phase that outgrew its estimate most."""
+        from cogbatch.planner import calibrate
 
-        from cogbatch.planner import calibrate, plan_batches
-
-        if self.calibrated or self.model.device.type != "cuda":
+        if self.calibrated or not self._measured:
             return
         self.calibrated = True
-        calibrate(self.memory, self.plan.peak_bytes, torch.cuda.max_memory_allocated(self.model.device))
-        self.plan = plan_batches(
-            self.memory, self.cfg.vram_ceiling, DEFAULT_MAX_TEXT, self.max_new, cap=self.cfg.batch_size or 64
-        )
+        predicted, measured = max(self._measured.values(), key=lambda pm: pm[1] / max(1, pm[0]))
+        calibrate(self.memory, predicted, measured)
+        self._replan()
 
     def _place(self, phase: str) -> None:
         """Phase-swapped execution: only the part of the model in use stays on the device.
 
-        Modules the loader placed on the CPU on purpose (the token embeddings with
+        `phase` is "vision" or "language"; outside swap mode every part stays (or comes back) on
+        the device. Modules the loader placed on the CPU on purpose (the token embeddings with
         `embeddings_on_cpu`) stay there.
         """
-        if self.plan.mode != "swap" or self._device.type == "cpu" or phase == self._placement:
+        import torch
+
+        want = phase if self.plan.mode == "swap" else "resident"
+        if self._device.type == "cpu" or want == self._placement:
             return
-        device = self._device
         vision = self.model.model.vision
         language = [m for name, m in self.model.named_children() if name != "model"]
         language += [m for name, m in self.model.model.named_children() if name != "vision"]
         language = [m for m in language if id(m) not in self._host_modules]
-        off, on = (language, [vision]) if phase == "vision" else ([vision], language)
+        off = {"vision": language, "language": [vision], "resident": []}[want]
+        on = {"vision": [vision], "language": language, "resident": [vision, *language]}[want]
         # Packed quantized weights are copied as they are: `Module.to` would repack them (seconds per layer).
-        from cogbatch.model.quantize import move_module
+        from cogbatch.model.quant_linear import move_module
 
+        t0 = time.perf_counter()
         for m in off:
             move_module(m, "cpu")
         for m in on:
-            move_module(m, device)
-        self._placement = phase
+            move_module(m, self._device)
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        self.stats["phase_swap_s"] += time.perf_counter() - t0
+        self._placement = want

@@ -6,9 +6,15 @@ tokens before the first word of the prompt. Here each image is encoded once and 
 from a copy of that prefix's keys and values and only its own text is prefilled. Decoding keeps up
 to `slots` sequences in flight; a sequence that finishes hands its slot to the next request.
 
-    prefixes = encode_prefixes(model, pixels)                 # one vision pass per image
-    engine = DecodeEngine(model, gen_cfg, slots=8, max_text=64)
-    results = engine.run([EngineRequest(key, prefixes[i], text_ids) ...])
+    store = PrefixStore(lambda image: prefill_prefixes(model, features[image][None])[0])
+    engine = DecodeEngine(model, gen_cfg, slots=8, max_text=64, prefixes=store)
+    results = engine.run([EngineRequest(key, image, text_ids) ...])   # or a `Prefix` instead of `image`
+
+A prefix costs device memory (~0.28 GiB per CogVLM2 image), so a `PrefixStore` makes it when the
+first request about its image enters a slot and drops it when the last one has; with requests
+ordered image by image at most one prefix is held at a time. Requests may carry their own
+generation settings, and settings for retries after a looping output (the retry restarts in the
+same slot, from the prefix still at its head).
 
 Greedy results equal those of `generate()` on the same request alone: the same positions, the same
 expert routing, the same masks; only the order of floating-point sums differs.
@@ -16,8 +22,9 @@ expert routing, the same masks; only the order of floating-point sums differs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -74,11 +81,58 @@ def prefill_prefixes(model: CogVLM, feats: torch.Tensor) -> list[Prefix]:
     return [Prefix([k[i] for k in cache.k], [v[i] for v in cache.v], next_position) for i in range(n)]
 
 
+class PrefixStore:
+    """Image prefixes made on first use, shared by the requests about the image, dropped after the last.
+
+    `expect` announces the requests about each image; `take` hands one request its image's prefix,
+    making it if needed, and forgets it once no announced request about that image is left. The
+    requests of one image should therefore enter one after the other: then only one prefix is held
+    while its requests wait for free slots, which is what the memory planner assumes.
+    """
+
+    def __init__(self, make: Callable[[Any], Prefix]) -> None:
+        self.make = make
+        self.held: dict[Any, Prefix] = {}
+        self.waiting: Counter[Any] = Counter()
+        self.prefills = 0  # prefixes made
+        self.copies = 0  # prefixes handed out
+        self.most_live = 0  # most prefixes alive at once (held ones + the one being made)
+
+    def expect(self, keys: Iterable[Any]) -> None:
+        self.waiting.update(keys)
+
+    def take(self, key: Any) -> Prefix:
+        prefix = self.held.pop(key, None)
+        if prefix is None:
+            self.most_live = max(self.most_live, len(self.held) + 1)
+            prefix = self.make(key)
+            self.prefills += 1
+        self.copies += 1
+        self.waiting[key] -= 1
+        if self.waiting[key] > 0:
+            self.held[key] = prefix
+        else:
+            del self.waiting[key]
+        return prefix
+
+    def clear(self) -> None:
+        """Forget everything (after an out-of-memory error, before the retry announces its requests)."""
+        self.held.clear()
+        self.waiting.clear()
+
+    @property
+    def reuses(self) -> int:
+        """Prompts that started from a prefix made for an earlier prompt about the same image."""
+        return self.copies - self.prefills
+
+
 @dataclass
 class EngineRequest:
     key: Any  # the caller's handle, returned with the result
-    prefix: Prefix
+    prefix: Any  # a `Prefix`, or the image key under which the engine's `PrefixStore` makes it
     text_ids: list[int]  # the prompt's tokens after the image (no bos)
+    cfg: GenerationConfig | None = None  # None: the engine's settings
+    retries: tuple[GenerationConfig, ...] = ()  # settings of each new attempt after a looping output
 
 
 @dataclass
@@ -88,6 +142,7 @@ class EngineResult:
     text: str
     finish_reason: str
     prompt_tokens: int
+    attempts: int = 1  # generations made: more than 1 after retries of looping outputs
 
 
 @dataclass
@@ -96,7 +151,8 @@ class EngineStats:
     decode_rows: int = 0  # sum over steps of sequences in flight: mean batch = rows / steps
     prefill_tokens: int = 0
     prefill_padding: int = 0
-    admissions: int = 0
+    admissions: int = 0  # prompt prefills that brought new requests into free slots
+    restarts: int = 0  # retries of looping outputs, restarted in their slot
 
     def add(self, other: EngineStats) -> None:
         for name in self.__dataclass_fields__:
@@ -106,43 +162,83 @@ class EngineStats:
 @dataclass
 class _Slot:
     request: EngineRequest
-    seq: Sequence
-    position: int  # rotary position of the next token
+    cfg: GenerationConfig
+    text_start: int  # rotary position of the first text token (after the prefix)
+    position: int = 0  # rotary position of the next token
+    seq: Sequence | None = None
+    attempt: int = 0  # index into (request.cfg, *request.retries)
     token: int = -1  # the last chosen token, input of the next step
+    restart: bool = False  # ended in a loop and has a retry left: prefilled again before the next step
 
 
 class DecodeEngine:
-    """Up to `slots` sequences in flight over a slot KV cache; finished ones make room for new ones."""
+    """Up to `slots` sequences in flight over a slot KV cache; finished ones make room for new ones.
 
-    def __init__(self, model: CogVLM, cfg: GenerationConfig, slots: int, max_text: int) -> None:
+    The cache holds `prefix + max_text + max_new` tokens per slot (`max_new` defaults to
+    `cfg.max_new_tokens`); requests are taken in the order given.
+    """
+
+    def __init__(
+        self,
+        model: CogVLM,
+        cfg: GenerationConfig,
+        slots: int,
+        max_text: int,
+        max_new: int | None = None,
+        prefixes: PrefixStore | None = None,
+    ) -> None:
         self.model, self.cfg, self.slots = model, cfg, slots
+        self.prefixes = prefixes
         self.device = model.device
-        self.stop_ids = stop_ids_for(model, cfg)
         self.prefix_len = model.config.vision_tokens + 1
-        max_len = self.prefix_len + max_text + cfg.max_new_tokens
+        self.max_text, self.max_new = max_text, max_new or cfg.max_new_tokens
+        max_len = self.prefix_len + max_text + self.max_new
         self.cache = SlotKVCache(model.config, slots, max_len, model.dtype, self.device)
         self.seen = torch.zeros(slots, model.config.vocab_size, dtype=torch.bool, device=self.device)
         self.active: list[_Slot] = []
-        self.admitting: list[EngineRequest] = []  # being prefilled: in flight although not in a slot yet
+        self.admitting: list[EngineRequest] = []  # taken from the queue, not in a slot yet
         self.results: list[EngineResult] = []  # finished so far: survives an exception mid-run
         self.stats = EngineStats()
         self.on_result: Callable[[EngineResult], None] | None = None
+        self._restarts = 0
 
     @torch.no_grad()
     def run(self, requests: list[EngineRequest]) -> list[EngineResult]:
         """Generate for every request; results in completion order (keys say which is which)."""
-        # Similar prompt lengths enter together, so prefill padding stays small; ties keep input order.
-        queue = sorted(requests, key=lambda r: len(r.text_ids))
+        for r in requests:
+            self._check(r)
+        if self.prefixes is not None:
+            self.prefixes.expect(r.prefix for r in requests if not isinstance(r.prefix, Prefix))
+        queue = deque(requests)
         while queue or self.active:
             free = self.slots - len(self.active)
-            if queue and free:
-                admitted, queue = queue[:free], queue[free:]
-                self._admit(admitted)
+            if self._restarts:
+                self._restart(next(i for i, s in enumerate(self.active) if s.restart))
+            elif queue and free:
+                self._admit([queue.popleft() for _ in range(min(free, len(queue)))])
             else:
                 self._step()
         return self.results
 
     # -- internals --------------------------------------------------------------------------------
+
+    def _check(self, r: EngineRequest) -> None:
+        if len(r.text_ids) > self.max_text:
+            raise ValueError(f"a prompt of {len(r.text_ids)} tokens in an engine planned for {self.max_text}")
+        longest = max(c.max_new_tokens for c in self._settings(r))
+        if longest > self.max_new:
+            raise ValueError(f"max_new_tokens {longest} in an engine planned for {self.max_new}")
+
+    def _settings(self, r: EngineRequest) -> tuple[GenerationConfig, ...]:
+        """Settings of each attempt: the request's own (else the engine's), then its retries."""
+        return (r.cfg or self.cfg, *r.retries)
+
+    def _prefix(self, r: EngineRequest) -> Prefix:
+        if isinstance(r.prefix, Prefix):
+            return r.prefix
+        if self.prefixes is None:
+            raise ValueError("a request names its image's prefix, but the engine has no PrefixStore")
+        return self.prefixes.take(r.prefix)
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Language-model pass over the selected slots; returns final hidden states (B, L, D)."""
@@ -152,37 +248,55 @@ class DecodeEngine:
         return self.model.model(embeds, types, positions, None, self.cache, attn_bias=bias)
 
     def _admit(self, requests: list[EngineRequest]) -> None:
-        """Copy each request's prefix into a free slot, prefill the prompts together, pick first tokens."""
-        self.admitting = requests
+        """Copy each request's prefix into the next free slot, then prefill their prompts together."""
         start = len(self.active)
-        stop = start + len(requests)
-        lengths = [len(r.text_ids) for r in requests]
+        self.admitting = list(requests)
+        while self.admitting:
+            r = self.admitting[0]
+            prefix = self._prefix(r)
+            self.cache.load_prefix(len(self.active), prefix.k, prefix.v)
+            self.active.append(_Slot(r, r.cfg or self.cfg, prefix.next_position))
+            self.admitting.pop(0)
+        self.stats.admissions += 1
+        self._prefill(start, len(self.active))
+
+    def _restart(self, i: int) -> None:
+        """Try slot `i`'s request again with its next settings; its prefix is still at the head of the slot."""
+        s = self.active[i]
+        s.attempt += 1
+        s.cfg, s.restart = self._settings(s.request)[s.attempt], False
+        self._restarts -= 1
+        self.cache.lengths[i] = self.prefix_len
+        self.stats.restarts += 1
+        self._prefill(i, i + 1)
+
+    def _prefill(self, start: int, stop: int) -> None:
+        """Prompts of slots `[start, stop)` (prefix in place) in one pass, then each one's first token."""
+        slots = self.active[start:stop]
+        lengths = [len(s.request.text_ids) for s in slots]
         L = max(lengths)
-        tokens = torch.full((len(requests), L), self.model.config.pad_token_id, dtype=torch.long)
-        positions = torch.zeros((len(requests), L), dtype=torch.long)
-        for i, r in enumerate(requests):
-            self.cache.load_prefix(start + i, r.prefix.k, r.prefix.v)
-            tokens[i, : lengths[i]] = torch.tensor(r.text_ids, dtype=torch.long)
-            positions[i] = r.prefix.next_position + torch.arange(L)  # right pads: ignored, later overwritten
+        tokens = torch.full((len(slots), L), self.model.config.pad_token_id, dtype=torch.long)
+        positions = torch.zeros((len(slots), L), dtype=torch.long)
+        for i, s in enumerate(slots):
+            tokens[i, : lengths[i]] = torch.tensor(s.request.text_ids, dtype=torch.long)
+            positions[i] = s.text_start + torch.arange(L)  # right pads: ignored, later overwritten
         tokens, positions = tokens.to(self.device), positions.to(self.device)
         self.cache.select(start, stop)
         hidden = self._forward(tokens, positions)
         real = torch.tensor(lengths, device=self.device)
         self.cache.advance(real)
-        last = hidden[torch.arange(len(requests), device=self.device), real - 1]  # each prompt's last token
+        last = hidden[torch.arange(len(slots), device=self.device), real - 1]  # each prompt's last token
         logits = self.model.lm_head(last).float()
 
         self.seen[start:stop] = False
         bos = self.model.config.bos_token_id
-        for i, r in enumerate(requests):
-            prompt_text = [bos, *r.text_ids]  # what generate() counts as the prompt's text tokens
+        for i, s in enumerate(slots):
+            prompt_text = [bos, *s.request.text_ids]  # what generate() counts as the prompt's text tokens
             self.seen[start + i, prompt_text] = True
-            seq = Sequence(prompt_text, self.cfg, self.stop_ids, self.device)
-            self.active.append(_Slot(r, seq, r.prefix.next_position + lengths[i]))
-        self.admitting = []
-        self.stats.admissions += 1
-        self.stats.prefill_tokens += len(requests) * L
-        self.stats.prefill_padding += len(requests) * L - sum(lengths)
+            s.seq = Sequence(prompt_text, s.cfg, stop_ids_for(self.model, s.cfg), self.device)
+            s.position = s.text_start + lengths[i]
+        self.stats.prefill_tokens += len(slots) * L
+        self.stats.prefill_padding += len(slots) * L - sum(lengths)
         self._choose(logits, start, stop)
 
     def _step(self) -> None:
@@ -199,9 +313,25 @@ class DecodeEngine:
         self.stats.decode_rows += n
         self._choose(self.model.lm_head(hidden[:, -1].contiguous()).float(), 0, n)
 
+    def _pick(self, logits: torch.Tensor, start: int, stop: int) -> list[int]:
+        """Next tokens of slots `[start, stop)`, each row under its own settings (rows do not interact)."""
+        slots = self.active[start:stop]
+        groups: dict[GenerationConfig, list[int]] = {}
+        for j, s in enumerate(slots):
+            groups.setdefault(s.cfg, []).append(j)
+        if len(groups) == 1:
+            return choose_tokens(logits, [s.seq for s in slots], self.seen[start:stop], slots[0].cfg).tolist()
+        out = [0] * len(slots)
+        for cfg, rows in groups.items():
+            idx = torch.tensor(rows, device=logits.device)
+            picked = choose_tokens(logits[idx], [slots[j].seq for j in rows], self.seen[start + idx], cfg)
+            for j, tok in zip(rows, picked.tolist(), strict=True):
+                out[j] = tok
+        return out
+
     def _choose(self, logits: torch.Tensor, start: int, stop: int) -> None:
         slots = self.active[start:stop]
-        tokens = choose_tokens(logits, [s.seq for s in slots], self.seen[start:stop], self.cfg).tolist()
+        tokens = self._pick(logits, start, stop)
         for s, tok in zip(slots, tokens, strict=True):
             s.seq.push(tok)
             s.token = tok
@@ -209,7 +339,13 @@ class DecodeEngine:
         self.seen[rows, torch.tensor(tokens, device=self.device)] = True
         # Retire finished sequences; the last slot in flight moves into each hole (slots stay contiguous).
         for i in range(stop - 1, start - 1, -1):
-            if self.active[i].seq.finish is not None:
+            s = self.active[i]
+            if s.seq.finish is None:
+                continue
+            if s.seq.finish == "repetition" and s.attempt < len(s.request.retries):
+                s.restart = True
+                self._restarts += 1
+            else:
                 self._retire(i)
 
     def _retire(self, i: int) -> None:
@@ -221,6 +357,7 @@ class DecodeEngine:
             decode_text(self.model.tokenizer, seq.out),
             seq.finish,
             self.prefix_len + len(done.request.text_ids),
+            done.attempt + 1,
         )
         self.results.append(result)
         if self.on_result is not None:
@@ -231,19 +368,3 @@ class DecodeEngine:
             self.seen[i] = self.seen[last]
             self.active[i] = self.active[last]
         self.active.pop()
-
-
-@dataclass
-class PrefixStore:
-    """Prefixes of a chunk of images, by image key, with how often each was reused."""
-
-    prefixes: dict[Any, Prefix] = field(default_factory=dict)
-    uses: dict[Any, int] = field(default_factory=dict)
-
-    def get(self, key: Any) -> Prefix:
-        self.uses[key] = self.uses.get(key, 0) + 1
-        return self.prefixes[key]
-
-    @property
-    def reuses(self) -> int:
-        return sum(max(0, n - 1) for n in self.uses.values())

@@ -147,8 +147,10 @@ class SlotKVCache:
 
     def __init__(self, cfg: CogVLMConfig, slots: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
         shape = (slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        # Zeros, not `empty`: a shorter slot's attention spans keys past its own length (masked by
+        # an additive -inf bias), and a weight of exactly 0 times uninitialised NaN/Inf is still NaN.
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.start, self.stop = 0, slots
 

@@ -7,11 +7,13 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+import cogbatch.model.engine as engine_module
 from cogbatch.config import load_job
 from cogbatch.manifest import build_entries, expand_requests
 from cogbatch.model.cogvlm import CogVLM
-from cogbatch.model.engine import DecodeEngine, EngineRequest, encode_prefixes
+from cogbatch.model.engine import DecodeEngine, EngineRequest, PrefixStore, encode_prefixes, prefill_prefixes
 from cogbatch.model.generate import GenerationConfig, looping_tail
+from cogbatch.model.language import SlotKVCache
 from cogbatch.worker import Worker, load_entry
 from tests.e2e.conftest import make_images
 
@@ -69,6 +71,7 @@ def test_sixteen_images_four_tasks_encode_each_image_once(tmp_path, model, tiny_
     assert stats["prefix_reuses"] == 16 * 3
     assert stats["requests"] == 64 and len(rows) == 64
     assert 1 < stats["mean_batch_size"] <= 5
+    assert stats["model_compute_s"] > 0
     assert {r["status"] for r in rows} == {"ok"}
     pixels = {img.entry.image_id: img.pixels for img, _ in chunk}
     by_key = {(r["image_id"], r["task"]): r for r in rows}
@@ -99,26 +102,65 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(tmp_path, model, tiny_
     monkeypatch.setattr(DecodeEngine, "_step", step)
     monkeypatch.setattr(model, "encode_images", encode)
     worker = Worker(cfg, "oom", model=model)
-    rows = worker.process(_chunk(cfg, requests, worker.image_size))
+    assert worker.plan.slots == 6 and worker.plan.encode_batch == 6
+    chunk = _chunk(cfg, requests, worker.image_size)
+    rows = worker.process(chunk)
     stats = worker.summary_stats()
     assert stats["oom_splits"] >= 2 and stats["vision_encodes"] == 6
+    assert stats["requests"] == 24  # each request once, however often it was retried
     key = lambda r: (r["image_id"], r["task"])  # noqa: E731
     assert len(rows) == len({key(r) for r in rows}) == 24
     assert {key(r): r["text"] for r in rows} == {key(r): r["text"] for r in reference}
+    # The rest of the run is planned smaller: the same work again runs without a single failure.
+    assert worker.plan.slots <= 2 and worker.plan.encode_batch == 1 and stats["planned_batch"] <= 2
+    again = worker.process(chunk)
+    assert worker.summary_stats()["oom_splits"] == stats["oom_splits"]
+    assert {key(r): r["text"] for r in again} == {key(r): r["text"] for r in reference}
+
+
+def test_out_of_memory_allocating_the_slot_cache_splits_and_loses_nothing(tmp_path, model, tiny_cogvlm2, monkeypatch):
+    cfg, requests = _job(tmp_path, tiny_cogvlm2, 2, batch_size=4)
+    reference = Worker(cfg, "ref", model=model).process(_chunk(cfg, requests, model.config.vision.image_size))
+
+    def cache(model_cfg, slots, *args):
+        if slots > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return SlotKVCache(model_cfg, slots, *args)
+
+    monkeypatch.setattr(engine_module, "SlotKVCache", cache)
+    worker = Worker(cfg, "oom", model=model)
+    rows = worker.process(_chunk(cfg, requests, worker.image_size))
+    key = lambda r: (r["image_id"], r["task"])  # noqa: E731
+    assert worker.summary_stats()["oom_splits"] == 2  # 4 slots, then 2, then 1
+    assert len(rows) == len({key(r) for r in rows}) == 8
+    assert {key(r): r["text"] for r in rows} == {key(r): r["text"] for r in reference}
+
+
+def test_a_slot_cache_that_never_fits_gives_one_error_row_per_request(tmp_path, model, tiny_cogvlm2, monkeypatch):
+    cfg, requests = _job(tmp_path, tiny_cogvlm2, 2, batch_size=4)
+
+    def cache(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(engine_module, "SlotKVCache", cache)
+    rows = Worker(cfg, "oom", model=model).process(_chunk(cfg, requests, model.config.vision.image_size))
+    wanted = sorted((r.image.image_id, r.task.name) for r in requests)
+    assert sorted((r["image_id"], r["task"]) for r in rows) == wanted
+    assert {r["status"] for r in rows} == {"error"} and all("GiB vram_ceiling" in r["error"] for r in rows)
 
 
 def test_a_request_that_never_fits_becomes_an_error_row(tmp_path, model, tiny_cogvlm2, monkeypatch):
     cfg, requests = _job(tmp_path, tiny_cogvlm2, 2, tasks=TASKS[:1])
     victim = requests[0].prompt
 
-    real_forward = DecodeEngine._forward
+    real_prefill = DecodeEngine._prefill
 
-    def forward(self, tokens, positions):
-        if any(r.key[0] is requests[0] for r in self.admitting):  # the victim's prompt prefill
+    def prefill(self, start, stop):
+        if any(s.request.key[0] is requests[0] for s in self.active[start:stop]):  # the victim's prompt
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real_forward(self, tokens, positions)
+        return real_prefill(self, start, stop)
 
-    monkeypatch.setattr(DecodeEngine, "_forward", forward)
+    monkeypatch.setattr(DecodeEngine, "_prefill", prefill)
     rows = Worker(cfg, "oom", model=model).process(_chunk(cfg, requests, model.config.vision.image_size))
     by_id = {r["image_id"]: r for r in rows}
     bad = by_id[requests[0].image.image_id]
@@ -183,6 +225,7 @@ def test_loops_stop_early_and_are_retried(tmp_path, model, tiny_cogvlm2):
     assert row["finish_reason"] == "repetition"
     assert row["tokens_out"] == 16  # stopped at the first detectable loop, not after 40 tokens
     assert row["attempts"] == 3 and worker.summary_stats()["repetition_retries"] == 2
+    assert worker.stats["prefix_prefills"] == 1  # the retries restart in their slot, from the same prefix
 
 
 def test_no_repeat_ngram_size_bans_repeats(model, golden_dir):
@@ -233,3 +276,175 @@ def test_int4_model_generates_batches_on_both_paths(tmp_path, golden_dir):
         [EngineRequest(i, p, ids) for i, p in enumerate(prefixes)]
     )
     assert sorted(len(r.token_ids) for r in results) == [4, 4]
+
+
+# -- continuous refill, one prefix per image, poisoned memory --------------------------------------
+
+
+def _two_images(golden_dir):
+    from PIL import Image
+
+    return [Image.open(golden_dir / "images" / n) for n in ("img_a_rgb_150x97.png", "img_c_palette_57x33.png")]
+
+
+def test_uninitialised_slot_cache_memory_never_reaches_the_output(model, golden_dir, monkeypatch):
+    """A shorter slot's attention spans cache entries past its own length (masked out): whatever the
+    allocator left there (NaN here, as uninitialised memory may hold) must not change the output."""
+    imgs = _two_images(golden_dir)
+    prefixes = encode_prefixes(model, torch.stack([model.preprocess(i) for i in imgs]))
+    queries = ["Colors?", "Write a short caption for this photo, please mention the colors and the shapes."]
+    cfg = GenerationConfig(max_new_tokens=5, stop_token_ids=())
+    reqs = [
+        EngineRequest((i, q), prefixes[i], model.build_inputs(None, q).input_ids[1:])
+        for i in range(2)
+        for q in queries
+    ]
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "empty", poisoned)
+        engine = DecodeEngine(model, cfg, slots=4, max_text=32)
+    for r in engine.run(reqs):
+        i, q = r.key
+        assert r.token_ids == _plain(model, q, imgs[i], cfg).token_ids[0], r.key
+
+
+def test_prefixes_are_made_on_first_use_and_one_is_held_at_a_time(model, golden_dir):
+    """Requests taken image by image: each prefix is made once, and dropped when its last request entered."""
+    imgs = _two_images(golden_dir)
+    imgs.append(imgs[0].transpose(0))  # a third image
+    feats = model.encode_images(torch.stack([model.preprocess(i) for i in imgs]))
+    store = PrefixStore(lambda i: prefill_prefixes(model, feats[i : i + 1])[0])
+    queries = ["Describe this image.", "Colors?", "What is in the picture?"]
+    cfg = GenerationConfig(max_new_tokens=4, stop_token_ids=())
+    reqs = [EngineRequest((i, q), i, model.build_inputs(None, q).input_ids[1:]) for i in range(3) for q in queries]
+    engine = DecodeEngine(model, cfg, slots=2, max_text=16, prefixes=store)
+    results = {r.key: r.token_ids for r in engine.run(reqs)}
+    assert store.prefills == 3 and store.reuses == 6 and store.most_live == 1 and not store.held
+    assert engine.stats.admissions == 5  # 2 + 2 + 2 + 2 + 1: every freed slot took the next request
+    for (i, q), ids in results.items():
+        assert ids == _plain(model, q, imgs[i], cfg).token_ids[0], (i, q)
+
+
+def test_a_chunk_holds_more_requests_than_slots_and_freed_slots_are_refilled(tmp_path, model, tiny_cogvlm2):
+    """One task per image still refills: a chunk carries at least two requests per decode slot."""
+    cfg, requests = _job(tmp_path, tiny_cogvlm2, 6, batch_size=2, tasks=TASKS[:1])
+    worker = Worker(cfg, "refill", model=model)
+    assert worker.plan.slots == 2 and worker.chunk_images >= 2 * worker.plan.slots
+    chunk = _chunk(cfg, requests, worker.image_size)[: worker.chunk_images]  # what a runner hands over
+    assert len(chunk) == 6
+    rows = worker.process(chunk)
+    stats = worker.summary_stats()
+    assert stats["requests"] == 6 and stats["vision_encodes"] == 6
+    assert stats["batches"] == 3 and stats["mean_batch_size"] == 2.0  # three admissions into two slots
+    pixels = {img.entry.image_id: img.pixels for img, _ in chunk}
+    by_key = {(r["image_id"], r["task"]): r for r in rows}
+    for req in requests:
+        solo = _solo(model, req, pixels[req.image.image_id])
+        assert by_key[(req.image.image_id, req.task.name)]["text"] == solo.texts[0].strip()
+
+
+def test_tasks_with_different_settings_share_one_engine_and_each_image_prefix(tmp_path, model, tiny_cogvlm2):
+    tasks = [
+        {**TASKS[0], "max_new_tokens": 3},
+        {**TASKS[1], "max_new_tokens": 7, "repetition_penalty": 1.3, "no_repeat_ngram_size": 2},
+    ]
+    cfg, requests = _job(tmp_path, tiny_cogvlm2, 3, batch_size=4, tasks=tasks)
+    worker = Worker(cfg, "mixed", model=model)
+    chunk = _chunk(cfg, requests, worker.image_size)
+    rows = worker.process(chunk)
+    stats = worker.summary_stats()
+    assert stats["vision_encodes"] == 3 and stats["prefix_reuses"] == 3 and worker.stats["prefix_prefills"] == 3
+    pixels = {img.entry.image_id: img.pixels for img, _ in chunk}
+    by_key = {(r["image_id"], r["task"]): r for r in rows}
+    gen = {"caption": {}, "colors": {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2}}
+    for req in requests:
+        max_new = req.task.generation.max_new_tokens
+        solo = _solo(model, req, pixels[req.image.image_id], max_new=max_new, **gen[req.task.name])
+        row = by_key[(req.image.image_id, req.task.name)]
+        assert (row["text"], row["tokens_out"]) == (solo.texts[0].strip(), len(solo.token_ids[0]))
+
+
+def test_prompts_longer_than_assumed_are_planned_for(tmp_path, model, tiny_cogvlm2):
+    long_prompt = "Describe " + "every shape and every color " * 40 + "in this image."
+    cfg, requests = _job(tmp_path, tiny_cogvlm2, 1, tasks=[{"name": "long", "prompt": long_prompt}])
+    worker = Worker(cfg, "long", model=model)
+    planned = worker.plan.max_text
+    (row,) = worker.process(_chunk(cfg, requests, worker.image_size))
+    assert row["status"] == "ok"
+    prompt_tokens = row["tokens_in"] - model.config.vision_tokens - 2  # minus bos and the image tokens
+    assert prompt_tokens > planned and worker.plan.max_text >= prompt_tokens
+
+
+# -- phase-swapped placement -------------------------------------------------------------------------
+
+
+def test_phase_swap_moves_exactly_the_idle_part_off_the_device(tmp_path, model, tiny_cogvlm2, monkeypatch):
+    """Swap mode on a (pretend) GPU: the vision phase has only the vision tower on the device, the
+    language phase everything but it; modules the loader left in host memory never move."""
+    import dataclasses
+
+    import cogbatch.model.quant_linear as quant_linear
+
+    cfg, _ = _job(tmp_path, tiny_cogvlm2, 1)
+    worker = Worker(cfg, "swap", model=model)
+    gpu, cpu = torch.device("meta"), torch.device("cpu")  # "meta": an accelerator that nothing reaches
+    where = {id(p): cpu for p in model.parameters()}  # where each parameter would be
+
+    def move(module, device):
+        for p in module.parameters():
+            where[id(p)] = torch.device(device)
+
+    monkeypatch.setattr(quant_linear, "move_module", move)
+    worker._device = gpu
+    worker._host_modules = {id(model.model.embed_tokens)}  # as with embeddings_on_cpu
+    worker.plan = dataclasses.replace(worker.plan, mode="swap")
+    vision = {id(p) for p in model.model.vision.parameters()}
+    on_host = {id(p) for p in model.model.embed_tokens.parameters()}
+
+    def on_device():
+        return {k for k, d in where.items() if d == gpu}
+
+    everything = set(where)
+    worker._place("vision")
+    assert on_device() == vision
+    worker._place("language")
+    assert on_device() == everything - vision - on_host
+    worker._place("vision")
+    assert on_device() == vision
+    worker.plan = dataclasses.replace(worker.plan, mode="resident")  # a later plan without swapping
+    worker._place("language")
+    assert on_device() == everything - on_host
+
+
+def test_the_first_chunk_calibrates_the_plan_from_each_phase(tmp_path, model, tiny_cogvlm2, monkeypatch):
+    """What CUDA would report (faked here): the language phase used far more than predicted, so
+    later chunks are planned smaller; peak statistics are measured (and reset) in the first chunk only."""
+    import cogbatch.worker as worker_module
+
+    GiB = 2**30
+    meters = []
+
+    class Meter:  # stands in for `torch.cuda` peak statistics
+        def __init__(self, device, peak):
+            self.peak = peak
+            meters.append(self)
+
+        def stop(self):
+            measured = (30 * GiB if len(meters) % 2 == 0 else 1) if self.peak else None  # language, vision
+            return 0.25, measured
+
+    monkeypatch.setattr(worker_module, "_DeviceMeter", Meter)
+    cfg, requests = _job(tmp_path, tiny_cogvlm2, 2, batch_size=6)
+    worker = Worker(cfg, "calibrate", model=model)
+    before = worker.plan.slots
+    chunk = _chunk(cfg, requests, worker.image_size)
+    worker.process(chunk)
+    assert worker.calibrated and worker.memory.correction > 1
+    assert worker.plan.slots < before and worker.summary_stats()["model_compute_s"] == 0.5
+    worker.process(chunk)
+    assert [m.peak for m in meters] == [True, True, False, False]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cogbatch.model.config import CogVLMConfig
-from cogbatch.planner import DoesNotFit, GiB, MemoryModel, calibrate, plan_batches
+from cogbatch.planner import REASONABLE_BATCH, DoesNotFit, GiB, MemoryModel, calibrate, plan_batches
 
 
 def _mm(golden_dir, name, vision_gib, language_gib, cuda=True):
@@ -52,11 +52,67 @@ def test_batch_cap_is_respected(golden_dir):
 def test_calibration_only_grows_the_estimates(golden_dir):
     mm = _mm(golden_dir, "cogvlm2-llama3-chat-19B", 2.4, 7.6)
     plan = plan_batches(mm, 16 * GiB, 32, 256)
-    calibrate(mm, plan.peak_bytes, plan.peak_bytes // 2)
+    work = mm.engine_work(plan.slots, 32, 256)
+    calibrate(mm, work, work // 2)
     assert mm.correction == 1.0
-    calibrate(mm, plan.peak_bytes, plan.peak_bytes + 2 * GiB)
+    calibrate(mm, work, work + 2 * GiB)
     assert mm.correction > 1.0
     assert plan_batches(mm, 16 * GiB, 32, 256).slots < plan.slots
+
+
+def test_calibration_compares_what_the_phase_added_to_its_resident_weights(golden_dir):
+    """Swap mode: the language phase starts with only the language weights resident; a phase that
+    used twice its predicted working memory doubles the estimates, whatever the weights."""
+    mm = _mm(golden_dir, "cogvlm2-llama3-chat-19B", 2.4, 7.6)
+    work = mm.engine_work(4, 32, 256)
+    calibrate(mm, work, 2 * work)
+    assert mm.correction == 2.0
+
+
+def test_every_weight_stays_resident_when_a_reasonable_batch_fits(golden_dir):
+    """Resident needs no transfers per chunk: it wins over a larger swapped batch once it fits 4."""
+    from cogbatch.planner import _plan_mode
+
+    mm = _mm(golden_dir, "cogvlm2-llama3-chat-19B", 2.4, 7.6)
+    cases = set()
+    for quarters in range(44, 100):  # ceilings 11 .. 24.75 GiB
+        ceiling = quarters * GiB // 4
+        resident, swap = (_plan_mode(mm, ceiling, 32, 256, 64, None, m) for m in ("resident", "swap"))
+        plan = plan_batches(mm, ceiling, 32, 256)
+        if resident and resident.slots >= REASONABLE_BATCH:
+            assert plan.mode == "resident" and plan.slots == resident.slots
+            cases.add("resident" if swap.slots > resident.slots else "resident, swap no better")
+        else:
+            assert plan.mode == "swap" and plan.slots == swap.slots > (resident.slots if resident else 0)
+            cases.add("swap")
+            if resident:
+                assert f"only a batch of {resident.slots} fits" in " ".join(plan.notes)
+    assert {"resident", "swap"} <= cases
+
+
+def test_longer_prompts_get_fewer_slots(golden_dir):
+    mm = _mm(golden_dir, "cogvlm2-llama3-chat-19B", 2.4, 7.6)
+    short, long = plan_batches(mm, 24 * GiB, 32, 256), plan_batches(mm, 24 * GiB, 2048, 256)
+    assert long.slots < short.slots and long.max_text == 2048
+
+
+def test_a_chunk_carries_at_least_two_requests_per_slot(golden_dir):
+    """With one task per image, a chunk of only `slots` images would leave freed slots nothing to take."""
+    mm = _mm(golden_dir, "cogvlm2-llama3-chat-19B", 2.4, 7.6)
+    for ceiling, cap in ((11, 64), (24, 64), (80, 64), (80, 3), (80, 1)):
+        plan = plan_batches(mm, ceiling * GiB, 32, 256, cap=cap)
+        assert plan.chunk_images >= 2 * plan.slots
+        assert plan.encode_batch <= min(plan.chunk_images, cap)
+
+
+def test_the_peak_counts_a_held_prefix_and_the_one_being_made(golden_dir):
+    """Prefixes are made one image at a time; one more may be held for an image whose requests wait."""
+    mm = _mm(golden_dir, "cogvlm2-llama3-chat-19B", 2.4, 7.6)
+    plan = plan_batches(mm, 16 * GiB, 32, 256)
+    assert plan.mode == "resident"
+    P = mm.prefix_tokens
+    floor = int(10.0 * GiB) + mm.kv(plan.slots * (P + 32 + 256)) + 2 * mm.kv(P) + mm.margin
+    assert floor <= plan.peak_bytes <= 16 * GiB
 
 
 def test_plan_command_on_the_real_configs(tmp_path):
