@@ -76,8 +76,9 @@ def test_latest_row_wins_after_an_edit_and_output_override(tmp_path, job_factory
     job = job_factory(tasks=[{"name": "caption", "prompt": "Describe this image.", "max_new_tokens": 4}])
     other = tmp_path / "elsewhere"
     assert cogbatch_cmd("run", str(job), "--output", str(other), "--quiet").returncode == 0
-    assert cogbatch_cmd("export", str(job), "--format", "txt").returncode == 0
-    assert "0 written" in cogbatch_cmd("export", str(job), "--format", "txt").stderr  # (the job's output: empty)
+    never = cogbatch_cmd("export", str(job), "--format", "txt")  # the job's own output: never run
+    assert never.returncode == 2 and "has the job run?" in never.stderr and "Traceback" not in never.stderr
+    assert not (tmp_path / "out").exists()  # nothing created for it
     res = cogbatch_cmd("export", str(job), "--format", "txt", "--output", str(other))
     assert res.returncode == 0 and "3 written" in res.stderr
 

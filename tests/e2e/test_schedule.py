@@ -87,6 +87,8 @@ def test_printed_command_run_by_hand_does_only_new_images(tmp_path, job_factory,
             busy = _run_cron_command(entry["command"], tmp_path, flock_path)
             assert busy.returncode == 75 and time.monotonic() - t0 < 5
         assert len((out / "runs.jsonl").read_text().splitlines()) == 2
+        note = json.loads(Path(entry["log"]).read_text().splitlines()[-1])  # the refused night is in the log
+        assert note["event"] == "skipped" and note["exit_code"] == 75
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import hashlib
 import io
@@ -13,7 +14,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
+from click.testing import CliRunner
 
+from cogbatch.cli import cli
 from cogbatch.config import load_job
 from cogbatch.export import ExportError, export_rows, export_txt, latest_by_path
 from cogbatch.store import PartWriter, make_row, read_results
@@ -270,6 +274,149 @@ def test_bytes_manifest_needs_dest_and_stays_inside(tmp_path, monkeypatch):
     assert report.written == 1 and len(report.skipped) == 2
 
 
+def _bytes_job(tmp_path, name: str, table: pa.Table, texts: list[str], **input_keys):
+    pq.write_table(table, tmp_path / name)
+    labels = [f"{name}#{i}" for i in range(table.num_rows)]
+    if "id_column" in input_keys:
+        labels = [
+            n if n is not None else f"{name}#{i}" for i, n in enumerate(table[input_keys["id_column"]].to_pylist())
+        ]
+    datas = table["image"].to_pylist()
+    write_rows(tmp_path / "out", [row(lab, d, "caption", t) for lab, d, t in zip(labels, datas, texts, strict=True)])
+    return load_job(
+        {
+            "model": "tiny-random:cogvlm2",
+            "input": {"manifest": name, "bytes_column": "image", **input_keys},
+            "output": str(tmp_path / "out"),
+            "tasks": [{"name": "caption", "prompt": "Describe."}],
+        }
+    )
+
+
+def test_bytes_manifest_without_id_column_names_each_row(tmp_path, monkeypatch):
+    """`m.v2.parquet#N` labels would all have the stem `m`: one file would hold every caption."""
+    monkeypatch.chdir(tmp_path)
+    cfg = _bytes_job(tmp_path, "m.v2.parquet", pa.table({"image": [b"one", b"two", b"three"]}), ["a", "b", "c"])
+    dest = tmp_path / "dest"
+    report = export_txt(cfg, None, dest)
+    assert report.written == 3 and report.conflicts == [] and report.skipped == []
+    assert {p.name: p.read_text() for p in dest.iterdir()} == {
+        "m.v2-000000.txt": "a",
+        "m.v2-000001.txt": "b",
+        "m.v2-000002.txt": "c",
+    }
+
+
+def test_bytes_manifest_row_without_a_label_gets_the_row_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    table = pa.table({"image": [b"one", b"two"], "name": ["x/one.png", None]})
+    cfg = _bytes_job(tmp_path, "m.parquet", table, ["a", "b"], id_column="name")
+    report = export_txt(cfg, None, tmp_path / "dest")
+    assert report.written == 2
+    assert (tmp_path / "dest" / "x" / "one.txt").read_text() == "a"
+    assert (tmp_path / "dest" / "m-000001.txt").read_text() == "b"
+
+
+def test_overwrite_never_replaces_an_input_image(tmp_path, monkeypatch):
+    """A manifest may name an image `photo.txt`, or `a.txt` beside `a.png`: their .txt is the image."""
+    monkeypatch.chdir(tmp_path)
+    photo = image(tmp_path / "photo.txt", b"\x89PNG image bytes")
+    a_txt = image(tmp_path / "a.txt", b"\xff\xd8 jpeg bytes")
+    image(tmp_path / "a.png", b"png bytes")
+    pq.write_table(pa.table({"path": ["photo.txt", "a.png", "a.txt"]}), tmp_path / "m.parquet")
+    write_rows(
+        tmp_path / "out",
+        [
+            row("photo.txt", b"\x89PNG image bytes", "caption", "a photo"),
+            row("a.png", b"png bytes", "caption", "a png"),
+            row("a.txt", b"\xff\xd8 jpeg bytes", "caption", "a jpeg"),
+        ],
+    )
+    cfg = load_job(
+        {
+            "model": "tiny-random:cogvlm2",
+            "input": {"manifest": "m.parquet"},
+            "output": str(tmp_path / "out"),
+            "tasks": [{"name": "caption", "prompt": "Describe."}],
+        }
+    )
+    for overwrite in (False, True):
+        report = export_txt(cfg, None, None, overwrite=overwrite)
+        assert photo.read_bytes() == b"\x89PNG image bytes" and a_txt.read_bytes() == b"\xff\xd8 jpeg bytes"
+        assert report.written == 0 and report.overwritten == 0
+        assert {s["path"] for s in report.skipped if "image of the input" in s["reason"]} == {"photo.txt", "a.png"}
+
+
+def test_the_same_image_listed_twice_or_spelled_two_ways_is_no_conflict(manifest_job, tmp_path):
+    cfg, files = manifest_job
+    paths = ["pics/in.png", "./pics//in.png", "pics/in.png", "pics/../pics/in.png"]
+    pq.write_table(pa.table({"path": paths}), cfg.input.manifest)
+    report = export_txt(cfg, None, None)
+    assert (report.written, report.unchanged, report.conflicts) == (1, 3, [])
+    assert files["in"].with_suffix(".txt").read_text() == "inside"
+    dest = export_txt(cfg, None, tmp_path / "dest")
+    assert (dest.written, dest.unchanged, dest.conflicts) == (1, 3, [])
+
+
+def test_export_of_an_output_without_results_is_an_error_and_creates_nothing(folder_job, tmp_path):
+    cfg, _ = folder_job
+    never = tmp_path / "never"
+    cfg = dataclasses.replace(cfg, output=never)
+    for export in (
+        lambda: export_txt(cfg, "caption", None),
+        lambda: export_txt(cfg, "caption", tmp_path / "dest"),
+        lambda: export_rows(cfg, "jsonl", stdout=io.StringIO()),
+        lambda: export_rows(cfg, "csv", dest=tmp_path / "dest"),
+    ):
+        with pytest.raises(ExportError, match=r"no results in .*never; has the job run\?"):
+            export()
+    assert not never.exists() and not (tmp_path / "dest").exists()
+
+
+def test_cli_export_of_a_missing_output_exits_2(folder_job, tmp_path):
+    cfg, _ = folder_job
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "model": "tiny-random:cogvlm2",
+                "input": {"folder": str(cfg.input.folder)},
+                "output": str(cfg.output),
+                "tasks": [{"name": "caption", "prompt": "Describe."}],
+            }
+        )
+    )
+    for fmt in ("txt", "jsonl"):
+        res = CliRunner().invoke(cli, ["export", str(job), "--format", fmt, "--output", "never"])
+        assert res.exit_code == 2 and f"no results in {tmp_path / 'never'}; has the job run?" in res.output
+        assert res.exception is None or isinstance(res.exception, SystemExit)
+    assert not (tmp_path / "never").exists()
+
+
+def test_txt_and_jsonl_choose_the_same_row_after_an_image_is_reverted(folder_job):
+    """Edited, captioned, then put back: the image holds its first bytes again, so their row is the one."""
+    cfg, files = folder_job
+    files["a"].write_bytes(b"aaa, edited")
+    write_rows(cfg.output, [row(files["a"], b"aaa, edited", "caption", "An edited square.", minutes=5)], "r2")
+    files["a"].write_bytes(b"aaa")  # reverted: a new mtime, the old bytes
+    export_txt(cfg, "caption", None)
+    assert files["a"].with_suffix(".txt").read_text().startswith("A red square.")
+    for fmt in ("jsonl", "csv"):
+        out = io.StringIO()
+        export_rows(cfg, fmt, "caption", stdout=out)
+        lines = out.getvalue().splitlines(keepends=True)
+        parsed = map(json.loads, lines) if fmt == "jsonl" else csv.DictReader(io.StringIO("".join(lines)))
+        a_row = {Path(r["path"]).name: r for r in parsed}["a.png"]
+        assert a_row["image_id"] == sha(b"aaa") and a_row["text"].startswith("A red square.")
+
+    files["a"].write_bytes(b"aaa, edited again")  # not run yet: txt leaves it out, jsonl keeps the newest row
+    out = io.StringIO()
+    export_rows(cfg, "jsonl", "caption", stdout=out)
+    assert {Path(r["path"]).name: r["text"] for r in map(json.loads, out.getvalue().splitlines())}["a.png"] == (
+        "An edited square."
+    )
+
+
 # -- jsonl / csv ---------------------------------------------------------------------------------
 
 
@@ -315,6 +462,13 @@ def test_latest_by_path_keeps_the_newest_row_per_path_and_task():
     kept = latest_by_path(table).to_pylist()
     assert sorted((r["path"], r["task"], r["text"]) for r in kept) == [
         ("a.png", "caption", "new"),
+        ("a.png", "tags", "t"),
+        ("b.png", "caption", "b"),
+    ]
+    # a.png holds the old bytes again: their row wins over the newer one; b.png's bytes have no row
+    reverted = latest_by_path(table, {"a.png": sha(b"old"), "b.png": sha(b"other")}).to_pylist()
+    assert sorted((r["path"], r["task"], r["text"]) for r in reverted) == [
+        ("a.png", "caption", "old"),
         ("a.png", "tags", "t"),
         ("b.png", "caption", "b"),
     ]

@@ -6,10 +6,14 @@ test can touch the real one; HOME is a temp dir too.
 
 from __future__ import annotations
 
+import datetime as dt
+import fcntl
+import json
 import os
 import shlex
 import shutil
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -119,6 +123,10 @@ def test_valid_cron_expressions(expr, normal):
         ("0 1,,2 * * *", ["hour", "empty"]),
         ("-1 2 * * *", ["minute"]),
         ("@dayly", ["@dayly", "@daily"]),
+        ("0 ² * * *", ["hour", "'²'"]),  # str.isdigit() says yes, int() then raises
+        ("７ 2 * * *", ["minute", "'７'"]),  # a full-width digit: int() takes it, cron does not
+        ("*/５ * * * *", ["minute", "step"]),
+        ("0 2 * * 1-５", ["day-of-week", "'５'"]),
     ],
 )
 def test_invalid_cron_expressions_name_the_field(expr, words):
@@ -133,6 +141,14 @@ def test_cli_rejects_a_bad_cron_with_exit_2_and_no_traceback(job, crontab):
     assert res.exit_code == 2
     assert "hour" in res.output and "25" in res.output
     assert "Traceback" not in res.output
+    assert not crontab.exists()
+
+
+@pytest.mark.parametrize("expr", ["0 ² * * *", "７ 2 * * *"])
+def test_cli_rejects_non_ascii_digits(job, crontab, expr):
+    res = CliRunner().invoke(cli, ["schedule", str(job), "--cron", expr, "--install"])
+    assert res.exit_code == 2 and "--cron" in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)  # no traceback
     assert not crontab.exists()
 
 
@@ -162,6 +178,151 @@ def test_percent_signs_are_escaped_for_cron(crontab, tmp_path):
     assert "%" not in entry.line.replace(r"\%", "")
     assert "o%ut" in entry.command
     assert sched.marker_of(entry.line)[1].endswith("100%.yaml")
+
+
+EVIL = "nl\n* * * * * touch PWNED"
+
+
+@pytest.mark.parametrize("where", ["cwd", "job", "output", "pipeline", "executable"])
+def test_a_path_with_a_line_break_is_refused(crontab, tmp_path, monkeypatch, where):
+    """A newline in any path of the line would make cron read a second, unquoted entry."""
+    evil = tmp_path / EVIL
+    evil.mkdir()
+    kw = {"cwd": evil if where == "cwd" else tmp_path}
+    if where == "pipeline":
+        kw["pipeline"] = evil / "pipeline.yaml"
+    if where == "executable":
+        monkeypatch.setattr(sched, "cogbatch_executable", lambda: [str(evil / "bin" / "cogbatch")])
+    job = evil / "job.yaml" if where == "job" else tmp_path / "job.yaml"
+    output = evil / "out" if where == "output" else tmp_path / "out"
+    with pytest.raises(sched.UnsafePathError) as err:
+        sched.build_entry(job, "@daily", output, **kw)
+    assert isinstance(err.value, sched.ScheduleError) and err.value.exit_code == 2
+    assert "newline" in str(err.value) and "touch PWNED" in str(err.value)
+    for other in ["\r", "\0"]:
+        with pytest.raises(sched.UnsafePathError):
+            sched.build_entry(tmp_path / f"a{other}b.yaml", "@daily", tmp_path / "out", cwd=tmp_path)
+    assert not crontab.exists()
+
+
+def test_cli_refuses_to_install_from_a_directory_with_a_newline(crontab, tmp_path, monkeypatch):
+    evil = tmp_path / EVIL
+    (evil / "images").mkdir(parents=True)
+    (evil / "job.yaml").write_text(
+        "model: tiny-random:cogvlm2\ninput: {folder: images}\noutput: out\ntasks: [{name: c, prompt: p}]\n"
+    )
+    monkeypatch.chdir(evil)
+    res = CliRunner().invoke(cli, ["schedule", "job.yaml", "--cron", "@daily", "--install"])
+    assert res.exit_code == 2 and "newline" in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)  # no traceback
+    assert not crontab.exists()
+    assert not list(tmp_path.rglob("PWNED"))
+
+
+def _old_style_line(cwd: str, job: Path, out: Path) -> str:
+    """The line an older cogbatch wrote from a directory named `cwd` (newlines not refused then)."""
+    q = shlex.quote
+    command = (
+        f"cd {q(cwd)} && mkdir -p {q(str(out / '.cogbatch'))} && /usr/bin/flock -n -E 75 "
+        f"{q(str(out / '.cogbatch' / 'cron.lock'))} /venv/bin/cogbatch run {q(str(job))} --quiet --json "
+        f">> {q(str(out / 'cogbatch.log'))} 2>&1"
+    )
+    return f"0 2 * * * {command} # cogbatch:{sched.entry_id(job)} job={str(job).replace(chr(10), ' ')}"
+
+
+@pytest.mark.parametrize("cwd", ["/tmp/" + EVIL, "/tmp/a\nb\nc d's\n0 1 * * * x"])
+def test_remove_and_install_take_out_every_line_of_a_broken_entry(job, crontab, tmp_path, cwd):
+    user_before = ["MAILTO=me@example.org", "0 3 * * * cd /srv && ./backup.sh"]
+    user_after = ["*/5 * * * * /usr/bin/true"]
+    broken = _old_style_line(cwd, job.resolve(), tmp_path / "out").split("\n")
+    assert len(broken) > 1  # what cron saw: several entries, one of them `* * * * * touch PWNED...`
+    crontab.write_text("\n".join([*user_before, *broken, *user_after]) + "\n")
+
+    listed = sched.list_entries()
+    assert [(e["id"], e["cron"]) for e in listed] == [(sched.entry_id(job), "0 2 * * *")]
+    assert listed[0]["line"].split("\n") == broken
+    assert sched.remove(job) == 1
+    assert crontab.read_text() == "\n".join([*user_before, *user_after]) + "\n"
+
+    crontab.write_text("\n".join([*user_before, *broken, *user_after]) + "\n")
+    entry = sched.build_entry(job, "0 2 * * *", tmp_path / "out")
+    assert sched.install(entry) == "replaced"
+    assert crontab.read_text() == "\n".join([*user_before, entry.line, *user_after]) + "\n"
+
+
+def test_an_entry_with_quotes_and_percent_is_one_whole_line(crontab, tmp_path):
+    """The broken-entry search never reaches up into the user's lines for an entry written now."""
+    odd = tmp_path / 'it\'s 100% "odd" $HOME'
+    odd.mkdir()
+    user = ["0 1 * * * cd '/srv", "0 1 * * * echo $(date +\\%F)' # an unclosed quote of the user's own"]
+    crontab.write_text("\n".join(user) + "\n")
+    entry = sched.build_entry(odd / "job.yaml", "0 2 * * *", odd / "out", cwd=odd)
+    assert sched.install(entry) == "added"
+    assert sched.install(entry) == "unchanged"
+    assert [e["line"] for e in sched.list_entries()] == [entry.line]
+    assert sched.remove(odd / "job.yaml") == 1
+    assert crontab.read_text() == "\n".join(user) + "\n"
+
+
+def test_other_lines_are_kept_byte_for_byte(job, crontab, tmp_path):
+    """Only "\n" ends a crontab line: a user's \r, form feed or U+2028, or a Latin-1 byte, survive."""
+    user = "# caf\xe9 \r\n0 1 * * * echo 'a\x0cb\u2028c'\n".encode("utf-8").replace(b"\xc3\xa9", b"\xe9")
+    crontab.write_bytes(user)
+    entry = sched.build_entry(job, "@daily", tmp_path / "out")
+    assert sched.install(entry) == "added"
+    assert crontab.read_bytes() == user + entry.line.encode() + b"\n"
+    assert sched.remove(job) == 1
+    assert crontab.read_bytes() == user
+
+
+def test_install_reports_re_enabling_a_commented_out_entry(job, crontab, tmp_path):
+    entry = sched.build_entry(job, "0 2 * * *", tmp_path / "out")
+    crontab.write_text(f"# {entry.line}\n0 1 * * * /bin/true\n")  # the user paused the job
+    assert sched.list_entries()[0]["enabled"] is False
+    assert sched.install(entry) == "re-enabled"
+    assert crontab.read_text() == f"{entry.line}\n0 1 * * * /bin/true\n"
+    assert sched.install(entry) == "unchanged"
+
+    crontab.write_text(f"#{entry.line}\n")
+    res = CliRunner().invoke(cli, ["schedule", str(job), "--cron", "0 2 * * *", "--install"])
+    assert res.exit_code == 0 and "re-enabled" in res.output
+    assert crontab.read_text().count("# cogbatch:") == 1 and not crontab.read_text().startswith("#")
+
+
+# -- a night refused with 75 --------------------------------------------------------------------
+
+
+def _log_lines(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.mark.parametrize("code", [75, 3, 0])
+def test_refused_night_appends_a_json_note_and_keeps_exit_75(crontab, tmp_path, monkeypatch, code):
+    fake = crontab.parent / "fakebin"
+    _executable(fake / "flock", f"#!/bin/sh\nexit {code}\n")  # `flock -n -E 75 LOCK CMD`, CMD never run
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    entry = sched.build_entry(tmp_path / "job.yaml", "@daily", tmp_path / "out", cwd=tmp_path)
+    res = subprocess.run(["sh", "-c", entry.command], cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == code, res.stderr
+    lines = _log_lines(entry.log)
+    if code != 75:
+        assert lines == []
+        return
+    assert len(lines) == 1
+    note = json.loads(lines[0])
+    assert note["event"] == "skipped" and note["exit_code"] == 75 and "lock" in note["reason"]
+    assert dt.datetime.strptime(note["time"], "%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.mark.skipif(shutil.which("flock") is None, reason="needs util-linux flock")
+def test_real_flock_refusal_is_logged(crontab, tmp_path):
+    entry = sched.build_entry(tmp_path / "job.yaml", "@daily", tmp_path / "out", cwd=tmp_path)
+    entry.lock.parent.mkdir(parents=True)
+    with open(entry.lock, "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # last night's run still going
+        res = subprocess.run(["sh", "-c", entry.command], cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 75, res.stderr
+    assert [json.loads(line)["event"] for line in _log_lines(entry.log)] == ["skipped"]
 
 
 def test_cogbatch_executable_is_this_environment():
