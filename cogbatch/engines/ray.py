@@ -7,17 +7,21 @@ What differs from `cogbatch.runner.run` is only scheduling. Pending work comes f
 row per image (its requests grouped, so an image is decoded once); `map_batches` sends batches of
 images to a fixed pool of `CaptionActor`s, each of which loads the model once, decodes with
 `load_entry`, calls `Worker.process` and writes the rows itself as one complete part file per batch
-(`part-<run_id>-a<actor>-NNNNN.parquet`, atomic like every part). The driver only counts the small
-status tables the actors return, for progress and the summary.
+(`part-<run_id>-a<actor>-NNNNN.parquet`, atomic like every part). The driver only reads the small
+status tables the actors return: progress, counts, and each batch's `Worker.stats`, merged into the
+local engine's summary keys.
 
 Exactly once on Ray: a batch's rows reach the output only by the atomic rename of its part, so a
 killed driver or actor loses at most the batches in flight. Ray restarts a dead actor and retries
 its batch; a batch that had written its part before its actor died would then be generated twice, so
-before generating, each actor skips requests that a part of this run already holds.
+before generating, each actor skips requests that a part of this run already holds. Retries are
+bounded: a batch whose actor died `MAX_BATCH_CRASHES` times becomes error rows (Ray Data's default
+is to retry forever), and an actor is restarted at most `MAX_ACTOR_RESTARTS` times.
 
 Sharp edges of Ray Data 2.60 handled here (see shared/RAY_NOTES.md): actors reserving every CPU
-deadlock Ray's own tasks (one CPU stays free); a small manifest in one block would feed one actor
-(blocks of one batch each); `max_errored_blocks` drops whole blocks (errors are rows, never
+deadlock Ray's own tasks (one CPU stays free), and an actor larger than every node waits forever (an
+actor never asks for more CPUs than the largest node has); a small manifest in one block would feed
+one actor (blocks of one batch each); `max_errored_blocks` drops whole blocks (errors are rows, never
 exceptions); all-null columns get type null (the status table has an explicit schema).
 
 No traffic off the machine for a local cluster (the default when RAY_ADDRESS is unset): usage stats
@@ -31,14 +35,17 @@ Ray is imported inside `run_ray` only; the base install stays free of it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -50,8 +57,18 @@ import pyarrow.parquet as pq
 
 from cogbatch.config import JobConfig
 from cogbatch.engines import EngineError
+from cogbatch.exits import Interrupted
 from cogbatch.manifest import ImageEntry, ManifestBytes, Request
-from cogbatch.runner import Plan, RunOptions, _Progress, _StopFlag, finish_summary, plan_run
+from cogbatch.runner import (
+    RunOptions,
+    _Progress,
+    _StopFlag,
+    _stopped_before_work,
+    check_output,
+    finish_summary,
+    new_run_id,
+    plan_run,
+)
 from cogbatch.store import PartWriter
 from cogbatch.worker import Worker, error_row, load_entry
 
@@ -72,9 +89,17 @@ _LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
 _MAX_BLOCKS = 2048
 # How long every actor may take to start and load its model (a first run may download and quantize it).
 _ACTOR_START_TIMEOUT_S = 3600
-# Test-only fault injection, like store.CRASH_ENV: the first actor that finishes writing a part while
-# this names a file it can create SIGKILLs itself, as an out-of-memory kill would. Never set it in use.
+# A batch whose actor died this many times (a segfault on one image, the OOM killer) is not tried again:
+# its requests become error rows. Also Ray's `max_task_retries`, so Ray gives up no sooner than we do.
+MAX_BATCH_CRASHES = 3
+# Deaths over an actor's whole life before Ray stops restarting it (the run then fails, resumable).
+MAX_ACTOR_RESTARTS = 10
+# Test-only fault injection, like store.CRASH_ENV; never set them in use. CRASH_ONCE: the first actor
+# that finishes writing a part while this names a file it can create SIGKILLs itself, as an
+# out-of-memory kill would. CRASH_ON: an actor SIGKILLs itself, every time, before generating a batch
+# that holds an image of this file name (a decoder that segfaults on one image).
 CRASH_ONCE_ENV = "COGBATCH_RAY_CRASH_ONCE"
+CRASH_ON_ENV = "COGBATCH_RAY_CRASH_ON"
 
 # One row per image: its requests grouped, so that an actor decodes the image once for all its tasks.
 INPUT_SCHEMA = pa.schema(
@@ -96,9 +121,20 @@ STATUS_SCHEMA = pa.schema(
         ("status", pa.string()),  # "ok" | "error"
         ("tokens_out", pa.int64()),
         ("part", pa.string()),  # the part file that holds the row
+        ("again", pa.bool_()),  # the row was already in a part of this run (written by an actor that died)
         ("model_load", pa.string()),  # JSON load report, on the first row an actor returns; else null
+        ("stats", pa.string()),  # JSON, on a batch's first row: what it added to Worker.stats (_stats_report)
     ]
 )
+# Summary ratios of `Worker.summary_stats` and the counters they divide; merged, they are recomputed.
+_RATIOS = {
+    "mean_batch_size": ("decode_rows", "decode_steps", 2),
+    "padding_fraction": ("prefill_padding", "prefill_tokens", 4),
+}
+
+
+class RayRunFailed(RuntimeError):
+    """The Ray job itself failed (an actor out of restarts, a lost node): the run aborts, resumable."""
 
 
 # -- the actor -----------------------------------------------------------------------------------
@@ -118,10 +154,13 @@ class CaptionActor:
         self.inline = ManifestBytes(cfg.input.manifest, cfg.input.bytes_column) if cfg.input.bytes_column else None
         self.tasks = {t.name: t for t in cfg.tasks}
         self.pool = ThreadPoolExecutor(cfg.loader_threads, thread_name_prefix="cogbatch-load")
+        self.attempts = BatchAttempts(attempts_dir(cfg.output, run_id))
         self.run_prefix = f"part-{run_id}-a"
         self.seen_parts: set[str] = set()
         self.in_output: dict[tuple[str, str], tuple[str, int, str]] = {}  # key -> (status, tokens_out, part)
         self.load_reported = False
+        self.reported_stats: dict[str, float] = dict(self.worker.stats)
+        self.batches_done = 0
 
     def _scan_run_parts(self) -> None:
         """Learn the rows of parts that this run's actors wrote since the last look (each part read once)."""
@@ -137,9 +176,8 @@ class CaptionActor:
             for i, (image_id, task) in enumerate(zip(cols["image_id"], cols["task"], strict=True)):
                 self.in_output[(image_id, task)] = (cols["status"][i], cols["tokens_out"][i] or 0, name)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        # A retried batch whose part was written before its actor died: never generate those rows twice.
-        self._scan_run_parts()
+    def _split(self, batch: pa.Table) -> tuple[list[tuple[ImageEntry, list[Request]]], list[tuple[str, str]]]:
+        """(images with the requests still to generate, keys that a part of this run already holds)."""
         todo: list[tuple[ImageEntry, list[Request]]] = []
         again: list[tuple[str, str]] = []
         for rec in batch.to_pylist():
@@ -153,7 +191,20 @@ class CaptionActor:
                     requests.append(Request(entry, self.tasks[task], prompt, fingerprint))
             if requests:
                 todo.append((entry, requests))
+        return todo, again
 
+    def _rows(self, todo: list[tuple[ImageEntry, list[Request]]], key: str) -> list[dict]:
+        """Result rows of the batch; error rows when it already killed its actor MAX_BATCH_CRASHES times."""
+        crashes = self.attempts.crashes(key)
+        if crashes >= MAX_BATCH_CRASHES:
+            reason = (
+                f"the Ray actor died {crashes} times while this batch of {len(todo)} image(s) was processed "
+                "(a crash in decoding or generation, or the out-of-memory killer): not generated"
+            )
+            log.error("ray: %s", reason)
+            return [error_row(r, reason, self.cfg, self.worker.run_id) for _, reqs in todo for r in reqs]
+        self.attempts.start(key)
+        _crash_on_if_armed(todo)
         rows: list[dict] = []
         step = self.worker.chunk_images  # what the memory plan allows per call, as in the local engine
         size = self.worker.image_size
@@ -161,29 +212,63 @@ class CaptionActor:
             part_of = todo[i : i + step]
             images = self.pool.map(lambda e: load_entry(e, self.cfg, size, self.inline), [e for e, _ in part_of])
             rows += self.worker.process([(img, reqs) for img, (_, reqs) in zip(images, part_of, strict=True)])
-        if rows and not _lock_held_by(self.cfg.output, self.holder):
-            # The driver died (kill -9) and this actor outlived it for a moment (Ray ends orphaned workers
-            # within seconds): a re-run may already have planned from the parts on disk, and a late part
-            # would duplicate its rows.
-            raise RuntimeError(f"the driver of run {self.worker.run_id} is gone: batch not written")
-        for row in rows:
-            self.writer.add(row)
-        part = self.writer.flush()  # one complete part per batch: the unit that a crash can lose
+        return rows
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        # A retried batch whose part was written before its actor died: never generate those rows twice.
+        self._scan_run_parts()
+        todo, again = self._split(batch)
+        key = batch_key(todo)
+        rows = self._rows(todo, key) if todo else []
+        part = None
+        if rows:
+            for row in rows:
+                self.writer.add(row)
+            # One complete part per batch: the unit that a crash can lose. The lock is checked after the
+            # part is fsynced, right before it is renamed into the output.
+            part = self.writer.flush(before_rename=self._check_driver)
         if part is not None:
             self.seen_parts.add(part.name)
             for row in rows:
                 self.in_output[(row["image_id"], row["task"])] = (row["status"], row["tokens_out"] or 0, part.name)
+        if todo:
+            self.attempts.finished(key)
+        if part is not None:
             _crash_once_if_armed()
+        return self._status(rows, part, again)
 
-        status = {name: [] for name in STATUS_SCHEMA.names}
+    def _check_driver(self) -> None:
+        if not _lock_held_by(self.cfg.output, self.holder):
+            # The driver died (kill -9) and this actor outlived it for a moment (Ray ends orphaned workers
+            # within seconds): a re-run may already have planned from the parts on disk, and a late part
+            # would duplicate its rows.
+            raise RuntimeError(f"the driver of run {self.worker.run_id} is gone: batch not written")
+
+    def _status(self, rows: list[dict], part: Path | None, again: list[tuple[str, str]]) -> pa.Table:
+        status: dict[str, list] = {name: [] for name in STATUS_SCHEMA.names}
         for row in rows:
-            _status_row(status, row["image_id"], row["task"], row["status"], row["tokens_out"] or 0, part.name)
+            _status_row(status, row["image_id"], row["task"], row["status"], row["tokens_out"] or 0, part.name, False)
         for key in again:
-            _status_row(status, *key, *self.in_output[key])
-        if not self.load_reported and status["image_id"]:
-            status["model_load"][0] = json.dumps(self.worker.load_report(), default=str)
-            self.load_reported = True
+            _status_row(status, *key, *self.in_output[key], True)
+        if status["image_id"]:
+            if not self.load_reported:
+                status["model_load"][0] = json.dumps(self.worker.load_report(), default=str)
+                self.load_reported = True
+            status["stats"][0] = json.dumps(self._stats_report(), default=str)
         return pa.table(status, schema=STATUS_SCHEMA)
+
+    def _stats_report(self) -> dict[str, Any]:
+        """What this batch added to the worker's counters, and the actor's summary so far (for its settings)."""
+        now = dict(self.worker.stats)
+        added = {k: v - self.reported_stats.get(k, 0) for k, v in now.items() if isinstance(v, int | float)}
+        self.reported_stats = now
+        self.batches_done += 1
+        return {
+            "actor": self.writer_id,
+            "seq": self.batches_done,
+            "added": added,
+            "summary": self.worker.summary_stats(),
+        }
 
 
 def _lock_held_by(output: Path, holder: dict[str, Any]) -> bool:
@@ -193,9 +278,48 @@ def _lock_held_by(output: Path, holder: dict[str, Any]) -> bool:
     return all(now.get(k) == holder.get(k) for k in ("pid", "host", "started"))
 
 
-def _status_row(status: dict[str, list], image_id: str, task: str, state: str, tokens: int, part: str) -> None:
-    for name, value in zip(STATUS_SCHEMA.names, (image_id, task, state, tokens, part, None), strict=True):
+def _status_row(
+    status: dict[str, list], image_id: str, task: str, state: str, tokens: int, part: str, again: bool
+) -> None:
+    for name, value in zip(STATUS_SCHEMA.names, (image_id, task, state, tokens, part, again, None, None), strict=True):
         status[name].append(value)
+
+
+def batch_key(todo: list[tuple[ImageEntry, list[Request]]]) -> str:
+    """The same for every retry of a batch (same requests), whichever actor runs it."""
+    keys = sorted(f"{entry.image_id}\t{r.task.name}" for entry, reqs in todo for r in reqs)
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:24]
+
+
+def attempts_dir(output: Path, run_id: str) -> Path:
+    return Path(output) / ".cogbatch" / "ray" / run_id / "attempts"
+
+
+class BatchAttempts:
+    """Which batches of this run an actor started and did not finish, counted across actor restarts.
+
+    An actor notes a batch before generating it and clears the note once its part is written, so
+    the notes left on a batch are the deaths of the actors that ran it. They live in the output
+    directory (every node sees it) and belong to one run: the driver removes them when it ends.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    def crashes(self, key: str) -> int:
+        try:
+            return (self.dir / key).read_text().count("\n")
+        except FileNotFoundError:
+            return 0
+
+    def start(self, key: str) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / key, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    def finished(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.dir / key).unlink()
 
 
 def _crash_once_if_armed() -> None:
@@ -209,6 +333,12 @@ def _crash_once_if_armed() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _crash_on_if_armed(todo: list[tuple[ImageEntry, list[Request]]]) -> None:
+    name = os.environ.get(CRASH_ON_ENV)
+    if name and any(Path(entry.path).name == name for entry, _ in todo):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 # -- the driver ----------------------------------------------------------------------------------
 
 
@@ -217,14 +347,18 @@ def run_ray(cfg: JobConfig, opts: RunOptions | None = None, workers: int | None 
 
     Connects to the cluster at RAY_ADDRESS when it is set, else starts a local one for this run. One
     actor per GPU by default (`num_gpus=1` each); on a cluster without GPUs (or with `device: cpu`)
-    1-2 CPU actors. `workers` sets the number of actors. Like the local engine, it holds the output's
-    run lock (a second run raises `cogbatch.lock.JobLocked`) and appends the run to its history.
+    1-2 CPU actors. `workers` (else the job's `workers:`) sets the number of actors. Like the local
+    engine, it holds the output's run lock (a second run raises `cogbatch.lock.JobLocked`) and
+    appends the run to its history.
     """
     from cogbatch.lock import run_exclusive
 
+    if workers is None:
+        workers = getattr(cfg, "workers", None)  # the job's `workers:` key; --workers wins
     if workers is not None and workers < 1:
         raise EngineError(f"--workers must be at least 1, got {workers}")
     _check_ray_installed()  # before the lock and the plan: a missing extra is a usage error, nothing is done
+    check_output(cfg)
     return run_exclusive(cfg, lambda holder: _run_ray_locked(cfg, opts or RunOptions(), workers, holder))
 
 
@@ -238,30 +372,57 @@ class _Run:
     summary: dict[str, Any]
     progress: _Progress
     stop: _StopFlag
-    actor_parts: set[str] = field(default_factory=set)
-    known_errors: int = 0  # error rows the driver wrote itself (unreadable before decoding)
+    actor_parts: set[str] = field(default_factory=set)  # parts whose rows an actor reported
+    counters: dict[str, float] = field(default_factory=dict)  # the actors' Worker.stats, summed
+    actor_summaries: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)  # actor -> (seq, stats)
+    again_tokens: int = 0  # tokens of rows generated by actors that died before reporting them
 
 
 def _run_ray_locked(cfg: JobConfig, opts: RunOptions, workers: int | None, holder: dict) -> dict:
+    """The run under the output's lock; signals are caught from the start, as in the local engine."""
     started = time.time()
-    plan = plan_run(cfg, opts)
-    plan.summary["engine"] = "ray"
-    state = _Run(cfg, plan.run_id, holder, plan.summary, _Progress(len(plan.todo), opts.quiet), _StopFlag())
-    writer = PartWriter(cfg.output, plan.run_id, flush_rows=cfg.flush_rows, flush_seconds=cfg.flush_seconds)
+    run_id = new_run_id()
     try:
-        with state.stop, writer:
-            runnable = _write_known_errors(cfg, plan, writer, state)
+        with _StopFlag() as stop:
+            try:
+                plan = plan_run(cfg, opts, stop.check, run_id)
+            except Interrupted as e:  # a signal while the input was scanned: nothing done
+                return _stopped_before_work(cfg, run_id, started, e.signum, opts)
+            plan.summary["engine"] = "ray"
+            images = len({r.image.image_id for r in plan.todo})
+            state = _Run(cfg, run_id, holder, plan.summary, _Progress(len(plan.todo), opts.quiet, images), stop)
+            _execute(plan.todo, workers, state)
+    except BaseException as e:
+        with contextlib.suppress(AttributeError, TypeError):
+            e.cogbatch_run_id = run_id  # type: ignore[attr-defined]  # the history line names the run that raised
+        raise
+    return finish_summary(plan.summary, plan, started, stop.signum, opts)
+
+
+def _execute(todo: list[Request], workers: int | None, state: _Run) -> None:
+    """The pending requests through the actors; then the error rows known before decoding."""
+    cfg, run_id = state.cfg, state.run_id
+    writer = PartWriter(cfg.output, run_id, flush_rows=cfg.flush_rows, flush_seconds=cfg.flush_seconds)
+    shutil.rmtree(attempts_dir(cfg.output, run_id).parent.parent, ignore_errors=True)  # killed runs' notes
+    try:
+        with writer:
+            known = [r for r in todo if r.image.error or r.error]
+            runnable = [r for r in todo if not (r.image.error or r.error)]
             if runnable and state.stop.signum is None:  # nothing runnable: no cluster, no model load
                 # Ray prints its workers' and raylet's stdout on the driver's stdout, which is for data
                 # (`--json`): while Ray runs, everything it prints goes to stderr with the other logs.
                 with contextlib.redirect_stdout(sys.stderr):
                     _run_on_cluster(runnable, workers, state)
+                _finish_stats(state)
                 if state.stop.signum is not None:
                     _recount(state)
+            # After the cluster, as the local engine loads its model first: a model that cannot load raises
+            # before any row is written.
+            _write_known_errors(cfg, known, writer, state)
     finally:
         state.progress.close()
-    plan.summary["parts_written"] = len(writer.parts_written) + len(state.actor_parts)
-    return finish_summary(plan.summary, plan, started, state.stop.signum, opts)
+        shutil.rmtree(attempts_dir(cfg.output, run_id).parent, ignore_errors=True)
+    state.summary["parts_written"] = len(writer.parts_written) + len(state.actor_parts)
 
 
 def _check_ray_installed() -> None:
@@ -289,19 +450,13 @@ def _import_ray(local: bool):
     return ray
 
 
-def _write_known_errors(cfg: JobConfig, plan: Plan, writer: PartWriter, state: _Run) -> list[Request]:
+def _write_known_errors(cfg: JobConfig, known: list[Request], writer: PartWriter, state: _Run) -> None:
     """Error rows for requests known to fail before decoding (missing file, no question), as locally."""
-    runnable = []
-    for r in plan.todo:
-        reason = r.image.error or r.error
-        if reason:
-            writer.add(error_row(r, reason, cfg, plan.run_id))
-            state.summary["failed"] += 1
-            state.known_errors += 1
-            state.progress.update(1, 1)
-        else:
-            runnable.append(r)
-    return runnable
+    for r in known:
+        writer.add(error_row(r, r.image.error or r.error, cfg, state.run_id))
+    if known:
+        state.summary["failed"] += len(known)
+        state.progress.update(len(known), len(known), len({r.image.image_id for r in known}))
 
 
 def input_blocks(requests: list[Request], batch: int) -> list[pa.Table]:
@@ -340,15 +495,18 @@ def images_per_batch(cfg: JobConfig, n_images: int, n_actors: int) -> int:
     return max(1, min(by_flush, math.ceil(n_images / (2 * n_actors))))
 
 
-def plan_actors(cfg: JobConfig, resources: dict[str, float], workers: int | None) -> tuple[int, dict[str, Any]]:
-    """(number of actors, Ray resources of each): one GPU per actor, or CPU actors that leave a CPU free.
+def plan_actors(cfg: JobConfig, nodes: list[dict[str, float]], workers: int | None) -> tuple[int, dict[str, Any]]:
+    """(number of actors, Ray resources of each) for a cluster whose nodes have these resources.
 
-    Ray Data's own tasks need a CPU: actors that reserve every CPU wait for each other forever
-    (ray-project/ray#44687), and asking for more GPUs than exist silently shrinks the pool, so both
-    are refused here with the numbers.
+    One GPU per actor; or CPU actors that share the cluster's CPUs but one. Ray Data's own tasks
+    need a CPU: actors that reserve every CPU wait for each other forever (ray-project/ray#44687).
+    An actor asks for no more CPUs than one node has (else it waits for a node that does not
+    exist), and the actors must fit on the nodes as they are. Asking for more GPUs than exist
+    silently shrinks the pool. What cannot work is refused here, with the numbers.
     """
-    cpus = int(resources.get("CPU", 0))
-    gpus = int(resources.get("GPU", 0))
+    node_cpus = [int(n.get("CPU", 0)) for n in nodes]
+    cpus = sum(node_cpus)
+    gpus = sum(int(n.get("GPU", 0)) for n in nodes)
     if cfg.device.startswith("cuda") and gpus == 0:
         raise EngineError(f"the job asks for device {cfg.device!r} but the Ray cluster has no GPUs")
     if cfg.device != "cpu" and gpus > 0:
@@ -364,7 +522,10 @@ def plan_actors(cfg: JobConfig, resources: dict[str, float], workers: int | None
             f"--workers {n} CPU actors need {n + 1} CPUs (one stays free for Ray's own tasks) "
             f"but the Ray cluster has {cpus}"
         )
-    return n, {"num_cpus": max(1, (cpus - 1) // n)}
+    per = min((cpus - 1) // n, max(node_cpus))
+    while per > 1 and sum(c // per for c in node_cpus) < n:  # n actors of `per` CPUs must fit on the nodes
+        per -= 1
+    return n, {"num_cpus": per}
 
 
 def _run_on_cluster(runnable: list[Request], workers: int | None, state: _Run) -> None:
@@ -379,7 +540,8 @@ def _run_on_cluster(runnable: list[Request], workers: int | None, state: _Run) -
         summary["ray_startup_s"] = round(time.monotonic() - t0, 3)
     _handle_signals_again(state.stop)  # ray.init installs its own SIGTERM handler
     try:
-        n, resources = plan_actors(cfg, ray.cluster_resources(), workers)
+        nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+        n, resources = plan_actors(cfg, nodes, workers)
         actor_cfg = cfg
         if "num_gpus" in resources and cfg.device.startswith("cuda:"):
             actor_cfg = replace(cfg, device="cuda")  # each actor sees its one GPU as cuda:0
@@ -400,22 +562,48 @@ def _run_on_cluster(runnable: list[Request], workers: int | None, state: _Run) -
                 batch_size=batch,
                 batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(size=n),
+                # Ray Data's defaults are -1 and -1: a batch that kills its actor would be retried forever.
+                max_restarts=MAX_ACTOR_RESTARTS,
+                max_task_retries=MAX_BATCH_CRASHES,
                 **resources,
             )
-            batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
-            it = iter(batches)
             try:
-                for status in it:
-                    _account(status, state)
-                    if state.stop.signum is not None:  # batches in flight are dropped; their rows are not written
-                        break
-            finally:
-                close = getattr(it, "close", None)
-                if close is not None:
-                    close()
+                _consume(ds, state)
+            except ray.exceptions.RayError as e:
+                raise _failure(e) from e
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _consume(ds: Any, state: _Run) -> None:
+    """Count the actors' status tables as they come; on a signal, stop taking batches."""
+    it = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    try:
+        for status in it:
+            _account(status, state)
+            if state.stop.signum is not None:  # batches in flight are dropped; their rows are not written
+                break
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+def _failure(error: Exception) -> Exception:
+    """What a failed Ray job raises: the user's error it wraps (a model that does not fit: exit 2), else
+    `RayRunFailed` with Ray's first line (its messages run to dozens of lines)."""
+    from cogbatch.exits import is_user_error
+
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, Exception) and is_user_error(cause):
+        return cause
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return RayRunFailed(
+        f"the Ray job failed: {type(error).__name__}: {first} (an actor is restarted at most "
+        f"{MAX_ACTOR_RESTARTS} times; a batch that kills its actor {MAX_BATCH_CRASHES} times becomes error rows). "
+        "The parts written so far are kept: run the same command again to resume"
+    )
 
 
 def _account(status: pa.Table, state: _Run) -> None:
@@ -424,19 +612,65 @@ def _account(status: pa.Table, state: _Run) -> None:
     failed = sum(s != "ok" for s in cols["status"])
     summary["done"] += len(cols["status"]) - failed
     summary["failed"] += failed
-    summary["generated_tokens"] += int(sum(cols["tokens_out"]))
     summary["model_loaded"] = True
     state.actor_parts.update(p for p in cols["part"] if p)
+    state.again_tokens += sum(t or 0 for t, again in zip(cols["tokens_out"], cols["again"], strict=True) if again)
     for report in cols["model_load"]:
         if report and "model_load" not in summary:
             summary["model_load"] = json.loads(report)
-    state.progress.update(len(cols["status"]), failed)
+    for report in cols["stats"]:
+        if report:
+            _add_stats(state, json.loads(report))
+    state.progress.update(len(cols["status"]), failed, len(set(cols["image_id"])))
+
+
+def _add_stats(state: _Run, report: dict[str, Any]) -> None:
+    for k, v in report["added"].items():
+        state.counters[k] = state.counters.get(k, 0) + v
+    seq, _ = state.actor_summaries.get(report["actor"], (0, {}))
+    if report["seq"] > seq:  # batches of one actor may come back out of order
+        state.actor_summaries[report["actor"]] = (report["seq"], report["summary"])
+
+
+def _finish_stats(state: _Run) -> None:
+    """The local engine's generated_tokens and `Worker.summary_stats()` keys, over all actors."""
+    counted = state.counters.get("generated_tokens", 0) + state.again_tokens
+    state.summary["generated_tokens"] = int(counted)
+    if state.actor_summaries:
+        summaries = [s for _, s in state.actor_summaries.values()]
+        state.summary.update(merge_worker_stats(state.counters, summaries))
+
+
+def merge_worker_stats(counters: dict[str, float], summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """`Worker.summary_stats()` of one worker that had done the work of all the actors.
+
+    A key that is one of the counters (`Worker.stats`) is their sum; a ratio of counters is
+    recomputed from the sums; anything else is a setting of each actor's plan (execution mode,
+    planned batch), reported as the most common value. Counters of a batch whose actor died before
+    reporting it are not in the sums (its rows are still counted exactly, from the parts).
+    """
+    merged: dict[str, Any] = {}
+    keys = list(dict.fromkeys(k for s in summaries for k in s))
+    for key in keys:
+        values = [s[key] for s in summaries if key in s]
+        if key in _RATIOS and all(c in counters for c in _RATIOS[key][:2]):
+            num, den, digits = _RATIOS[key]
+            merged[key] = round(counters[num] / counters[den], digits) if counters[den] else 0.0
+        elif key in counters and isinstance(values[0], int | float) and not isinstance(values[0], bool):
+            total = counters[key]
+            merged[key] = int(total) if isinstance(values[0], int) else round(total, 3)
+        else:
+            try:
+                merged[key] = Counter(values).most_common(1)[0][0]
+            except TypeError:  # unhashable (a dict): the first actor's
+                merged[key] = values[0]
+    return merged
 
 
 def _recount(state: _Run) -> None:
     """After an interruption, count what the actors wrote: batches in flight may have landed unreported."""
     prefix = f"part-{state.run_id}-a"
-    ok = failed = tokens = 0
+    ok = failed = unreported_tokens = 0
     for name in os.listdir(state.cfg.output):
         if not name.startswith(prefix) or not name.endswith(".parquet"):
             continue
@@ -444,11 +678,13 @@ def _recount(state: _Run) -> None:
             t = pq.read_table(state.cfg.output / name, columns=["status", "tokens_out"]).to_pydict()
         except FileNotFoundError:
             continue
-        state.actor_parts.add(name)
         n_ok = sum(s == "ok" for s in t["status"])
         ok, failed = ok + n_ok, failed + len(t["status"]) - n_ok
-        tokens += sum(x or 0 for x in t["tokens_out"])
-    state.summary.update(done=ok, failed=state.known_errors + failed, generated_tokens=tokens)
+        if name not in state.actor_parts:
+            unreported_tokens += sum(x or 0 for x in t["tokens_out"])
+            state.actor_parts.add(name)
+    state.summary.update(done=ok, failed=failed)
+    state.summary["generated_tokens"] += unreported_tokens
 
 
 def _init(ray, address: str | None, cfg: JobConfig, workers: int | None) -> None:

@@ -1,14 +1,17 @@
 """`cogbatch run --engine ray` end to end on CPU with a tiny checkpoint and two actors.
 
-The local engine's rows are the reference: the Ray engine must give exactly the same rows and texts,
-keep them exactly once through kill -9 and an actor crash, turn bad images into error rows inside the
-actors, and send nothing to any address but loopback.
+The local engine's rows are the reference: the Ray engine must give exactly the same rows, texts and
+summary keys, keep them exactly once through SIGTERM, kill -9 and actor crashes, turn bad images
+(and a batch that kills its actor every time) into error rows inside the actors, and send nothing to
+any address but loopback.
 
 Every Ray run is a `cogbatch` subprocess (the driver must be killable, and each run starts and stops
 its own local cluster). Where the test process may (root, `unshare` present) those runs happen inside
 a network namespace that has only a loopback interface, so no packet can leave the machine even if a
-probe came back; where `strace` exists the parity run is also traced and every connect(2) of every
-Ray process must go to loopback, which proves the engine's settings work without the namespace.
+probe came back. The parity run is traced with `strace -f -e trace=%network`: every connect, sendto,
+sendmsg and sendmmsg of every Ray process must go to loopback, which proves the engine's own settings
+work without the namespace. Without strace that proof is skipped loudly (`.ci/run` installs strace);
+with neither strace nor a namespace the test fails.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -53,17 +57,26 @@ _LO_UP = (
 
 
 @functools.cache
-def _netns_prefix() -> tuple[str, ...]:
-    """`unshare -n` with loopback up, when this machine lets the tests make a network namespace."""
+def _netns() -> tuple[tuple[str, ...], str]:
+    """(`unshare -n` with loopback up, or () and why not), probed once: where the tests may make a namespace."""
     unshare = shutil.which("unshare")
     if unshare is None:
-        return ()
+        return (), "unshare is not installed"
     probe = [unshare, "-n", "--", sys.executable, "-c", _LO_UP, sys.executable, "-c", "pass"]
     try:
-        ok = subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        ok = False
-    return (unshare, "-n", "--", sys.executable, "-c", _LO_UP) if ok else ()
+        res = subprocess.run(probe, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return (), f"unshare -n failed: {e}"
+    if res.returncode != 0:
+        return (), f"unshare -n failed: {res.stderr.strip()[-300:]}"
+    return (unshare, "-n", "--", sys.executable, "-c", _LO_UP), ""
+
+
+def _netns_prefix() -> tuple[str, ...]:
+    prefix, why_not = _netns()
+    if not prefix:
+        warnings.warn(f"Ray test runs are NOT isolated in a network namespace ({why_not})", stacklevel=2)
+    return prefix
 
 
 def _cogbatch(*args: str) -> list[str]:
@@ -72,9 +85,12 @@ def _cogbatch(*args: str) -> list[str]:
 
 
 def _isolated(cmd: list[str], trace: Path | None = None) -> list[str]:
-    """The command in a loopback-only network namespace (where possible), traced for connect(2) if asked."""
+    """The command in a loopback-only network namespace (where possible), its network syscalls traced if asked."""
     if trace is not None:
-        cmd = ["strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=connect", "-o", str(trace), *cmd]
+        strace = shutil.which("strace")
+        assert strace, "tracing needs strace"
+        cmd = [strace, "-f", "-qq", "--seccomp-bpf", "-e", "trace=%network", "-e", "signal=none", "-o", str(trace),
+               *cmd]  # fmt: skip
     return [*_netns_prefix(), *cmd]
 
 
@@ -131,16 +147,27 @@ def _wait_for_parts(proc: subprocess.Popen, output: Path, n: int, timeout: float
         time.sleep(0.05)
 
 
-def _non_loopback_connects(trace: Path) -> list[str]:
-    """connect(2) calls of the traced processes to an IPv4 / IPv6 address that is not loopback."""
-    bad = []
-    for line in trace.read_text().splitlines():
-        for addr in re.findall(r'inet_addr\("([^"]+)"\)|inet_pton\(AF_INET6, "([^"]+)"', line):
+_OUTBOUND = ("connect", "sendto", "sendmsg", "sendmmsg")  # the syscalls that name where data goes
+_SYSCALL = re.compile(r"^\d+\s+(\w+)\(")
+_ADDRESS = re.compile(r'inet_addr\("([^"]+)"\)|inet_pton\(AF_INET6?, "([^"]+)"')
+
+
+def _outbound_calls(trace: Path) -> tuple[list[str], list[str]]:
+    """(outbound syscalls to loopback, outbound syscalls to any other IPv4 / IPv6 address) in an strace log.
+
+    bind, accept, getsockname and recvfrom also print addresses, but none sends anything: only the
+    destination of connect / sendto / sendmsg / sendmmsg counts.
+    """
+    loopback, other = [], []
+    for line in trace.read_text(errors="replace").splitlines():
+        call = _SYSCALL.match(line)
+        if call is None or call.group(1) not in _OUTBOUND:
+            continue
+        for addr in _ADDRESS.findall(line):
             ip = ipaddress.ip_address(addr[0] or addr[1])
             mapped = getattr(ip, "ipv4_mapped", None)
-            if not (ip.is_loopback or (mapped is not None and mapped.is_loopback)):
-                bad.append(line)
-    return bad
+            (loopback if ip.is_loopback or (mapped is not None and mapped.is_loopback) else other).append(line)
+    return loopback, other
 
 
 @pytest.fixture(scope="module")
@@ -163,11 +190,11 @@ def corpus(tmp_path_factory, tiny_cogvlm1):
     }
     path = root / "job.yaml"
     path.write_text(yaml.safe_dump(job, sort_keys=False))
-    res = subprocess.run(_cogbatch("run", str(path), "--quiet"), capture_output=True, text=True, timeout=600)
+    res = subprocess.run(_cogbatch("run", str(path), "--json", "--quiet"), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     reference = _rows(root / "local")
     assert len(reference) == 2 * N_IMAGES
-    return path, reference
+    return path, reference, json.loads(res.stdout)
 
 
 # -- fast checks -----------------------------------------------------------------------------------
@@ -182,7 +209,8 @@ def test_missing_ray_extra_is_a_one_line_usage_error(tmp_path, job_factory, monk
     assert res.exit_code == 2
     assert "the Ray engine needs the ray extra: pip install 'cogbatch[ray]'" in res.output
     assert "Traceback" not in res.output
-    assert not (tmp_path / "out").exists()  # nothing was done
+    out = tmp_path / "out"
+    assert not out.exists() or not any(out.iterdir())  # nothing was done (an empty output dir at most)
 
 
 def test_workers_belongs_to_the_ray_engine(tmp_path, job_factory):
@@ -191,6 +219,10 @@ def test_workers_belongs_to_the_ray_engine(tmp_path, job_factory):
     make_images(tmp_path / "images", 1)
     res = CliRunner().invoke(cli, ["run", str(job_factory()), "--workers", "2"])
     assert res.exit_code == 2 and "--workers applies to --engine ray only" in res.output
+
+
+def _nodes(*cpus: int, gpus: int = 0) -> list[dict[str, float]]:
+    return [{"CPU": float(c), **({"GPU": float(gpus)} if gpus else {})} for c in cpus]
 
 
 def test_actor_plan_keeps_a_cpu_free_and_gives_one_gpu_per_actor(tmp_path, job_factory):
@@ -202,17 +234,59 @@ def test_actor_plan_keeps_a_cpu_free_and_gives_one_gpu_per_actor(tmp_path, job_f
     cpu_job = load_job(job_factory())  # device: cpu
     auto_job = load_job(job_factory("auto.yaml", device="auto"))
     cuda_job = load_job(job_factory("cuda.yaml", device="cuda:1"))
-    assert plan_actors(cpu_job, {"CPU": 3.0}, None) == (2, {"num_cpus": 1})
-    assert plan_actors(cpu_job, {"CPU": 2.0}, None) == (1, {"num_cpus": 1})
-    assert plan_actors(cpu_job, {"CPU": 16.0, "GPU": 4.0}, 3) == (3, {"num_cpus": 5})  # device: cpu ignores GPUs
-    assert plan_actors(auto_job, {"CPU": 16.0, "GPU": 4.0}, None) == (4, {"num_gpus": 1})
-    assert plan_actors(cuda_job, {"CPU": 16.0, "GPU": 2.0}, 1) == (1, {"num_gpus": 1})
+    assert plan_actors(cpu_job, _nodes(3), None) == (2, {"num_cpus": 1})
+    assert plan_actors(cpu_job, _nodes(2), None) == (1, {"num_cpus": 1})
+    assert plan_actors(cpu_job, _nodes(16, gpus=4), 3) == (3, {"num_cpus": 5})  # device: cpu ignores GPUs
+    assert plan_actors(auto_job, _nodes(16, gpus=4), None) == (4, {"num_gpus": 1})
+    assert plan_actors(cuda_job, _nodes(16, gpus=2), 1) == (1, {"num_gpus": 1})
     with pytest.raises(EngineError, match="need 3 CPUs"):
-        plan_actors(cpu_job, {"CPU": 2.0}, 2)  # two actors on two CPUs would starve Ray's own tasks
+        plan_actors(cpu_job, _nodes(2), 2)  # two actors on two CPUs would starve Ray's own tasks
     with pytest.raises(EngineError, match="needs 5 GPUs"):
-        plan_actors(auto_job, {"CPU": 16.0, "GPU": 4.0}, 5)
+        plan_actors(auto_job, _nodes(16, gpus=4), 5)
     with pytest.raises(EngineError, match="no GPUs"):
-        plan_actors(cuda_job, {"CPU": 16.0}, None)
+        plan_actors(cuda_job, _nodes(16), None)
+
+
+def test_a_cpu_actor_is_never_larger_than_the_largest_node(tmp_path, job_factory):
+    """4 nodes x 4 CPUs and 2 actors: 15 // 2 = 7 CPUs each would wait forever for a 7-CPU node."""
+    from cogbatch.config import load_job
+    from cogbatch.engines import EngineError
+    from cogbatch.engines.ray import plan_actors
+
+    make_images(tmp_path / "images", 1)
+    cpu_job = load_job(job_factory())
+    assert plan_actors(cpu_job, _nodes(4, 4, 4, 4), 2) == (2, {"num_cpus": 4})
+    assert plan_actors(cpu_job, _nodes(4, 4, 4, 4), 5) == (5, {"num_cpus": 2})  # 3 would fit only 4 actors
+    assert plan_actors(cpu_job, _nodes(0, 8, 2), 3) == (3, {"num_cpus": 2})  # a head node without CPUs
+    with pytest.raises(EngineError, match="need 17 CPUs"):
+        plan_actors(cpu_job, _nodes(4, 4, 4, 4), 16)
+
+
+def test_the_jobs_workers_key_sets_the_actors_and_the_flag_wins(tmp_path, job_factory, monkeypatch):
+    import cogbatch.engines.ray as engine
+    from cogbatch.config import load_job
+
+    make_images(tmp_path / "images", 1)
+    seen = []
+    monkeypatch.setattr(engine, "_check_ray_installed", lambda: None)
+    monkeypatch.setattr(engine, "_run_ray_locked", lambda cfg, opts, workers, holder: seen.append(workers) or {})
+    cfg = load_job(job_factory(workers=3))
+    engine.run_ray(cfg)
+    engine.run_ray(cfg, workers=1)
+    assert seen == [3, 1]
+
+
+def test_a_failed_ray_job_is_one_line_and_a_wrapped_user_error_keeps_its_exit_code():
+    from cogbatch.engines.ray import RayRunFailed, _failure
+    from cogbatch.exits import EXIT_CONFIG, exit_code_for
+    from cogbatch.planner import DoesNotFit
+
+    died = _failure(RuntimeError("The actor died unexpectedly before finishing this task.\n\tclass_name: MapWorker"))
+    assert isinstance(died, RayRunFailed) and "\n" not in str(died)
+    assert "The actor died unexpectedly before finishing this task." in str(died) and "resume" in str(died)
+    wrapped = RuntimeError("task failed")
+    wrapped.cause = DoesNotFit("even one request does not fit under the vram_ceiling")
+    assert exit_code_for(_failure(wrapped)) == EXIT_CONFIG
 
 
 def test_input_blocks_group_tasks_by_image_and_spread_small_manifests(tmp_path, job_factory):
@@ -240,8 +314,24 @@ def test_an_actor_batch_is_about_flush_rows_rows_but_every_actor_gets_work(tmp_p
     assert images_per_batch(cfg, 1, 8) == 1
 
 
+def test_the_actors_stats_merge_into_one_workers_summary():
+    """Counters add up, ratios are recomputed from the summed counters, plan settings are the common value."""
+    from cogbatch.engines.ray import merge_worker_stats
+
+    counters = {"requests": 7, "batches": 3, "decode_rows": 30, "decode_steps": 8, "prefill_padding": 5,
+                "prefill_tokens": 40, "model_compute_s": 1.23456, "generated_tokens": 21}  # fmt: skip
+    actor = {"requests": 4, "batches": 2, "mean_batch_size": 9.0, "padding_fraction": 0.5, "model_compute_s": 0.7,
+             "execution_mode": "resident", "planned_batch": 8}  # fmt: skip
+    other = {**actor, "requests": 3, "batches": 1, "planned_batch": 4}
+    third = {**actor, "execution_mode": "swap"}
+    merged = merge_worker_stats(counters, [actor, other, third])
+    assert merged == {"requests": 7, "batches": 3, "mean_batch_size": 3.75, "padding_fraction": 0.125,
+                      "model_compute_s": 1.235, "execution_mode": "resident", "planned_batch": 8}  # fmt: skip
+    assert list(merged) == list(actor)  # the local engine's key order
+
+
 def test_the_trace_check_catches_what_plain_ray_does(tmp_path):
-    """The connect(2) lines strace wrote for a plain `ray.init()` (Ray 2.60, no cogbatch settings)."""
+    """Network syscalls strace wrote for a plain `ray.init()` (Ray 2.60, no cogbatch settings) and a probe."""
     trace = tmp_path / "plain.trace"
     trace.write_text(
         '2691  connect(23, {sa_family=AF_INET, sin_port=htons(80), sin_addr=inet_addr("169.254.169.254")}, 16)'
@@ -250,23 +340,44 @@ def test_the_trace_check_catches_what_plain_ray_does(tmp_path):
         "2700  connect(9, {sa_family=AF_INET6, sin6_port=htons(443), sin6_flowinfo=htonl(0), "
         'inet_pton(AF_INET6, "fd00::2", &sin6_addr), sin6_scope_id=0}, 28 <unfinished ...>\n'
         "2700  <... connect resumed>)            = -1 EINPROGRESS (Operation now in progress)\n"
+        '2704  sendto(3, "x", 1, 0, {sa_family=AF_INET, sin_port=htons(53), sin_addr=inet_addr("8.8.4.4")}, 16) = 1\n'
+        "2705  sendmsg(4, {msg_name={sa_family=AF_INET6, sin6_port=htons(53), sin6_flowinfo=htonl(0), "
+        'inet_pton(AF_INET6, "2001:4860:4860::8888", &sin6_addr), sin6_scope_id=0}, msg_namelen=28, '
+        'msg_iov=[{iov_base="y", iov_len=1}], msg_iovlen=1, msg_controllen=0, msg_flags=0}, 0) = 1\n'
         '2701  connect(5, {sa_family=AF_INET, sin_port=htons(41133), sin_addr=inet_addr("127.0.0.1")}, 16) = 0\n'
         "2702  connect(6, {sa_family=AF_INET6, sin6_port=htons(1), sin6_flowinfo=htonl(0), "
         'inet_pton(AF_INET6, "::ffff:127.0.0.1", &sin6_addr), sin6_scope_id=0}, 28) = 0\n'
         '2703  connect(7, {sa_family=AF_UNIX, sun_path="/tmp/ray/session/sockets/raylet"}, 110) = 0\n'
+        '2706  bind(5, {sa_family=AF_INET, sin_port=htons(0), sin_addr=inet_addr("0.0.0.0")}, 16) = 0\n'
+        '2707  recvfrom(3, "x", 1, 0, {sa_family=AF_INET, sin_port=htons(53), sin_addr=inet_addr("8.8.8.8")}, '
+        "[16]) = 1\n"
+        '2708  getsockname(3, {sa_family=AF_INET, sin_port=htons(43115), sin_addr=inet_addr("10.0.0.3")}, [16]) = 0\n'
     )
-    bad = _non_loopback_connects(trace)
-    assert [re.search(r'"([0-9a-f.:]+)"', line).group(1) for line in bad] == ["169.254.169.254", "8.8.8.8", "fd00::2"]
+    loopback, bad = _outbound_calls(trace)
+    assert [re.search(r'"([0-9a-f.:]+)"', line).group(1) for line in bad] == [
+        "169.254.169.254", "8.8.8.8", "fd00::2", "8.8.4.4", "2001:4860:4860::8888"]  # fmt: skip
+    assert len(loopback) == 2
 
 
 # -- Ray runs --------------------------------------------------------------------------------------
 
 
+def _require_isolation_or_proof() -> Path | None:
+    """strace's path when the no-traffic proof can run; fails when the Ray runs could be neither proven
+    to stay on loopback nor kept there."""
+    strace = shutil.which("strace")
+    if strace is None and not _netns()[0]:
+        pytest.fail(f"neither strace nor a network namespace ({_netns()[1]}): the Ray runs can be neither "
+                    "traced nor kept off the network; install strace (.ci/run does)")  # fmt: skip
+    return Path(strace) if strace else None
+
+
 @pytest.mark.slow
 def test_ray_gives_the_local_engines_rows_and_sends_nothing_off_the_machine(tmp_path, corpus, ray_env):
-    job, reference = corpus
+    job, reference, local_summary = corpus
     out = tmp_path / "ray"
-    trace = tmp_path / "connect.trace" if shutil.which("strace") else None
+    strace = _require_isolation_or_proof()
+    trace = tmp_path / "network.trace" if strace else None
     cmd = _cogbatch("run", str(job), "--engine", "ray", "--workers", "2", "--output", str(out), "--json", "--quiet")
     code, stdout, stderr = _finish(_start(_isolated(cmd, trace), ray_env))
     assert code == 0, stderr
@@ -276,20 +387,26 @@ def test_ray_gives_the_local_engines_rows_and_sends_nothing_off_the_machine(tmp_
     assert _rows(out) == reference  # same rows, same texts, exactly once
     actors = {name.rsplit("-", 1)[0] for name in _actor_parts(out)}
     assert len(actors) == 2, f"one actor did all the work: {actors}"  # the small manifest was spread
+    missing = set(local_summary) - set(summary)
+    assert not missing, f"keys of the local engine's summary that the Ray engine lacks: {sorted(missing)}"
+    for key in ("requests", "vision_encodes", "generated_tokens"):  # the same work, counted the same way
+        assert summary[key] == local_summary[key], key
 
     code, stdout, stderr = _finish(_start(_isolated(cmd), ray_env))  # nothing left: no cluster, no model
     again = json.loads(stdout)
     assert (code, again["pending"], again["model_loaded"]) == (0, 0, False) and "ray_startup_s" not in again
 
-    if trace is not None:
-        text = trace.read_text()
-        assert "127.0.0.1" in text, "strace saw no connect at all: the trace did not cover the Ray processes"
-        assert _non_loopback_connects(trace) == []
+    if trace is None:
+        pytest.skip("strace is not installed: the Ray runs were kept in a network namespace, but that the engine "
+                    "itself sends nothing off the machine was NOT proven (apt-get install strace)")  # fmt: skip
+    loopback, bad = _outbound_calls(trace)
+    assert loopback, "strace saw no connect to loopback at all: the trace did not cover the Ray processes"
+    assert bad == []
 
 
 @pytest.mark.slow
 def test_sigterm_then_kill_nine_of_the_driver_then_resume_exactly_once(tmp_path, corpus, ray_env):
-    job, reference = corpus
+    job, reference, _ = corpus
     small_parts = yaml.safe_load(job.read_text()) | {"flush_rows": 4}  # actor batches of 2 images: 15 parts
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(small_parts, sort_keys=False))
@@ -298,32 +415,48 @@ def test_sigterm_then_kill_nine_of_the_driver_then_resume_exactly_once(tmp_path,
 
     term = _start(cmd, ray_env)  # SIGTERM: the driver stops taking batches, exits 143, resumable
     _wait_for_parts(term, out, 1)
+    assert term.poll() is None and _actor_parts(out), "the run ended before the test could stop it"
     term.send_signal(signal.SIGTERM)
     code, stdout, stderr = _finish(term)
-    assert code in (143, 0), stderr
-    if code == 143:
-        summary = json.loads(stdout)
-        assert summary["interrupted"] is True and summary["exit_code"] == 143
-        assert summary["done"] == len(_rows(out))  # batches that landed after the signal are counted too
+    assert code == 143, stderr
+    summary = json.loads(stdout)
+    assert summary["interrupted"] is True and summary["exit_code"] == 143
+    assert summary["done"] == len(_rows(out)) < 2 * N_IMAGES  # batches that landed after the signal count too
 
+    before = set(_actor_parts(out))
     killed = _start(cmd, ray_env)  # kill -9 while actors are working
-    _wait_for_parts(killed, out, len(_actor_parts(out)) + 2)
+    _wait_for_parts(killed, out, len(before) + 1)
+    assert killed.poll() is None, "the run ended before the test could kill it"
     killed.send_signal(signal.SIGKILL)
     killed.wait(timeout=60)
-    _rows(out)  # whatever is visible is complete and unique
+    assert killed.returncode == -signal.SIGKILL
+    landed = set(_actor_parts(out)) - before
+    assert landed, "the killed run wrote no part"
+    assert len({name.rsplit("-a", 1)[0] for name in landed}) == 1  # all from the killed run
+    assert summary["done"] < len(_rows(out)) < 2 * N_IMAGES  # whatever is visible is complete and unique
 
     # At once, while the dead driver's actors may still live for a moment: they must not add rows now.
-    final = subprocess.run(_cogbatch("run", str(job), "--output", str(out), "--quiet"), capture_output=True,
-                           text=True, timeout=600, env=ray_env)  # fmt: skip
+    local = subprocess.run(_cogbatch("run", str(job), "--output", str(out), "--limit", "2", "--quiet"),
+                           capture_output=True, text=True, timeout=600, env=ray_env)  # fmt: skip
+    assert local.returncode == 0, local.stderr
+    _rows(out)
+
+    resumed = _start(cmd, ray_env)  # the rest, on Ray again
+    code, stdout, stderr = _finish(resumed)
     _end_session(killed.pid)
-    assert final.returncode == 0, final.stderr
+    assert code == 0, stderr
+    assert json.loads(stdout)["done"] > 0
     prepare_output(out)
     assert _rows(out) == reference
 
 
 @pytest.mark.slow
-def test_bad_images_become_error_rows_and_a_crashed_actor_is_retried_without_duplicates(tmp_path, corpus, ray_env):
-    job, reference = corpus
+def test_failures_in_the_actors_become_error_rows_never_duplicates_or_a_hang(tmp_path, corpus, ray_env):
+    """Bad images are error rows; an actor killed once is restarted and its batch retried without
+    duplicates; a batch that kills its actor every time becomes error rows after MAX_BATCH_CRASHES."""
+    from cogbatch.engines.ray import MAX_BATCH_CRASHES
+
+    job, reference, _ = corpus
     images = tmp_path / "images"
     make_images(images, 10)
     (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 40)
@@ -331,7 +464,11 @@ def test_bad_images_become_error_rows_and_a_crashed_actor_is_retried_without_dup
     (images / "notes.png").write_text("not an image")
     (images / "truncated.png").write_bytes((images / "img_000.png").read_bytes()[:60])
     crash = tmp_path / "crashed-once"
-    env = {**ray_env, "COGBATCH_RAY_CRASH_ONCE": str(crash)}  # the first actor to write a part dies right after
+    env = {
+        **ray_env,
+        "COGBATCH_RAY_CRASH_ONCE": str(crash),  # the first actor to write a part dies right after
+        "COGBATCH_RAY_CRASH_ON": "img_004.png",
+    }  # an actor given this image dies before generating, always
     cmd = _cogbatch("run", str(job), "--engine", "ray", "--input", str(images), "--output", str(tmp_path / "out"),
                     "--json", "--quiet")  # fmt: skip
     code, stdout, stderr = _finish(_start(_isolated(cmd), env))
@@ -341,10 +478,14 @@ def test_bad_images_become_error_rows_and_a_crashed_actor_is_retried_without_dup
     rows = _rows(tmp_path / "out")
     assert len(rows) == 2 * 14
     errors = {Path(r["path"]).name: r["error"] for r in rows.values() if r["status"] == "error"}
-    assert set(errors) == {"corrupt.png", "empty.png", "notes.png", "truncated.png"}
+    killed = {name for name, error in errors.items() if f"the Ray actor died {MAX_BATCH_CRASHES} times" in error}
+    assert "img_004.png" in killed and len(killed) <= 4  # img_004's batch: at most 4 images (14 over 2 actors)
+    assert set(errors) - killed == {"corrupt.png", "empty.png", "notes.png", "truncated.png"} - killed
     assert all(errors.values())
     good = {k: v for k, v in rows.items() if v["status"] == "ok"}
-    assert len(good) == 20 and all(reference[k]["text"] == v["text"] for k, v in good.items())
+    assert len(good) == 2 * (10 - len(killed - {"corrupt.png", "empty.png", "notes.png", "truncated.png"}))
+    assert all(reference[k]["text"] == v["text"] for k, v in good.items())
     assert stdout.strip(), f"no JSON summary; stderr:\n{stderr}"
     summary = json.loads(stdout)
-    assert (summary["done"], summary["failed"]) == (20, 8)  # the retried batch is counted once
+    assert (summary["done"], summary["failed"]) == (len(good), 28 - len(good))  # the retried batch counted once
+    assert list((tmp_path / "out" / ".cogbatch" / "ray").rglob("*")) == []  # the crash notes are gone
