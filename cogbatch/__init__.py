@@ -8,15 +8,44 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 
-def run_job(config_or_path, **overrides):
+def run_job(
+    config_or_path,
+    *,
+    engine: str = "local",
+    redo_changed: bool = False,
+    fail_on_error: bool = False,
+    quiet: bool = False,
+    pipeline=None,
+    **overrides,
+) -> dict:
     """Run a job from a notebook or a script and return its summary dict (as `cogbatch run --json`).
 
-    `overrides` are the command-line overrides (`input`, `output`, `limit`, `device`, `batch_size`,
-    `vram_ceiling`) plus the run options `redo_changed`, `fail_on_error` and `quiet`.
-    """
-    from cogbatch.config import JobConfig, load_job
-    from cogbatch.runner import RunOptions, run
+    `config_or_path`: a job file, a job mapping, or a `JobConfig` from `cogbatch.config.load_job`.
+    `overrides` are the command-line overrides, validated like the job's own keys: `input`, `output`,
+    `limit`, `device`, `vram_ceiling`, `batch_size`, `workers` (None = not given); any other keyword
+    raises TypeError rather than being ignored. `engine="ray"` runs on Ray (`pip install 'cogbatch[ray]'`).
 
-    options = {k: overrides.pop(k) for k in ("redo_changed", "fail_on_error", "quiet") if k in overrides}
-    cfg = config_or_path if isinstance(config_or_path, JobConfig) else load_job(config_or_path, overrides)
-    return run(cfg, RunOptions(**options))
+        cogbatch.run_job("jobs/caption.yaml", input="photos/", limit=10)
+    """
+    from cogbatch.config import OVERRIDE_KEYS, JobConfig, load_job, with_overrides
+    from cogbatch.runner import RunOptions, check_output, run
+
+    unknown = sorted(set(overrides) - set(OVERRIDE_KEYS))
+    if unknown:
+        known = ", ".join(OVERRIDE_KEYS)
+        raise TypeError(f"run_job() got unknown override(s) {', '.join(unknown)}; overrides are {known}")
+    if engine not in ("local", "ray"):
+        raise TypeError(f"run_job() engine must be 'local' or 'ray', got {engine!r}")
+    if isinstance(config_or_path, JobConfig):
+        if pipeline is not None:
+            raise TypeError("run_job() pipeline= applies to a job file, not to a JobConfig (it is already merged)")
+        cfg = with_overrides(config_or_path, overrides)
+    else:
+        cfg = load_job(config_or_path, overrides, pipeline)
+    options = RunOptions(redo_changed=redo_changed, fail_on_error=fail_on_error, quiet=quiet)
+    if engine == "ray":
+        from cogbatch.engines.ray import run_ray
+
+        check_output(cfg)
+        return run_ray(cfg, options, workers=cfg.workers)
+    return run(cfg, options)

@@ -6,7 +6,9 @@ that `cogbatch --help` answers at once.
 
 from __future__ import annotations
 
+import functools
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -75,10 +77,62 @@ def _load(job: str, overrides: dict, pipeline: str | None):
         raise ConfigFailure(str(e)) from None
 
 
-def _emit(summary: dict, as_json: bool, human: str) -> None:
+def _emit(summary: dict, as_json: bool, human: str, quiet: bool = False) -> None:
+    """JSON on stdout as one line (a cron log of `--quiet --json` runs is one JSON line per run); the
+    human summary on stderr unless quiet."""
     if as_json:
-        click.echo(json.dumps(summary, indent=2, default=str))
-    click.echo(human, err=True)
+        click.echo(json.dumps(summary, default=str))  # no indent: one line
+    if not quiet:
+        click.echo(human, err=True)
+
+
+def _stop_at_once_on_signals() -> dict:
+    """Until the run installs its own handlers, Ctrl-C / SIGTERM stop at once and exit 130 / 143.
+
+    Nothing has started then (config, imports, the lock), so stopping at once loses nothing; without
+    this, SIGTERM would kill the process with no exit code of ours and Ctrl-C would exit 1. Returns
+    the handlers it replaced (none when not called from the main thread, where Python allows none).
+    """
+    import contextlib
+
+    from cogbatch.exits import Interrupted
+
+    def stop(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):
+            previous[s] = signal.signal(s, stop)
+    return previous
+
+
+def exits_on_signals(command):
+    """Ctrl-C / SIGTERM end `command` with 130 / 143, never click's "Aborted!" (exit 1) or a silent kill.
+
+    Before the run takes over the signals they stop at once; during the run the first one finishes the
+    batch in flight and a second one stops at once (`runner._StopFlag`); every row written is kept.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        previous = _stop_at_once_on_signals()
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            from cogbatch.exits import exit_code_for
+
+            stopped = click.ClickException(
+                "interrupted: stopped at once; every row already written is kept "
+                "(run the same command again to resume)"
+            )
+            stopped.exit_code = exit_code_for(e)
+            raise stopped from None
+        finally:  # called in-process (tests, a notebook): leave the caller's handlers as they were
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    return wrapper
 
 
 @cli.command(short_help="Run a job: caption / answer questions about a folder or a Parquet manifest.")
@@ -106,6 +160,7 @@ def _emit(summary: dict, as_json: bool, human: str) -> None:
 @pipeline_option
 @json_option
 @quiet_option
+@exits_on_signals
 def run(
     job,
     input_path,
@@ -134,12 +189,12 @@ def run(
 
     Example: cogbatch run jobs/caption.yaml --input ~/Pictures --output outputs/pictures
     """
-    from cogbatch.engines import EngineError
-    from cogbatch.lock import JobLocked
-    from cogbatch.runner import RunOptions, SettingsChanged
+    from cogbatch.runner import RunOptions
     from cogbatch.runner import run as run_job
 
     _setup_logging(quiet)
+    if workers is not None and engine != "ray":
+        raise click.UsageError("--workers applies to --engine ray only")
     overrides = {
         "input": input_path,
         "output": output,
@@ -147,42 +202,39 @@ def run(
         "device": device,
         "vram_ceiling": vram_ceiling,
         "batch_size": batch_size,
+        "workers": workers,
     }
     cfg = _load(job, overrides, pipeline)
-    if workers is not None and engine != "ray":
-        raise click.UsageError("--workers applies to --engine ray only")
     options = RunOptions(redo_changed=redo_changed, fail_on_error=fail_on_error, quiet=quiet)
     try:
         if engine == "ray":
             from cogbatch.engines.ray import run_ray
 
-            summary = run_ray(cfg, options, workers=workers)
+            summary = run_ray(cfg, options, workers=cfg.workers)  # checks the output after the extra
         else:
             summary = run_job(cfg, options)
-    except SettingsChanged as e:
-        raise ConfigFailure(str(e)) from None
-    except EngineError as e:  # missing extra, impossible --workers: nothing was done
-        raise ConfigFailure(str(e)) from None
-    except JobLocked as e:  # exit 75 (EX_TEMPFAIL): cron and scripts can tell "busy" from "failed"
-        busy = click.ClickException(f"{e}; this run did nothing (exit {e.exit_code}: try again when that one ends)")
-        busy.exit_code = e.exit_code
-        raise busy from None
     except Exception as e:
         _abort(e)
-    _emit(summary, as_json, _describe_run(summary))
+    _emit(summary, as_json, _describe_run(summary), quiet)
     sys.exit(summary["exit_code"])
 
 
 def _abort(e: Exception):
-    """A problem with the model source is the user's to fix (exit 2); anything else aborts the run (exit 1)."""
+    """The user's to fix (config, model source, ceiling, engine option): exit 2, nothing was done; another
+    run holds the output: exit 75; anything else aborts the run (exit 1). The codes come from
+    `cogbatch.exits`, which the run history uses too."""
     import os
     import traceback
 
-    from cogbatch.model.weights import CheckpointError
-    from cogbatch.planner import DoesNotFit
+    from cogbatch.exits import EXIT_CONFIG, EXIT_LOCKED, exit_code_for
 
-    if isinstance(e, CheckpointError | DoesNotFit):
+    code = exit_code_for(e)
+    if code == EXIT_CONFIG:
         raise ConfigFailure(str(e)) from None
+    if code == EXIT_LOCKED:  # EX_TEMPFAIL: cron and scripts can tell "busy" from "failed"
+        busy = click.ClickException(f"{e}; this run did nothing (exit {code}: try again when that one ends)")
+        busy.exit_code = code
+        raise busy from None
     if os.environ.get("COGBATCH_DEBUG"):
         traceback.print_exc()
     raise click.ClickException(
@@ -192,7 +244,10 @@ def _abort(e: Exception):
 
 
 def _describe_run(s: dict) -> str:
+    """The human summary (stderr): counts and rates, memory, the model that was loaded."""
     if s.get("message"):
+        if s.get("interrupted"):
+            return f"{s['message']}; run the same command again."
         return f"{s['message']} ({s['images']} images, {s['requests_total']} requests)."
     line = (
         f"{s['done']} ok, {s['failed']} failed, {s['skipped']} already done; {s['wall_s']:.1f} s, "
@@ -200,13 +255,28 @@ def _describe_run(s: dict) -> str:
     )
     if s.get("interrupted"):
         line += " (interrupted: run the same command again to resume)"
-    lines = [line, f"peak host memory {s['peak_host_rss_bytes'] / 2**30:.2f} GiB"]
-    load = s.get("model_load") or {}
-    if "summary" in load:
-        lines.append(f"model: {load['summary']}")
-    elif load:
-        lines.append("model: " + ", ".join(f"{k} {v}" for k, v in load.items()))
+    memory = f"peak host memory {s['peak_host_rss_bytes'] / 2**30:.2f} GiB"
+    if s.get("peak_device_bytes"):
+        memory += f", peak device memory {s['peak_device_bytes'] / 2**30:.2f} GiB"
+    lines = [line, memory]
+    if s.get("model_load"):
+        lines.append(_describe_model(s["model_load"], s))
     return "\n".join(lines)
+
+
+def _describe_model(load: dict, s: dict) -> str:
+    """One line from the load report's fields: what was loaded, where, how fast, and the batch plan."""
+    line = f"model: {load.get('checkpoint', s.get('model'))} on {load.get('device', '?')} ({load.get('dtype', '?')}"
+    line += f", {load['quantization']})" if load.get("quantization") else ")"
+    if isinstance(load.get("total_s"), int | float):
+        line += f", loaded in {load['total_s']:.1f} s"
+    if load.get("total_weight_bytes"):
+        line += f", weights {load['total_weight_bytes'] / 2**30:.2f} GiB"
+    if load.get("cache_hit"):
+        line += " (from the quantized-weights cache)"
+    if s.get("execution_mode"):
+        line += f"; {s['execution_mode']} mode, planned batch {s.get('planned_batch')}"
+    return line
 
 
 @cli.command(short_help="Show done / failed / pending counts of a job without loading the model.")
@@ -299,6 +369,7 @@ def _describe_plan(r: dict) -> str:
         lines.append(f"{mode:>9}: batch 1 needs {m['peak_bytes_batch_1'] / gib:.2f} GiB -> {verdict}")
     p = r["plan"]
     lines.append(f"plan: {p['mode']} mode, batch {p['slots']}" if p.get("mode") else f"plan: {p['error']}")
+    lines += [f"  note: {note}" for note in p.get("notes", ())]
     return "\n".join(lines)
 
 
@@ -316,7 +387,7 @@ def _describe_plan(r: dict) -> str:
     "rules",
     multiple=True,
     metavar="PATTERN=DTYPE",
-    help="Mixed precision: module glob = int4 | int8 | none, first match wins (repeatable).",
+    help="Mixed precision: module glob = int4 | int4-g32 | int4-g64 | int8 | none, first match wins (repeatable).",
 )
 @click.option(
     "--dtype",
@@ -417,7 +488,11 @@ def schedule(job, cron_expr, action, output, pipeline, as_json) -> None:
             return
         if action == "remove":
             n = sched.remove(job)
-            human = f"removed {n} crontab line(s) for {job}" if n else f"no crontab line for {job}: nothing removed"
+            human = (
+                f"removed {n} crontab entr{'y' if n == 1 else 'ies'} for {job}"
+                if n
+                else (f"no crontab entry for {job}: nothing removed")
+            )
             _emit({"removed": n, "job": str(Path(job).resolve())}, as_json, human)
             return
         try:
@@ -436,7 +511,9 @@ def schedule(job, cron_expr, action, output, pipeline, as_json) -> None:
         result = sched.install(entry)
         _emit({**entry.to_dict(), "result": result}, as_json, f"crontab line {result}: {entry.line}\nlog: {entry.log}")
     except sched.ScheduleError as e:
-        raise click.ClickException(str(e)) from None
+        err = click.ClickException(str(e))
+        err.exit_code = e.exit_code  # 2 for a path the crontab cannot hold, 1 for a crontab failure
+        raise err from None
 
 
 @cli.command(short_help="Export results as .txt captions beside the images, JSONL or CSV.")
@@ -460,10 +537,11 @@ def export(job, fmt, task, dest, overwrite, output, pipeline, as_json) -> None:
     """Export JOB's results, e.g. one .txt caption per image for LoRA training.
 
     \b
-    txt    one <image stem>.txt per image with TASK's newest text, beside the image (or under
-           --dest, mirroring the input folder); error rows and images not done yet are skipped;
-           an existing file with other text is kept unless --overwrite.
-    jsonl  every column of the newest row per (path, task), to stdout or --dest.
+    txt    one <image stem>.txt per image with TASK's text for the bytes the image holds now,
+           beside the image (or under --dest, mirroring the input folder); error rows and
+           images not done yet are skipped; an existing file with other text is kept unless
+           --overwrite.
+    jsonl  every column of the same row per (path, task), to stdout or --dest.
     csv    the same as CSV with a header line.
 
     The summary (written / unchanged / skipped / conflicts) goes to stderr, or stdout with --json.
@@ -517,30 +595,24 @@ def compact(output, as_json) -> None:
 @click.option("--images", "n_images", type=click.IntRange(1, 1000), default=8, show_default=True)
 @json_option
 @quiet_option
+@exits_on_signals
 def demo(output, n_images, as_json, quiet) -> None:
     """Caption a few generated images with a tiny random model, to check an installation.
 
     The model has random weights, so the text it writes is random: this checks the machinery
     (loading, batching, Parquet output, resume), not caption quality. Runs on a CPU in seconds.
-    Afterwards `cogbatch run jobs/demo.yaml` runs the same job from its YAML file.
+    In a checkout, `cogbatch run jobs/demo.yaml` runs the same job from its YAML file.
     """
     from cogbatch.demo import demo_job
-    from cogbatch.lock import JobLocked
     from cogbatch.runner import RunOptions
     from cogbatch.runner import run as run_job
 
     _setup_logging(quiet)
-    click.echo("NOTE: the demo model has random weights: its text is random.", err=True)
-    cfg = demo_job(Path(output), n_images)
-    try:
-        summary = run_job(cfg, RunOptions(quiet=quiet))
-    except JobLocked as e:
-        busy = click.ClickException(f"{e}; this run did nothing (exit {e.exit_code})")
-        busy.exit_code = e.exit_code
-        raise busy from None
+    try:  # the run itself warns that the text is random, also with --quiet
+        summary = run_job(demo_job(Path(output), n_images), RunOptions(quiet=quiet))
     except Exception as e:
         _abort(e)
-    _emit(summary, as_json, _describe_run(summary) + "\nNOTE: the text is random (random demo model).")
+    _emit(summary, as_json, _describe_run(summary) + "\nNOTE: the text is random (random demo model).", quiet)
     sys.exit(summary["exit_code"])
 
 

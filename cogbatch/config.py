@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import string
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,11 @@ DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 # Placeholders every request can use, whatever the input.
 BUILTIN_PLACEHOLDERS = ("filename", "stem", "folder")
 TINY_PREFIX = "tiny-random:"  # a random model built on the fly (demo / smoke runs)
+TINY_ARCHES = ("", "cogvlm", "cogvlm1", "cogvlm2")  # what may follow the prefix ("" = cogvlm2)
+# Keys that `cogbatch run` flags and `cogbatch.run_job(..., key=value)` may override for one run.
+OVERRIDE_KEYS = ("input", "output", "limit", "device", "vram_ceiling", "batch_size", "workers")
+FOLDER_KEYS = ("recursive", "extensions")
+MANIFEST_KEYS = ("path_column", "bytes_column", "id_column")
 
 BUILTIN_PIPELINE: dict[str, Any] = {
     "models": {},
@@ -86,7 +92,7 @@ class InputConfig:
 @dataclass(frozen=True)
 class QuantRule:
     pattern: str
-    dtype: str
+    dtype: str  # int4, int4-g32 / -g64 / -g128 (a group size of its own), int8 or none
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,10 @@ class QuantSettings:
     group_size: int = 128
     rules: tuple[QuantRule, ...] = ()
     embeddings_on_cpu: bool = False
+    # Rows above which a quantized layer multiplies by a transient dense weight: None = the device's
+    # default (`cogbatch.model.quant_linear.DEFAULT_DEQUANT_THRESHOLD`), math.inf = never, or per
+    # device type {cpu: rows, cuda: None (never)}. Placement of work, not weights: not in the cache key.
+    dequant_threshold: float | dict[str, float | None] | None = None
 
     def describe(self) -> str:
         """Short label for result rows: `int4-g128`, `int8`, `none`, with `+rules` when mixed."""
@@ -127,6 +137,7 @@ class JobConfig:
     vram_ceiling: int = 11 * 2**30
     batch_size: int | None = None  # upper bound on sequences decoded together; None: the planner decides
     limit: int | None = None
+    workers: int | None = None  # Ray actors (`--engine ray`); None: one per GPU, else 1-2
     max_pixels: int = 178_956_970
     loader_threads: int = 4
     flush_rows: int = 256
@@ -146,6 +157,10 @@ class JobConfig:
             "generation": asdict(task.generation),
             "strip_prefixes": list(task.strip_prefixes),
         }
+        if self.quantization.dequant_threshold is not None:
+            # Dense vs fused int4 differ within rounding, which can flip a greedy token. Only an explicit
+            # setting enters the hash, so rows made with the device's default keep their fingerprint.
+            what["dequant_threshold"] = self.quantization.dequant_threshold
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
     def fingerprint_fields(self, task: TaskConfig) -> dict[str, Any]:
@@ -229,8 +244,8 @@ class _Section:
 
     def float_(self, name: str, default: float, low: float, high: float | None = None, low_open=True) -> float:
         v = self.get(name, default)
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise ConfigError(f"{self.key(name)}: must be a number")
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise ConfigError(f"{self.key(name)}: must be a finite number (got {v!r})")
         too_low = v <= low if low_open else v < low
         if too_low or (high is not None and v > high):
             bounds = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
@@ -316,6 +331,10 @@ def _input(data: Any, base_dir: Path) -> InputConfig:
     folder, manifest = sec.str_("folder"), sec.str_("manifest")
     if (folder is None) == (manifest is None):
         raise ConfigError("input: give exactly one of folder or manifest")
+    misplaced = [k for k in (MANIFEST_KEYS if manifest is None else FOLDER_KEYS) if sec.has(k)]
+    if misplaced:  # e.g. `recursive: false` under a manifest would silently do nothing
+        kind, other = ("folder", "manifest") if manifest is None else ("manifest", "folder")
+        raise ConfigError(f"input.{misplaced[0]}: applies to a {other} input only (this input is a {kind})")
     exts = tuple(e.lower().lstrip(".") for e in sec.str_list("extensions", DEFAULT_EXTENSIONS))
     cfg = InputConfig(
         folder=(base_dir / Path(folder).expanduser()) if folder else None,
@@ -338,15 +357,64 @@ def _input(data: Any, base_dir: Path) -> InputConfig:
     return cfg
 
 
+_QUANT_RE = re.compile(r"(int4)(?:-g(\d+))?|int8|none")
+_DEQUANT_DEVICES = ("cpu", "cuda")
+
+
+def _quant_dtype(value: Any, key: str) -> tuple[str, int | None]:
+    """("int4", 64) for "int4-g64", ("int8", None) for "int8"; ConfigError naming `key` otherwise."""
+    m = _QUANT_RE.fullmatch(value) if isinstance(value, str) else None
+    if not m:
+        raise ConfigError(f"{key}: must be one of int4, int8, none (int4 with a group size: int4-g32, int4-g64, "
+                          f"int4-g128) (got {value!r})")  # fmt: skip
+    group = int(m.group(2)) if m.group(2) else None
+    if group is not None and group not in (32, 64, 128):
+        raise ConfigError(f"{key}: group size must be 32, 64 or 128")
+    return ("int4" if m.group(1) else value), group
+
+
+def _quant_rule(data: Any, key: str) -> QuantRule:
+    """{pattern, dtype[, group_size]}; the group size is folded into the dtype (`int4-g64`)."""
+    rs = _Section(data, key)
+    pattern, raw = rs.str_("pattern"), rs.get("dtype")
+    if pattern is None or raw is None:
+        raise ConfigError(f"{rs.path}: needs both pattern and dtype")
+    dtype, group = _quant_dtype(raw, rs.key("dtype"))
+    if rs.has("group_size"):
+        if dtype != "int4":
+            raise ConfigError(f"{rs.key('group_size')}: only int4 rules take a group size")
+        given = rs.int_("group_size", None)
+        if given not in (32, 64, 128) or (group is not None and group != given):
+            raise ConfigError(f"{rs.key('group_size')}: must be 32, 64 or 128 (and agree with the dtype)")
+        group = given
+    rs.finish()
+    return QuantRule(pattern, f"int4-g{group}" if group is not None else dtype)
+
+
+def _dequant_threshold(sec: _Section) -> float | dict[str, float | None] | None:
+    """Absent: the device default; null: never; rows >= 0; or {cpu: rows | null, cuda: rows | null}."""
+    name = "dequant_threshold"
+    if not sec.has(name):
+        return None
+    value = sec.get(name)
+    if value is None:
+        return math.inf
+    if isinstance(value, dict):
+        per_device = _Section(value, sec.key(name))
+        out = {d: per_device.int_(d, None, minimum=0) for d in _DEQUANT_DEVICES if per_device.has(d)}
+        per_device.finish()
+        return out
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{sec.key(name)}: must be a row count >= 0, null (never) or a mapping of cpu/cuda to one")
+    return value
+
+
 def _quantization(value: Any, key: str = "quantization") -> QuantSettings:
     if isinstance(value, str):
-        m = re.fullmatch(r"(int4)(?:-g(\d+))?|int8|none", value)
-        if not m:
+        if not _QUANT_RE.fullmatch(value):
             raise ConfigError(f"{key}: must be int4, int4-g32, int4-g64, int4-g128, int8, none or a mapping")
-        group = int(m.group(2)) if m.group(2) else 128
-        if group not in (32, 64, 128):
-            raise ConfigError(f"{key}: group size must be 32, 64 or 128")
-        return QuantSettings(default=value.split("-")[0], group_size=group)
+        dtype, group = _quant_dtype(value, key)
+        return QuantSettings(default=dtype, group_size=group or 128)
     sec = _Section(value, key)
     default = sec.str_("default", "int4", QUANT_DTYPES)
     group = sec.int_("group_size", 128)
@@ -355,31 +423,96 @@ def _quantization(value: Any, key: str = "quantization") -> QuantSettings:
     rules_data = sec.get("rules", [])
     if not isinstance(rules_data, list):
         raise ConfigError(f"{sec.key('rules')}: must be a list of {{pattern, dtype}} mappings")
-    rules = []
-    for i, r in enumerate(rules_data):
-        rs = _Section(r, f"{sec.key('rules')}[{i}]")
-        rules.append(QuantRule(rs.str_("pattern"), rs.str_("dtype", None, QUANT_DTYPES)))
-        if rules[-1].pattern is None or rules[-1].dtype is None:
-            raise ConfigError(f"{rs.path}: needs both pattern and dtype")
-        rs.finish()
+    rules = tuple(_quant_rule(r, f"{sec.key('rules')}[{i}]") for i, r in enumerate(rules_data))
     cpu_embed = sec.bool_("embeddings_on_cpu", False)
+    threshold = _dequant_threshold(sec)
     sec.finish()
-    return QuantSettings(default, group, tuple(rules), cpu_embed)
+    return QuantSettings(default, group, rules, cpu_embed, threshold)
 
 
 def _input_override(path: Path, job_input: Any) -> dict[str, Any]:
+    """The job's input switched to `path`, keeping the keys that still apply to that kind of input."""
     keep = dict(job_input) if isinstance(job_input, dict) else {}
     if path.is_dir():
-        for k in ("manifest", "path_column", "bytes_column", "id_column"):
+        for k in ("manifest", *MANIFEST_KEYS):
             keep.pop(k, None)
         return {**keep, "folder": str(path)}
-    for k in ("folder", "recursive", "extensions"):
+    if not path.is_file():
+        raise ConfigError(f"--input {path}: not a folder or a Parquet file")
+    for k in ("folder", *FOLDER_KEYS):
         keep.pop(k, None)
     return {**keep, "manifest": str(path)}
 
 
+def _input_dict(inp: InputConfig) -> dict[str, Any]:
+    """A validated input as the job-file mapping it came from (for overriding it again)."""
+    if inp.folder is not None:
+        return {"folder": str(inp.folder), "recursive": inp.recursive, "extensions": list(inp.extensions)}
+    keys = {k: getattr(inp, k) for k in MANIFEST_KEYS}
+    return {"manifest": str(inp.manifest), **{k: v for k, v in keys.items() if v is not None}}
+
+
 def _resolve_model(name: str, aliases: dict[str, str]) -> str:
-    return aliases.get(name, name)
+    model = aliases.get(name, name)
+    if model.startswith(TINY_PREFIX) and model[len(TINY_PREFIX) :] not in TINY_ARCHES:
+        raise ConfigError(
+            f"model: {model!r} is not a tiny random model (use tiny-random:cogvlm or tiny-random:cogvlm2)"
+        )
+    return model
+
+
+def _output_dir(value: str | None, base_dir: Path) -> Path:
+    """The result dataset directory; one that can never be a directory is refused before any work."""
+    if value is None:
+        raise ConfigError("output: required (the directory of the result dataset)")
+    out = base_dir / Path(value).expanduser()
+    try:
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output: {out} is a file, not a directory (the output is a dataset directory)")
+        existing = next(p for p in out.parents if p.exists())
+    except OSError as e:
+        raise ConfigError(f"output: {out} cannot be used ({e.strerror or e})") from None
+    if not existing.is_dir():
+        raise ConfigError(f"output: {out} cannot be created: {existing} is a file")
+    return out
+
+
+def _device(sec: _Section) -> str:
+    device = sec.str_("device", "auto")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"device: must be auto, cpu, cuda or cuda:N (got {device!r})")
+    return device
+
+
+def _override_value(sec: _Section, name: str) -> Any:
+    """One of OVERRIDE_KEYS (not `input`), validated exactly as the job file's own key."""
+    if name == "output":
+        return _output_dir(sec.str_("output"), Path.cwd())
+    if name == "device":
+        return _device(sec)
+    if name == "vram_ceiling":
+        return parse_size(sec.get("vram_ceiling"), "vram_ceiling")
+    return sec.int_(name, None)  # limit, batch_size, workers
+
+
+def with_overrides(cfg: JobConfig, overrides: dict[str, Any]) -> JobConfig:
+    """`cfg` with one run's overrides (OVERRIDE_KEYS; None = not given), validated like a job file's keys.
+
+    For a JobConfig already loaded (a notebook's), where `load_job(path, overrides)` cannot be used.
+    A key that is not an override raises TypeError: a misspelt keyword must not be silently dropped.
+    """
+    unknown = sorted(set(overrides) - set(OVERRIDE_KEYS))
+    if unknown:
+        raise TypeError(f"unknown override(s) {', '.join(unknown)}; overrides are {', '.join(OVERRIDE_KEYS)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    sec = _Section(given, "")
+    changes = {k: _override_value(sec, k) for k in given if k != "input"}
+    if "input" in given:
+        changes["input"] = _input(_input_override(Path(given["input"]), _input_dict(cfg.input)), Path.cwd())
+    new = replace(cfg, **changes)
+    if "input" in given:
+        _check_placeholders(new)
+    return new
 
 
 # -- loading -------------------------------------------------------------------------------------
@@ -430,10 +563,10 @@ def load_job(
             job_data["input"] = _input_override(Path(v), job_data.get("input"))
         else:
             job_data[k] = v
-    return _build(job_data, pipe_data, job_path)
+    return _build(job_data, pipe_data, job_path, pipe_path)
 
 
-def _build(job: dict[str, Any], pipe: dict[str, Any], job_path: Path | None) -> JobConfig:
+def _build(job: dict[str, Any], pipe: dict[str, Any], job_path: Path | None, pipe_path: Path | None) -> JobConfig:
     aliases = pipe.get("models") or {}
     tokenizers = pipe.get("tokenizers") or {}
     if not isinstance(aliases, dict) or not isinstance(tokenizers, dict):
@@ -451,9 +584,7 @@ def _build(job: dict[str, Any], pipe: dict[str, Any], job_path: Path | None) -> 
         raise ConfigError("input: required (folder: DIR or manifest: FILE.parquet)")
     base_dir = Path.cwd()
     inp = _input(sec.get("input"), base_dir)
-    output = sec.str_("output")
-    if output is None:
-        raise ConfigError("output: required (the directory of the result dataset)")
+    output = _output_dir(sec.str_("output"), base_dir)
     gen_sec = _Section(sec.get("generation", {}) or {}, "generation")
     defaults = _generation(gen_sec, GenerationSettings())
     gen_sec.finish()
@@ -473,41 +604,87 @@ def _build(job: dict[str, Any], pipe: dict[str, Any], job_path: Path | None) -> 
         model_alias=model_name,
         tokenizer=tokenizer,
         input=inp,
-        output=base_dir / Path(output).expanduser(),
+        output=output,
         tasks=tasks,
         quantization=_quantization(sec.get("quantization", "int4")),
-        device=sec.str_("device", "auto"),
+        device=_device(sec),
         dtype=sec.str_("dtype", "auto", DTYPES),
         vram_ceiling=parse_size(sec.get("vram_ceiling", "11GiB"), "vram_ceiling"),
         batch_size=sec.int_("batch_size", None),
         limit=sec.int_("limit", None),
+        workers=sec.int_("workers", None),
         max_pixels=sec.int_("max_pixels", 178_956_970),
         loader_threads=sec.int_("loader_threads", 4),
         flush_rows=sec.int_("flush_rows", 256),
         flush_seconds=sec.float_("flush_seconds", 30.0, 0.0),
         cache_dir=cache_dir,
     )
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
-        raise ConfigError(f"device: must be auto, cpu, cuda or cuda:N (got {cfg.device!r})")
-    sec.finish()
+    _finish_top_level(sec, job, pipe_path)
     _check_placeholders(cfg)
     return cfg
 
 
-def manifest_columns(inp: InputConfig) -> list[str]:
-    """Column names of a Parquet manifest, read from its footer only."""
+def _finish_top_level(sec: _Section, job: dict[str, Any], pipe_path: Path | None) -> None:
+    """Unknown keys of the job first; then those that came from the pipeline file, saying so."""
+    unknown = sorted(set(sec.data) - sec.used)
+    in_job = [k for k in unknown if k in job]
+    if in_job:
+        raise ConfigError(f"{in_job[0]}: unknown key" + (f" (also: {', '.join(in_job[1:])})" if in_job[1:] else ""))
+    if unknown:
+        where = f"the pipeline file {pipe_path}" if pipe_path else "the pipeline defaults"
+        also = f" (also: {', '.join(unknown[1:])})" if unknown[1:] else ""
+        raise ConfigError(f"{unknown[0]}: unknown key in {where}{also}")
+
+
+def manifest_schema(inp: InputConfig) -> Any:
+    """The pyarrow schema of a Parquet manifest, read from its footer only (None for a folder input)."""
     if inp.manifest is None:
-        return []
+        return None
     import pyarrow.parquet as pq
 
     try:
-        return list(pq.read_schema(inp.manifest).names)
+        return pq.read_schema(inp.manifest)
     except Exception as e:  # not Parquet, truncated, unreadable
         raise ConfigError(f"input.manifest: {inp.manifest} is not a readable Parquet file ({e})") from None
 
 
+def manifest_columns(inp: InputConfig) -> list[str]:
+    """Column names of a Parquet manifest, read from its footer only."""
+    schema = manifest_schema(inp)
+    return [] if schema is None else list(schema.names)
+
+
+def _sample_value(arrow_type: Any) -> Any:
+    """A value of a column's type to try a prompt's format specs on; None when the type has no simple sample."""
+    import pyarrow as pa
+
+    if pa.types.is_boolean(arrow_type):
+        return False
+    if pa.types.is_integer(arrow_type):
+        return 0
+    if pa.types.is_floating(arrow_type):
+        return 0.0
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+        return "x"
+    return None
+
+
+def _check_format_specs(prompt: str, key: str, samples: dict[str, Any]) -> None:
+    """`{n:d}` on a string column, `{filename:.2f}`: a config error now rather than a failure per row."""
+    for _, name, spec, conversion in string.Formatter().parse(prompt):
+        if name is None or samples.get(name) is None:
+            continue
+        piece = "{0" + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        try:
+            piece.format(samples[name])
+        except (ValueError, TypeError, KeyError, IndexError) as e:
+            kind = type(samples[name]).__name__
+            raise ConfigError(f"{key}: {{{name}:{spec}}} cannot format the {kind} values of {name!r} ({e})") from None
+
+
 def _check_placeholders(cfg: JobConfig) -> None:
-    columns = manifest_columns(cfg.input)
+    schema = manifest_schema(cfg.input)
+    columns = [] if schema is None else list(schema.names)
     for col_key in ("path_column", "bytes_column", "id_column"):
         col = getattr(cfg.input, col_key)
         if col is not None and cfg.input.manifest is not None and col not in columns:
@@ -524,3 +701,8 @@ def _check_placeholders(cfg: JobConfig) -> None:
                 raise ConfigError(
                     f"tasks[{i}].prompt: unknown placeholder {{{ph}}} (known: {', '.join(sorted(known))})"
                 )
+        if task.prompt is not None:
+            samples = dict.fromkeys(BUILTIN_PLACEHOLDERS, "x")
+            if schema is not None:
+                samples.update({f.name: _sample_value(f.type) for f in schema})
+            _check_format_specs(task.prompt, f"tasks[{i}].prompt", samples)

@@ -15,11 +15,12 @@ import datetime as dt
 import json
 import os
 import socket
-import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+from cogbatch.exits import exit_code_for
 
 try:
     import fcntl
@@ -53,18 +54,6 @@ def outcome_of(exit_code: int) -> str:
     )
 
 
-def exit_code_for(error: BaseException) -> int:
-    """The exit code `cogbatch run` ends with when the run raised `error` (see cli.run / cli._abort)."""
-    from cogbatch.runner import SettingsChanged
-
-    weights = sys.modules.get("cogbatch.model.weights")  # never import torch just to classify an error
-    if isinstance(error, SettingsChanged):
-        return 2
-    if weights is not None and isinstance(error, getattr(weights, "CheckpointError", ())):
-        return 2
-    return 1  # an abort; a second Ctrl-C (KeyboardInterrupt) also exits 1 through click ("Aborted!")
-
-
 def run_record(
     cfg: Any,
     started: float,
@@ -91,6 +80,7 @@ def run_record(
             record["run_id"] = next(iter(new_parts)) if len(new_parts) == 1 else ",".join(sorted(new_parts))
             record["done"] = sum(p.get("ok", 0) for p in new_parts.values())
             record["failed"] = sum(p.get("error", 0) for p in new_parts.values())
+        record["run_id"] = getattr(error, "cogbatch_run_id", None) or record["run_id"]  # set by the runner
     record.update(
         {
             "wall_s": round(ended - started, 3),
@@ -101,7 +91,7 @@ def run_record(
             "versions": versions(),
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "job": str(cfg.path) if cfg.path is not None else None,
+            "job": str(Path(cfg.path).resolve()) if cfg.path is not None else None,
         }
     )
     return record

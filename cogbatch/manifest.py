@@ -8,18 +8,21 @@ per (path, size, mtime) in the output directory; only new or changed files are r
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import stat
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cogbatch.config import InputConfig, JobConfig, TaskConfig
+from cogbatch.config import BUILTIN_PLACEHOLDERS, InputConfig, JobConfig, TaskConfig
+
+log = logging.getLogger("cogbatch")
 
 HASH_CACHE = Path(".cogbatch") / "hashes.parquet"
 _HASH_SCHEMA = pa.schema(
@@ -120,8 +123,18 @@ def scan_folder(inp: InputConfig) -> list[Path]:
     return sorted(found)
 
 
+def builtin_values(label: str | PurePath) -> dict[str, str]:
+    """`{filename}`, `{stem}`, `{folder}` of an image's path or label, so every request can fill them.
+
+    Inline-bytes rows and rows without a path have only a label (`id_column` value, `manifest.parquet#7`):
+    its parts stand in for the file's, so a prompt using them never fails on such rows.
+    """
+    path = PurePath(label)
+    return {"filename": path.name, "stem": path.stem or path.name, "folder": path.parent.name}
+
+
 def _file_entry(path: Path, display: str, cache: HashCache, values: dict[str, Any]) -> ImageEntry:
-    values = {"filename": path.name, "stem": path.stem, "folder": path.parent.name, **values}
+    values = {**builtin_values(path), **values}
     try:
         mode = path.stat().st_mode
         if stat.S_ISDIR(mode):
@@ -136,40 +149,51 @@ def _file_entry(path: Path, display: str, cache: HashCache, values: dict[str, An
         return ImageEntry(unreadable_id(display), display, file=path, values=values, error=reason)
 
 
-def folder_entries(inp: InputConfig, cache: HashCache) -> list[ImageEntry]:
-    return [_file_entry(p, str(p), cache, {}) for p in scan_folder(inp)]
+def _never_stop() -> None:
+    return None
 
 
-def manifest_entries(inp: InputConfig, cache: HashCache) -> list[ImageEntry]:
+def folder_entries(inp: InputConfig, cache: HashCache, check: Callable[[], None] = _never_stop) -> list[ImageEntry]:
+    entries = []
+    for p in scan_folder(inp):
+        check()
+        entries.append(_file_entry(p, str(p), cache, {}))
+    return entries
+
+
+def manifest_entries(inp: InputConfig, cache: HashCache, check: Callable[[], None] = _never_stop) -> list[ImageEntry]:
     """One entry per manifest row; paths resolve relative to the manifest's directory."""
     pf = pq.ParquetFile(inp.manifest)
-    base = inp.manifest.parent
     entries: list[ImageEntry] = []
     other = [c for c in pf.schema_arrow.names if c != inp.bytes_column]
     row = 0
     for batch in pf.iter_batches(batch_size=256):
         cols = batch.to_pydict()
         for i in range(batch.num_rows):
-            values = {c: cols[c][i] for c in other}
-            label = values.get(inp.id_column) if inp.id_column else None
-            if inp.bytes_column is not None:
-                data = cols[inp.bytes_column][i]
-                display = str(label) if label is not None else f"{inp.manifest.name}#{row}"
-                if not isinstance(data, bytes | bytearray) or not data:
-                    entries.append(ImageEntry(unreadable_id(display), display, values=values, error="no image bytes"))
-                else:
-                    entries.append(ImageEntry(sha256_hex(data), display, row=row, values=values))
-            else:
-                raw = values.get(inp.path_column)
-                if not isinstance(raw, str) or not raw:
-                    display = f"{inp.manifest.name}#{row}"
-                    reason = "null path" if raw is None else f"path is not a string ({type(raw).__name__})"
-                    entries.append(ImageEntry(unreadable_id(display), display, values=values, error=reason))
-                else:
-                    path = (base / raw).expanduser()
-                    entries.append(_file_entry(path, raw, cache, values))
+            check()
+            columns = {c: cols[c][i] for c in other}
+            data = cols[inp.bytes_column][i] if inp.bytes_column is not None else None
+            entries.append(_manifest_entry(inp, row, columns, data, cache))
             row += 1
     return entries
+
+
+def _manifest_entry(inp: InputConfig, row: int, columns: dict[str, Any], data: Any, cache: HashCache) -> ImageEntry:
+    """One manifest row: a file to hash, inline bytes, or an error entry labelled by its row."""
+    label = columns.get(inp.id_column) if inp.id_column else None
+    if inp.bytes_column is not None:
+        display = str(label) if label is not None else f"{inp.manifest.name}#{row}"
+        values = {**builtin_values(display), **columns}  # a manifest column named like a built-in wins
+        if not isinstance(data, bytes | bytearray) or not data:
+            return ImageEntry(unreadable_id(display), display, values=values, error="no image bytes")
+        return ImageEntry(sha256_hex(data), display, row=row, values=values)
+    raw = columns.get(inp.path_column)
+    if not isinstance(raw, str) or not raw:
+        display = f"{inp.manifest.name}#{row}"
+        reason = "null path" if raw is None else f"path is not a string ({type(raw).__name__})"
+        values = {**builtin_values(display), **columns}
+        return ImageEntry(unreadable_id(display), display, values=values, error=reason)
+    return _file_entry((inp.manifest.parent / raw).expanduser(), raw, cache, columns)
 
 
 class ManifestBytes:
@@ -195,12 +219,21 @@ class ManifestBytes:
             return self.cached[1][row - self.starts[g]]
 
 
-def build_entries(cfg: JobConfig) -> list[ImageEntry]:
-    """Every input image once (the first path wins when the same bytes appear twice)."""
+def build_entries(cfg: JobConfig, check: Callable[[], None] = _never_stop, persist: bool = True) -> list[ImageEntry]:
+    """Every input image, hashed (the first path wins when the same bytes appear twice).
+
+    `check` is called before each image and may raise to stop the scan (a signal: hashing 50,000 new
+    photos takes minutes); the hashes computed so far are kept. `persist=False` leaves the output
+    untouched (`cogbatch status` is read-only).
+    """
     cache = HashCache(cfg.output)
-    entries = folder_entries(cfg.input, cache) if cfg.input.folder else manifest_entries(cfg.input, cache)
-    cache.save()
-    return entries
+    try:
+        if cfg.input.folder:
+            return folder_entries(cfg.input, cache, check)
+        return manifest_entries(cfg.input, cache, check)
+    finally:
+        if persist:
+            cache.save()
 
 
 def fill_prompt(task: TaskConfig, entry: ImageEntry) -> tuple[str | None, str | None]:
@@ -211,21 +244,47 @@ def fill_prompt(task: TaskConfig, entry: ImageEntry) -> tuple[str | None, str | 
             return None, f"no question in column {task.question_column!r}"
         return str(q), None
     values = {k: "" if v is None else v for k, v in entry.values.items()}
-    return task.prompt.format_map(values), None
+    try:
+        return task.prompt.format_map(values), None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:  # e.g. {n:d} on a null value
+        return None, f"cannot fill the prompt {task.prompt!r} for this row ({type(e).__name__}: {e})"
 
 
 def expand_requests(entries: Iterable[ImageEntry], cfg: JobConfig, fingerprints: dict[str, str]) -> list[Request]:
-    """Manifest × tasks, one request per distinct (image_id, task)."""
-    seen: set[tuple[str, str]] = set()
+    """Manifest × tasks, one request per distinct (image_id, task).
+
+    Results are keyed by (image_id, task) (DESIGN.md: exactly once), so an image listed twice is asked
+    once per task: its first row's question. When a later row of the same image would have asked
+    something else (another `question_column` value or manifest `{column}` value), that is said loudly,
+    since the question is lost: several questions about one image need one task each. (A copy of an
+    image under another file name is just the same image: `{filename}` differing is not a question lost.)
+    """
+    per_row = {t.name for t in cfg.tasks if t.question_column or set(t.placeholders) - set(BUILTIN_PLACEHOLDERS)}
+    first: dict[tuple[str, str], Request] = {}
+    dropped: dict[str, list[tuple[ImageEntry, Request]]] = {}
     out = []
     for e in entries:
         for t in cfg.tasks:
             key = (e.image_id, t.name)
-            if key in seen:
-                continue
-            seen.add(key)
             prompt, error = fill_prompt(t, e)
-            out.append(Request(e, t, prompt, fingerprints[t.name], error))
+            if key in first:
+                if t.name in per_row and prompt is not None and prompt != first[key].prompt:
+                    dropped.setdefault(t.name, []).append((e, first[key]))
+                continue
+            first[key] = Request(e, t, prompt, fingerprints[t.name], error)
+            out.append(first[key])
+    for task, lost in dropped.items():
+        entry, kept = lost[0]
+        log.warning(
+            "task %r: %d manifest row(s) repeat an image with another question, which is not asked "
+            "(e.g. %s is the same image as %s, asked %r): one row per image and task; to ask several "
+            "questions about one image, give each its own task",
+            task,
+            len(lost),
+            entry.path,
+            kept.image.path,
+            kept.prompt,
+        )
     return out
 
 

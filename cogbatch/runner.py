@@ -19,7 +19,7 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,7 +28,8 @@ from typing import Any
 
 import yaml
 
-from cogbatch.config import JobConfig
+from cogbatch.config import TINY_PREFIX, ConfigError, JobConfig
+from cogbatch.exits import EXIT_OK, EXIT_ROW_ERRORS, EXIT_SIGNAL, Interrupted
 from cogbatch.manifest import (
     ImageEntry,
     ManifestBytes,
@@ -43,9 +44,6 @@ from cogbatch.store import PartWriter, done_keys, prepare_output
 from cogbatch.worker import LoadedImage, Worker, error_row, load_entry, resolved_dtype
 
 log = logging.getLogger("cogbatch")
-
-EXIT_OK, EXIT_ABORTED, EXIT_CONFIG, EXIT_ROW_ERRORS = 0, 1, 2, 3
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 class SettingsChanged(Exception):
@@ -85,7 +83,11 @@ def prefetch(entries: list[ImageEntry], cfg: JobConfig, image_size: int, chunk: 
 
 
 class _StopFlag:
-    """First Ctrl-C / SIGTERM: finish the batch in flight, flush, exit. A second one: stop at once."""
+    """First Ctrl-C / SIGTERM: finish the batch in flight, flush, exit. A second one: stop at once.
+
+    "At once" raises `Interrupted` wherever the main thread is; rows reach the output only as whole
+    part files, so even then the output stays complete and resumable (the CLI exits 130 / 143).
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -99,9 +101,14 @@ class _StopFlag:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise Interrupted(signum)
         self.signum = signum
         log.warning("stopping after the batch in flight (signal %d); press Ctrl-C again to stop at once", signum)
+
+    def check(self) -> None:
+        """Raise `Interrupted` once a signal came: for loops before any work (the input scan)."""
+        if self.signum is not None:
+            raise Interrupted(self.signum)
 
     def __exit__(self, *exc: Any) -> None:
         for s, h in self.previous.items():
@@ -109,25 +116,35 @@ class _StopFlag:
 
 
 class _Progress:
-    """A tqdm bar on a terminal; periodic log lines otherwise (cron logs stay readable)."""
+    """A tqdm bar on a terminal; periodic log lines otherwise (cron logs stay readable); nothing if quiet.
 
-    def __init__(self, total: int, quiet: bool) -> None:
+    The bar counts requests (its rate and ETA); images done and errors so far are shown beside it.
+    """
+
+    def __init__(self, total: int, quiet: bool, images: int | None = None) -> None:
         from tqdm import tqdm
 
         self.tty = sys.stderr.isatty() and not quiet
         self.quiet = quiet
         self.bar = tqdm(total=total, unit="req", desc="cogbatch", file=sys.stderr, disable=not self.tty)
         self.total, self.done, self.errors = total, 0, 0
+        self.images_total, self.images = images, 0
         self.last_log = time.monotonic()
 
-    def update(self, n: int, errors: int) -> None:
+    def update(self, n: int, errors: int, images: int = 0) -> None:
         self.done += n
         self.errors += errors
+        self.images += images
         self.bar.update(n)
-        self.bar.set_postfix(errors=self.errors, refresh=False)
+        self.bar.set_postfix_str(self.postfix(), refresh=False)
         if not self.tty and not self.quiet and time.monotonic() - self.last_log > 30:
             self.last_log = time.monotonic()
-            log.info("%d/%d requests done, %d errors", self.done, self.total, self.errors)
+            log.info("%d/%d requests done, %s", self.done, self.total, self.postfix())
+
+    def postfix(self) -> str:
+        if self.images_total is None:  # an engine that counts requests only
+            return f"errors {self.errors}"
+        return f"images {self.images}/{self.images_total}, errors {self.errors}"
 
     def close(self) -> None:
         self.bar.close()
@@ -163,11 +180,22 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def plan_run(cfg: JobConfig, opts: RunOptions) -> Plan:
-    """Pending work = images x tasks - rows already in the output; refuse changed settings."""
+def _no_check() -> None:
+    return None
+
+
+def plan_run(
+    cfg: JobConfig, opts: RunOptions, check: Callable[[], None] = _no_check, run_id: str | None = None
+) -> Plan:
+    """Pending work = images x tasks - rows already in the output; refuse changed settings.
+
+    Raises before anything is recorded when the model cannot be resolved (a wrong path, a directory
+    without config.json): rows made with a wrong model's fingerprint would block the right one.
+    `check` is called per image scanned and may raise (`_StopFlag.check`: a signal while hashing).
+    """
     # Pillow warns once per process about odd EXIF blocks; such an image still decodes fine.
     warnings.filterwarnings("ignore", message="(Possibly )?[Cc]orrupt EXIF", category=UserWarning)
-    run_id = new_run_id()
+    run_id = run_id or new_run_id()
     prepare_output(cfg.output)
     dtype = resolved_dtype(cfg)
     fingerprints = {t.name: cfg.fingerprint(t, dtype) for t in cfg.tasks}
@@ -176,13 +204,15 @@ def plan_run(cfg: JobConfig, opts: RunOptions) -> Plan:
     registry = SettingsRegistry(cfg.output)
     if changed and not opts.redo_changed:
         raise SettingsChanged(_changed_message(cfg, changed, registry, fingerprints, dtype))
-    registry.record({fingerprints[t.name]: {**cfg.fingerprint_fields(t), "dtype": dtype} for t in cfg.tasks})
-    write_resolved_config(cfg)
 
-    entries = build_entries(cfg)
+    entries = build_entries(cfg, check)
     requests = expand_requests(entries, cfg, fingerprints)
     open_requests = pending(requests, done, opts.redo_changed)
     todo = limit_images(open_requests, cfg.limit)
+    if todo:
+        check_model(cfg)
+    registry.record({fingerprints[t.name]: {**cfg.fingerprint_fields(t), "dtype": dtype} for t in cfg.tasks})
+    write_resolved_config(cfg)
     summary: dict[str, Any] = {
         "run_id": run_id,
         "output": str(cfg.output),
@@ -200,6 +230,55 @@ def plan_run(cfg: JobConfig, opts: RunOptions) -> Plan:
     if not todo:
         summary["message"] = "nothing to do: every image and task is already in the output"
     return Plan(run_id, todo, summary)
+
+
+def check_model(cfg: JobConfig) -> None:
+    """Read the model's config.json (no weights): a model source that cannot work is a config error now.
+
+    Cheap enough to run whenever there is work, also when every pending request is a known error row
+    (a missing file) and no model would be loaded: those rows carry the model in their fingerprint.
+    A hub id that is not cached fetches its config.json only.
+    """
+    from cogbatch.model.config import CogVLMConfig
+    from cogbatch.model.config import ConfigError as ModelConfigError
+    from cogbatch.model.weights import resolve_checkpoint
+    from cogbatch.worker import tiny_model_dir
+
+    try:
+        source = (
+            tiny_model_dir(cfg)
+            if cfg.model.startswith(TINY_PREFIX)
+            else resolve_checkpoint(cfg.model, ("config.json",))
+        )
+        CogVLMConfig.from_json(source)
+    except ModelConfigError as e:
+        raise ConfigError(f"model: {cfg.model}: {e}") from None
+
+
+def check_device(cfg: JobConfig) -> None:
+    """`device: cuda` on a machine without a usable CUDA device is the user's to fix, before any work."""
+    if not cfg.device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"device: {cfg.device} was asked for, but torch sees no CUDA device here "
+            f"(torch {torch.__version__}); use device: cpu or auto"
+        )
+    index = int(cfg.device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"device: {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_output(cfg: JobConfig) -> None:
+    """The output directory must exist or be creatable, and be writable: else exit 2, not a crash later."""
+    try:
+        cfg.output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output: cannot create {cfg.output} ({e.strerror or e})") from None
+    if not os.access(cfg.output, os.W_OK | os.X_OK):
+        raise ConfigError(f"output: {cfg.output} is not writable")
 
 
 def finish_summary(
@@ -230,46 +309,99 @@ def run(cfg: JobConfig, options: RunOptions | None = None) -> dict[str, Any]:
 
     One run per output at a time: a second one raises `cogbatch.lock.JobLocked` at once. Every run
     that got the lock appends a line to `<output>/runs.jsonl` (`cogbatch.history`), also when it raises.
+    A device or output that cannot work raises `ConfigError` before the lock is taken.
     """
     from cogbatch.lock import run_exclusive
 
+    check_output(cfg)
+    check_device(cfg)
     return run_exclusive(cfg, lambda _holder: _run_locked(cfg, options))
 
 
 def _run_locked(cfg: JobConfig, options: RunOptions | None = None) -> dict[str, Any]:
-    """The run itself, under the output's lock (see `run`)."""
+    """The run itself, under the output's lock (see `run`).
+
+    Signals are caught from the start: one during the input scan ends the run with nothing done (exit
+    130 / 143); one later finishes the batch in flight. An exception carries the run id to the history.
+    """
     opts = options or RunOptions()
     started = time.time()
-    plan = plan_run(cfg, opts)
-    stop = _StopFlag()
-    progress = _Progress(len(plan.todo), opts.quiet)
-    writer = PartWriter(cfg.output, plan.run_id, flush_rows=cfg.flush_rows, flush_seconds=cfg.flush_seconds)
+    run_id = new_run_id()
     try:
-        with stop, writer:
-            _process(cfg, plan.todo, writer, progress, plan.summary, stop, plan.run_id)
-    finally:
-        progress.close()
+        with _StopFlag() as stop:
+            try:
+                plan = plan_run(cfg, opts, stop.check, run_id)
+            except Interrupted as e:
+                return _stopped_before_work(cfg, run_id, started, e.signum, opts)
+            progress = _Progress(len(plan.todo), opts.quiet, len(_ids(plan.todo)))
+            writer = PartWriter(cfg.output, run_id, flush_rows=cfg.flush_rows, flush_seconds=cfg.flush_seconds)
+            try:
+                with writer:
+                    _process(cfg, plan.todo, writer, progress, plan.summary, stop, run_id)
+            finally:
+                progress.close()
+    except BaseException as e:
+        with contextlib.suppress(AttributeError, TypeError):
+            e.cogbatch_run_id = run_id  # type: ignore[attr-defined]  # the history line names the run that raised
+        raise
     plan.summary["parts_written"] = len(writer.parts_written)
     return finish_summary(plan.summary, plan, started, stop.signum, opts)
 
 
-def _process(cfg, todo, writer, progress, summary, stop, run_id) -> None:
-    """Error rows for what cannot run; chunks of decoded images through the worker for the rest."""
-    runnable = []
-    for r in todo:
-        reason = r.image.error or r.error
-        if reason:
-            writer.add(error_row(r, reason, cfg, run_id))
-            summary["failed"] += 1
-            progress.update(1, 1)
-        else:
-            runnable.append(r)
-    if not runnable or stop.signum is not None:
-        return
+def _stopped_before_work(cfg: JobConfig, run_id: str, started: float, signum: int, opts: RunOptions) -> dict:
+    """The summary of a run a signal stopped while it was still scanning the input."""
+    summary: dict[str, Any] = {
+        "run_id": run_id,
+        "output": str(cfg.output),
+        "model": cfg.model,
+        "quant": cfg.quantization.describe(),
+        "images": 0,
+        "requests_total": 0,
+        "skipped": 0,
+        "pending": 0,
+        "done": 0,
+        "failed": 0,
+        "generated_tokens": 0,
+        "model_loaded": False,
+        "parts_written": 0,
+        "message": "interrupted while scanning the input: nothing was done (the hashes so far are kept)",
+    }
+    return finish_summary(summary, Plan(run_id, [], summary), started, signum, opts)
 
-    worker = Worker(cfg, run_id)
-    summary["model_loaded"] = True
-    summary["model_load"] = worker.load_report()
+
+def _process(cfg, todo, writer, progress, summary, stop, run_id) -> None:
+    """The model first, so that a model or ceiling that cannot work raises before any row is written
+    (exit 2 means nothing was done); then the rows known to be errors (missing file, no question);
+    then the decoded images, through the worker."""
+    if stop.signum is not None:  # a signal during the scan or the pending computation
+        return
+    known = [r for r in todo if r.image.error or r.error]
+    runnable = [r for r in todo if not (r.image.error or r.error)]
+    worker = None
+    if runnable:
+        worker = Worker(cfg, run_id)
+        summary["model_loaded"] = True
+        summary["model_load"] = worker.load_report()
+        if cfg.model.startswith(TINY_PREFIX):
+            log.warning("NOTE: %s has random weights: its text is random (a smoke run, not captions)", cfg.model)
+    if stop.signum is not None:
+        return
+    for r in known:
+        writer.add(error_row(r, r.image.error or r.error, cfg, run_id))
+        summary["failed"] += 1
+    if known:
+        progress.update(len(known), len(known), len(_ids(known) - _ids(runnable)))  # images with no other work
+    if worker is not None:
+        _generate(cfg, worker, runnable, writer, progress, summary, stop)
+
+
+def _ids(requests: list[Request]) -> set[str]:
+    """The distinct images of some requests."""
+    return {r.image.image_id for r in requests}
+
+
+def _generate(cfg, worker: Worker, runnable: list[Request], writer, progress, summary, stop) -> None:
+    """Decoded images, a chunk at a time, through the worker; rows to the writer as they come."""
     by_image: dict[str, list[Request]] = {}
     for r in runnable:
         by_image.setdefault(r.image.image_id, []).append(r)
@@ -283,10 +415,12 @@ def _process(cfg, todo, writer, progress, summary, stop, run_id) -> None:
         ok = sum(row["status"] == "ok" for row in rows)
         summary["done"] += ok
         summary["failed"] += len(rows) - ok
-        progress.update(len(rows), len(rows) - ok)
+        progress.update(len(rows), len(rows) - ok, len(chunk))
         chunk.clear()
 
-    for img in prefetch(images, cfg, worker.image_size, 2 * worker.chunk_images):
+    # One chunk decoding ahead while the model works on the current one (the window bounds host memory:
+    # a CogVLM2 image is 21.7 MB of float32 pixels and chunks hold up to 64 images).
+    for img in prefetch(images, cfg, worker.image_size, worker.chunk_images + 2 * cfg.loader_threads):
         if stop.signum is not None:
             break
         chunk.append((img, by_image[img.entry.image_id]))
@@ -296,6 +430,11 @@ def _process(cfg, todo, writer, progress, summary, stop, run_id) -> None:
         flush()
     summary["generated_tokens"] = int(worker.stats["generated_tokens"])
     summary.update(worker.summary_stats())
+    device = getattr(worker.model, "device", None)
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        summary["peak_device_bytes"] = int(torch.cuda.max_memory_allocated(device))
 
 
 class SettingsRegistry:

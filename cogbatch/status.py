@@ -1,4 +1,8 @@
-"""Progress of a job from its output dataset and its input, without loading the model."""
+"""Progress of a job from its output dataset and its input, without loading the model.
+
+Read-only: `status` may be pointed at an output that does not exist yet, or that another user's run
+writes; it reads the parts and the hash cache and writes nothing (not even new hashes).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ def job_status(cfg: JobConfig) -> dict[str, Any]:
 
     dtype = resolved_dtype(cfg)
     fingerprints = {t.name: cfg.fingerprint(t, dtype) for t in cfg.tasks}
-    ids = {e.image_id for e in build_entries(cfg)}
+    ids = {e.image_id for e in build_entries(cfg, persist=False)}  # read-only: never create the output
     newest = latest_rows(read_results(cfg.output, ["image_id", "task", "status", "fingerprint", "created_at"]))
     rows = newest.to_pydict()
     state = {

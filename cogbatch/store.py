@@ -168,11 +168,13 @@ def _atomic_write(
     *,
     armed: str | None = None,
     crash_points: tuple[str, str] | None = None,
+    before_rename: Callable[[], None] | None = None,
 ) -> None:
     """Write `final` so that it either does not exist or is complete: temp name, fsync, rename, fsync dir.
 
     The temp file is flocked while written, so `prepare_output` in another process leaves it alone.
     `crash_points` (after fsync, after rename) are the fault-injection points this write honours.
+    `before_rename` is the caller's last word before the file becomes visible: raising drops it.
     """
     temp = _temp_path(final)
     with open(temp, "xb") as f:
@@ -184,6 +186,8 @@ def _atomic_write(
             os.fsync(f.fileno())
             if crash_points:
                 _crash_if(crash_points[0], armed)
+            if before_rename is not None:
+                before_rename()
             os.replace(temp, final)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -256,10 +260,11 @@ class PartWriter:
         if len(self._buffer) >= self.flush_rows or self._clock() - self._last_flush >= self.flush_seconds:
             self.flush()
 
-    def flush(self) -> Path | None:
+    def flush(self, before_rename: Callable[[], None] | None = None) -> Path | None:
         """Write the buffered rows as one part; the path, or None when nothing was buffered.
 
-        On failure (disk full…) the rows stay buffered and no file is left, so the flush can be retried.
+        On failure (disk full…, or `before_rename` raising) the rows stay buffered and no file is
+        left, so the flush can be retried.
         """
         self._last_flush = self._clock()
         if not self._buffer:
@@ -273,6 +278,7 @@ class PartWriter:
             _write_table(table),
             armed=os.environ.get(CRASH_ENV),
             crash_points=("part-temp-written", "part-renamed"),
+            before_rename=before_rename,
         )
         self._seq += 1
         self.rows_written += len(self._buffer)

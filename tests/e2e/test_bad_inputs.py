@@ -16,8 +16,8 @@ def test_bad_input_corpus_gives_rows_for_everything(tmp_path, job_factory):
     names = sorted(expected)
     manifest = tmp_path / "manifest.parquet"
     pq.write_table(pa.table({"path": [f"corpus/{n}" for n in names] + [None]}), manifest)
-    job = job_factory(input={"manifest": str(manifest)},
-                      tasks=[{"name": "caption", "prompt": "Describe this image.", "max_new_tokens": 2}])  # fmt: skip
+    job = job_factory(input={"manifest": str(manifest)},  # {filename}: filled for the null-path row too
+                      tasks=[{"name": "caption", "prompt": "Describe {filename}.", "max_new_tokens": 2}])  # fmt: skip
 
     res = cogbatch_cmd("run", str(job), "--json", "--quiet")
     assert res.returncode == 0, res.stderr
@@ -34,6 +34,7 @@ def test_bad_input_corpus_gives_rows_for_everything(tmp_path, job_factory):
             assert reason in row["error"], (name, row["error"])
     null_row = rows["manifest.parquet#" + str(len(names))]
     assert null_row["status"] == "error" and "null path" in null_row["error"]
+    assert null_row["prompt"] == f"Describe manifest.parquet#{len(names)}."
     assert summary["failed"] == sum(r is not None for r in expected.values()) + 1
 
     # exit code 3 only when asked for

@@ -50,6 +50,11 @@ def _variant(**changes):
         (_variant(quantization="int3"), "quantization: must be"),
         (_variant(vram_ceiling="lots"), "vram_ceiling: must be a size"),
         ("- just\n- a list\n", "must be a mapping"),
+        (_variant(tasks=[{"name": "a", "prompt": "x", "temperature": float("nan")}]),
+         "tasks[0].temperature: must be a finite number"),
+        (_variant(model="tiny-random:nope"), "is not a tiny random model"),
+        (_variant(workers=0), "workers: must be a positive integer"),
+        (_variant(tasks=[{"name": "a", "prompt": "{filename:d}"}]), "tasks[0].prompt: {filename:d} cannot format"),
     ],
 )  # fmt: skip
 def test_bad_job_exits_2_naming_the_key(tmp_path, text, message):
@@ -74,3 +79,33 @@ def test_unknown_model_path_is_a_usage_error(tmp_path, job_factory):
     res = cogbatch_cmd("run", str(job_factory(model=str(tmp_path / "no-model"))))
     assert res.returncode == 2
     assert "no such checkpoint directory" in res.stderr and "Traceback" not in res.stderr
+
+
+def _torch_sees_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.parametrize(
+    "what",
+    ["model dir without config.json", "output is a file", "output cannot be created", "--input nowhere",
+     pytest.param("--device cuda", marks=pytest.mark.skipif(_torch_sees_cuda(), reason="this machine has CUDA"))],
+)  # fmt: skip
+def test_mistakes_found_when_the_run_starts_exit_2_with_nothing_done(tmp_path, job_factory, what):
+    from tests.e2e.conftest import make_images
+
+    make_images(tmp_path / "images", 1)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    keys, args, message = {
+        "model dir without config.json": ({"model": str(tmp_path / "empty")}, [], "no config.json"),
+        "output is a file": ({"output": str(tmp_path / "a_file")}, [], "is a file, not a directory"),
+        "output cannot be created": ({"output": "/proc/cogbatch-test/out"}, [], "output: cannot create"),
+        "--input nowhere": ({}, ["--input", str(tmp_path / "nowhere")], "not a folder or a Parquet file"),
+        "--device cuda": ({}, ["--device", "cuda"], "torch sees no CUDA device"),
+    }[what]
+    res = cogbatch_cmd("run", str(job_factory(**keys)), *args, "--quiet")
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert not list(tmp_path.glob("out/part-*"))

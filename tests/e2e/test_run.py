@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+from pathlib import Path
+
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 
+import cogbatch
+from cogbatch.cli import cli
+from cogbatch.config import ConfigError
+from cogbatch.history import read_history
+from cogbatch.manifest import HashCache
+from cogbatch.model.weights import CheckpointError
 from cogbatch.store import RESULT_SCHEMA, read_results
 from tests.e2e.conftest import cogbatch_cmd, make_images, summary_of
 
@@ -30,7 +43,7 @@ def test_forty_images_then_nothing_then_only_the_new_and_edited(tmp_path, job_fa
     again = cogbatch_cmd("run", str(job), "--json", "--quiet")
     second = summary_of(again)
     assert second["pending"] == 0 and second["model_loaded"] is False
-    assert "nothing to do" in again.stderr
+    assert "nothing to do" in second["message"] and again.stderr == ""  # --quiet: no human summary
 
     make_images(tmp_path / "images", 5, seed=1, start=40)
     images[7].write_bytes(images[8].read_bytes()[:-1] + b"\0")  # edited: new bytes, new id
@@ -91,3 +104,131 @@ def test_demo_runs_without_gpu_or_download(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "random" in res.stderr
     assert summary_of(res)["done"] == 6
+
+
+def _manifest_with_a_missing_file(tmp_path) -> Path:
+    images = make_images(tmp_path / "images", 2)
+    manifest = tmp_path / "manifest.parquet"
+    pq.write_table(pa.table({"path": [f"images/{p.name}" for p in images] + ["images/gone.png"]}), manifest)
+    return manifest
+
+
+def test_a_ceiling_too_small_for_the_weights_stops_before_work(tmp_path, job_factory):
+    job = job_factory(input={"manifest": str(_manifest_with_a_missing_file(tmp_path))})
+    res = cogbatch_cmd("run", str(job), "--vram-ceiling", "1MiB", "--quiet")
+    assert res.returncode == 2
+    assert "needs about" in res.stderr and "ceiling is 0.00 GiB" in res.stderr and "Traceback" not in res.stderr
+    assert read_results(tmp_path / "out").num_rows == 0  # not even the missing file's error rows
+    (record,) = read_history(tmp_path / "out")
+    assert record["exit_code"] == 2 and record["run_id"]  # the aborted run is named in the history
+
+
+def test_a_wrong_model_writes_no_row_so_the_right_one_can_run_next(tmp_path, job_factory, tiny_cogvlm1):
+    manifest = _manifest_with_a_missing_file(tmp_path)
+    wrong = job_factory("wrong.yaml", model=str(tmp_path / "no-model"), input={"manifest": str(manifest)})
+    (tmp_path / "no-config").mkdir()
+    no_config = job_factory("empty.yaml", model=str(tmp_path / "no-config"), input={"manifest": str(manifest)})
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        cogbatch.run_job(wrong, quiet=True)
+    with pytest.raises(ConfigError, match=r"no config\.json"):
+        cogbatch.run_job(no_config, quiet=True)
+    only_missing = tmp_path / "only_missing.parquet"
+    pq.write_table(pa.table({"path": ["images/gone.png"]}), only_missing)
+    with pytest.raises(CheckpointError):  # no model would load, but the error rows would name the wrong one
+        cogbatch.run_job(wrong, input=str(only_missing), quiet=True)
+    assert read_results(tmp_path / "out").num_rows == 0
+
+    right = cogbatch.run_job(job_factory(input={"manifest": str(manifest)}), quiet=True)
+    assert right["exit_code"] == 0 and right["done"] == 4 and right["failed"] == 2
+
+
+def test_quiet_json_prints_one_json_line_and_nothing_else(tmp_path, job_factory):
+    make_images(tmp_path / "images", 2)
+    res = cogbatch_cmd("run", str(job_factory()), "--quiet", "--json")
+    assert res.returncode == 0
+    assert len(res.stdout.splitlines()) == 1 and json.loads(res.stdout)["done"] == 4
+    assert res.stderr == ""  # no progress, no human summary: a cron log stays one JSON line per run
+
+
+def test_status_of_an_output_that_does_not_exist_yet_creates_nothing(tmp_path, job_factory):
+    make_images(tmp_path / "images", 2)
+    res = CliRunner().invoke(cli, ["status", str(job_factory()), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["tasks"]["caption"]["pending"] == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_signal_while_hashing_the_input_stops_with_nothing_done(tmp_path, job_factory, monkeypatch):
+    make_images(tmp_path / "images", 4)
+    job = job_factory()
+    real = HashCache.image_id
+
+    def hash_then_terminate(self, path):
+        os.kill(os.getpid(), signal.SIGTERM)  # as if `kill PID` came while a big folder is being hashed
+        return real(self, path)
+
+    monkeypatch.setattr(HashCache, "image_id", hash_then_terminate)
+    summary = cogbatch.run_job(job, quiet=True)
+    assert summary["exit_code"] == 143 and summary["interrupted"] and summary["done"] == 0
+    assert "nothing was done" in summary["message"]
+    assert read_results(tmp_path / "out").num_rows == 0
+    assert len(HashCache(tmp_path / "out").entries) == 1  # hashed before the signal: kept
+    monkeypatch.setattr(HashCache, "image_id", real)
+    assert cogbatch.run_job(job, quiet=True)["done"] == 8
+
+
+def test_a_signal_before_the_run_starts_exits_143(tmp_path, job_factory, monkeypatch):
+    import cogbatch.config
+
+    make_images(tmp_path / "images", 1)
+
+    def terminated_while_loading(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the signal should have stopped the command")
+
+    monkeypatch.setattr(cogbatch.config, "load_job", terminated_while_loading)
+    res = CliRunner().invoke(cli, ["run", str(job_factory()), "--quiet"])
+    assert res.exit_code == 143 and "interrupted" in res.stderr
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the caller's handler is back
+
+
+def test_a_second_ctrl_c_stops_at_once_with_130_and_the_output_resumes(tmp_path, job_factory, monkeypatch):
+    from cogbatch.runner import _Progress
+
+    make_images(tmp_path / "images", 9)
+    job = job_factory(batch_size=1)  # one decode slot: chunks of a few images, so several chunks
+    real = _Progress.update
+
+    def ctrl_c_twice_after_the_first_chunk(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # finish the batch in flight...
+        os.kill(os.getpid(), signal.SIGINT)  # ...no: stop at once
+
+    monkeypatch.setattr(_Progress, "update", ctrl_c_twice_after_the_first_chunk)
+    res = CliRunner().invoke(cli, ["run", str(job), "--quiet"])
+    assert res.exit_code == 130 and "stopped at once" in res.stderr and "Aborted" not in res.output
+    kept = read_results(tmp_path / "out").num_rows
+    assert 0 < kept < 18  # the first chunk's rows were flushed, the rest not done
+    assert read_history(tmp_path / "out")[-1]["exit_code"] == 130
+
+    monkeypatch.setattr(_Progress, "update", real)
+    assert cogbatch.run_job(job, quiet=True)["done"] == 18 - kept
+    rows = read_results(tmp_path / "out").to_pylist()
+    assert len({(r["image_id"], r["task"]) for r in rows}) == len(rows) == 18
+
+
+def test_jobs_demo_yaml_runs_on_its_own_from_the_repository(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    res = cogbatch_cmd("run", "jobs/demo.yaml", "--output", str(tmp_path / "demo"), "--quiet", "--json", cwd=root)
+    assert res.returncode == 0, res.stderr
+    assert summary_of(res)["done"] == 16
+    assert "text is random" in res.stderr  # said for every tiny-random run, also with --quiet
+
+
+def test_demo_job_and_jobs_demo_yaml_ask_the_same(tmp_path, monkeypatch):
+    from cogbatch.config import load_job
+    from cogbatch.demo import demo_job
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    yaml_job = load_job("jobs/demo.yaml", {"output": str(tmp_path / "out")}, pipeline=None)
+    assert demo_job(tmp_path / "demo", 1).tasks == yaml_job.tasks

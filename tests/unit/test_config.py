@@ -67,6 +67,17 @@ def test_fingerprint_changes_with_what_changes_the_text(tmp_path, base):
     assert c.fingerprint(c.tasks[0], "bfloat16") != fp
 
 
+def test_an_explicit_dequant_threshold_enters_the_fingerprint_and_the_default_does_not(tmp_path, base):
+    """Dense vs fused int4 can flip a greedy token, so old rows must be named stale; a job that never set it
+    keeps the fingerprint its rows were written with."""
+    plain = load_job({**base, "quantization": {"default": "int4"}})
+    fp = plain.fingerprint(plain.tasks[0], "bfloat16")
+    assert plain.quantization.dequant_threshold is None
+    for threshold in (512, None, {"cpu": 256, "cuda": None}):
+        job = load_job({**base, "quantization": {"default": "int4", "dequant_threshold": threshold}})
+        assert job.fingerprint(job.tasks[0], "bfloat16") != fp, threshold
+
+
 def test_manifest_columns_are_placeholders_and_question_columns(tmp_path, base):
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.table({"path": ["a.jpg"], "tags": ["cat"], "question": ["Why?"]}), manifest)
@@ -113,3 +124,100 @@ def test_prompt_with_stray_brace_is_a_config_error(tmp_path, base):
     base["tasks"] = [{"name": "a", "prompt": "a {b"}]
     with pytest.raises(ConfigError, match=r"tasks\[0\].prompt: invalid placeholder syntax"):
         load_job(base, pipeline=_pipeline(tmp_path))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_numbers_are_refused(tmp_path, base, value):
+    base["tasks"] = [{"name": "a", "prompt": "x", "temperature": value}]
+    with pytest.raises(ConfigError, match=r"tasks\[0\].temperature: must be a finite number"):
+        load_job(base, pipeline=None)
+    with pytest.raises(ConfigError, match="flush_seconds: must be a finite number"):
+        load_job({**base, "tasks": [{"name": "a", "prompt": "x"}], "flush_seconds": value}, pipeline=None)
+
+
+def test_nan_from_yaml_is_refused(tmp_path, base):
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(base) + "generation:\n  top_p: .nan\n")
+    with pytest.raises(ConfigError, match=r"generation\.top_p: must be a finite number"):
+        load_job(job, pipeline=None)
+
+
+def test_an_unknown_tiny_random_architecture_is_a_config_error(tmp_path, base):
+    with pytest.raises(ConfigError, match="model: 'tiny-random:nope' is not a tiny random model"):
+        load_job({**base, "model": "tiny-random:nope"}, pipeline=None)
+    assert load_job({**base, "model": "tiny-random:cogvlm"}, pipeline=None).model == "tiny-random:cogvlm"
+
+
+def test_an_output_that_can_never_be_a_directory_is_refused(tmp_path, base):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError, match=r"output: .*a_file is a file, not a directory"):
+        load_job({**base, "output": str(tmp_path / "a_file")}, pipeline=None)
+    with pytest.raises(ConfigError, match=r"output: .* cannot be created: .*a_file is a file"):
+        load_job({**base, "output": str(tmp_path / "a_file" / "out")}, pipeline=None)
+    assert not (tmp_path / "out").exists()  # validating never creates the output
+
+
+def test_workers_is_a_positive_integer_or_null(tmp_path, base):
+    assert load_job(base, pipeline=None).workers is None
+    assert load_job({**base, "workers": 3}, pipeline=None).workers == 3
+    assert load_job({**base, "workers": 3}, {"workers": 5}, pipeline=None).workers == 5  # --workers wins
+    with pytest.raises(ConfigError, match="workers: must be a positive integer"):
+        load_job({**base, "workers": 0}, pipeline=None)
+
+
+def test_folder_keys_with_a_manifest_and_manifest_keys_with_a_folder_are_refused(tmp_path, base):
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"path": ["a.jpg"]}), manifest)
+    with pytest.raises(ConfigError, match=r"input\.recursive: applies to a folder input only"):
+        load_job({**base, "input": {"manifest": str(manifest), "recursive": False}}, pipeline=None)
+    with pytest.raises(ConfigError, match=r"input\.extensions: applies to a folder input only"):
+        load_job({**base, "input": {"manifest": str(manifest), "extensions": ["jpg"]}}, pipeline=None)
+    with pytest.raises(ConfigError, match=r"input\.path_column: applies to a manifest input only"):
+        load_job({**base, "input": {**base["input"], "path_column": "file"}}, pipeline=None)
+    # --input switching kinds drops the keys of the other kind instead of refusing them
+    cfg = load_job({**base, "input": {**base["input"], "recursive": False}}, {"input": str(manifest)}, pipeline=None)
+    assert cfg.input.manifest == manifest
+
+
+def test_unknown_keys_from_the_pipeline_file_say_so(tmp_path, base):
+    pipe = _pipeline(tmp_path, batchsize=4)
+    with pytest.raises(ConfigError, match=f"batchsize: unknown key in the pipeline file {pipe}"):
+        load_job(base, pipeline=pipe)
+    with pytest.raises(ConfigError, match=r"^colour: unknown key$"):  # the job's own typo is named first
+        load_job({**base, "colour": 1}, pipeline=pipe)
+
+
+def test_input_override_that_is_neither_a_folder_nor_a_file(tmp_path, base):
+    with pytest.raises(ConfigError, match=r"--input .*nowhere: not a folder or a Parquet file"):
+        load_job(base, {"input": str(tmp_path / "nowhere")}, pipeline=None)
+
+
+def test_format_specs_are_checked_against_the_column_types(tmp_path, base):
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"path": ["a.jpg"], "n": [3], "tag": ["cat"]}), manifest)
+    base["input"] = {"manifest": str(manifest)}
+    ok = load_job({**base, "tasks": [{"name": "a", "prompt": "Image {n:03d} of {tag!r:>8}, {filename:.5}"}]},
+                  pipeline=None)  # fmt: skip
+    assert ok.tasks[0].placeholders == ["n", "tag", "filename"]
+    with pytest.raises(ConfigError, match=r"tasks\[0\].prompt: \{tag:d\} cannot format the str values of 'tag'"):
+        load_job({**base, "tasks": [{"name": "a", "prompt": "{tag:d}"}]}, pipeline=None)
+    with pytest.raises(ConfigError, match=r"tasks\[0\].prompt: \{filename:\.2f\} cannot format"):
+        load_job({**base, "tasks": [{"name": "a", "prompt": "{filename:.2f}"}]}, pipeline=None)
+
+
+def test_overrides_of_an_already_loaded_config_are_validated_and_applied(tmp_path, base):
+    from cogbatch.config import with_overrides
+
+    cfg = load_job(base, pipeline=None)
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"path": ["a.jpg"]}), manifest)
+    new = with_overrides(cfg, {"output": str(tmp_path / "o2"), "limit": 2, "vram_ceiling": "6GiB", "device": "cpu",
+                               "input": str(manifest), "batch_size": None, "workers": 2})  # fmt: skip
+    assert new.output == tmp_path / "o2" and new.limit == 2 and new.vram_ceiling == 6 * 2**30
+    assert new.device == "cpu" and new.workers == 2 and new.input.manifest == manifest
+    assert new.batch_size == cfg.batch_size and new.tasks == cfg.tasks
+    assert with_overrides(cfg, {}) == cfg
+    with pytest.raises(ConfigError, match="limit: must be a positive integer"):
+        with_overrides(cfg, {"limit": 0})
+    with pytest.raises(TypeError, match=r"unknown override.*colour"):
+        with_overrides(cfg, {"colour": "red"})

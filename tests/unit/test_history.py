@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 from cogbatch.config import QuantSettings
@@ -81,13 +82,42 @@ def test_record_of_an_aborted_run_counts_its_parts(tmp_path):
     assert rec["run_id"] == "run-x" and rec["done"] == 2 and rec["failed"] == 1
     assert "disk on fire" in rec["message"]
     rec = run_record(_cfg(tmp_path), 0.0, None, KeyboardInterrupt(), {})
-    assert rec["exit_code"] == 1 and rec["run_id"] is None and "Ctrl-C" in rec["message"]
+    assert rec["exit_code"] == 130 and rec["outcome"] == "interrupted"
+    assert rec["run_id"] is None and "Ctrl-C" in rec["message"]
 
 
-def test_settings_changed_is_recorded_as_exit_2(tmp_path):
+def test_a_second_signal_is_recorded_with_the_exit_code_the_cli_exits_with(tmp_path):
+    import signal
+
+    from cogbatch.exits import Interrupted
+
+    assert run_record(_cfg(tmp_path), 0.0, None, Interrupted(signal.SIGTERM), {})["exit_code"] == 143
+    assert run_record(_cfg(tmp_path), 0.0, None, Interrupted(signal.SIGINT), {})["exit_code"] == 130
+
+
+def test_user_errors_are_recorded_as_exit_2_like_the_cli(tmp_path):
+    from cogbatch.config import ConfigError
+    from cogbatch.engines import EngineError
+    from cogbatch.model.config import ConfigError as ModelConfigError
+    from cogbatch.model.weights import CheckpointError
+    from cogbatch.planner import DoesNotFit
     from cogbatch.runner import SettingsChanged
 
-    assert run_record(_cfg(tmp_path), 0.0, None, SettingsChanged("x"), {})["exit_code"] == 2
+    for error in (SettingsChanged("x"), DoesNotFit("x"), EngineError("x"), CheckpointError("x"),
+                  ModelConfigError("x"), ConfigError("x")):  # fmt: skip
+        assert run_record(_cfg(tmp_path), 0.0, None, error, {})["exit_code"] == 2, error
+    assert run_record(_cfg(tmp_path), 0.0, None, ValueError("a bug"), {})["exit_code"] == 1
+
+
+def test_an_aborted_run_is_recorded_with_its_run_id_and_the_absolute_job_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    error = RuntimeError("boom")
+    error.cogbatch_run_id = "20250101T000000Z-abcdef"  # what the runner attaches before re-raising
+    cfg = _cfg(tmp_path)
+    cfg.path = Path("jobs/caption.yaml")
+    rec = run_record(cfg, 0.0, None, error, {})
+    assert rec["run_id"] == "20250101T000000Z-abcdef"
+    assert rec["job"] == str(tmp_path / "jobs" / "caption.yaml")
 
 
 def test_table(tmp_path):

@@ -109,3 +109,64 @@ def test_pending_changed_and_limit(tmp_path, folder):
     assert [(r.image.image_id, r.task.name) for r in pending(reqs, done, False)] == [(b, "t1"), (b, "t2")]
     assert len(pending(reqs, done, True)) == 3
     assert [r.image.image_id for r in limit_images(reqs, 1)] == [a, a]
+
+
+def test_builtin_placeholders_are_filled_for_rows_without_a_file(tmp_path):
+    bytes_manifest = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"id": ["photos/cat.jpg", None], "image": [b"111", b"222"]}), bytes_manifest)
+    tasks = [{"name": "t", "prompt": "{filename}|{stem}|{folder}"}]
+    cfg = _job(tmp_path, input={"manifest": str(bytes_manifest), "bytes_column": "image", "id_column": "id"},
+               tasks=tasks)  # fmt: skip
+    reqs = expand_requests(build_entries(cfg), cfg, {"t": "f"})
+    assert [r.prompt for r in reqs] == ["cat.jpg|cat|photos", "b.parquet#1|b|"]
+    assert all(r.error is None for r in reqs)
+
+    path_manifest = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"path": [None]}, schema=pa.schema([("path", pa.string())])), path_manifest)
+    cfg = _job(tmp_path, input={"manifest": str(path_manifest)}, tasks=tasks)
+    (req,) = expand_requests(build_entries(cfg), cfg, {"t": "f"})
+    assert req.image.error == "null path" and req.prompt == "p.parquet#0|p|"
+
+
+def test_a_value_its_format_spec_cannot_take_is_an_error_row_not_a_crash(tmp_path):
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"path": ["a.jpg", "b.jpg"], "n": [7, None]}), manifest)
+    cfg = _job(tmp_path, input={"manifest": str(manifest)}, tasks=[{"name": "t", "prompt": "#{n:03d}"}])
+    first, second = expand_requests(build_entries(cfg), cfg, {"t": "f"})
+    assert first.prompt == "#007" and first.error is None
+    assert second.prompt is None and "cannot fill the prompt '#{n:03d}'" in second.error  # null -> "" -> :03d fails
+
+
+def test_a_repeated_image_with_another_question_is_asked_once_and_said_loudly(tmp_path, caplog):
+    (tmp_path / "a.jpg").write_bytes(b"aaa")
+    (tmp_path / "b.jpg").write_bytes(b"bbb")
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"path": ["a.jpg", "a.jpg", "b.jpg", "b.jpg"],
+                             "question": ["Why?", "How?", "Who?", "Who?"]}), manifest)  # fmt: skip
+    tasks = [{"name": "q", "question_column": "question"}, {"name": "c", "prompt": "{filename}"}]
+    cfg = _job(tmp_path, input={"manifest": str(manifest)}, tasks=tasks)
+    with caplog.at_level("WARNING", logger="cogbatch"):
+        reqs = expand_requests(build_entries(cfg), cfg, {"q": "f1", "c": "f2"})
+    assert [(r.task.name, r.prompt) for r in reqs] == [("q", "Why?"), ("c", "a.jpg"), ("q", "Who?"), ("c", "b.jpg")]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1  # the same question twice loses nothing; {filename} is no per-row question
+    assert "task 'q': 1 manifest row(s) repeat an image with another question" in warnings[0]
+    assert "'Why?'" in warnings[0] and "its own task" in warnings[0]
+
+
+def test_a_scan_stopped_by_a_signal_keeps_its_hashes_and_status_writes_nothing(tmp_path, folder):
+    cfg = _job(tmp_path, input={"folder": str(folder)})
+    seen = []
+
+    def check():
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        seen.append(1)
+
+    with pytest.raises(KeyboardInterrupt):
+        build_entries(cfg, check)
+    assert len(HashCache(cfg.output).entries) == 2  # the work done before the signal is not lost
+
+    other = _job(tmp_path / "elsewhere", input={"folder": str(folder)})
+    assert len(build_entries(other, persist=False)) == 3
+    assert not (tmp_path / "elsewhere").exists()

@@ -176,6 +176,24 @@ def test_atomic_write_leaves_only_a_readable_part(tmp_path):
     assert pq.read_table(part).to_pylist() == rows
 
 
+def test_a_refusal_before_the_rename_leaves_no_file_and_keeps_the_rows(tmp_path):
+    """The Ray actors' last check that their driver still holds the run: a refused part never appears."""
+    writer = PartWriter(tmp_path, "run1")
+    writer.add(row(0))
+    seen_temp = []
+
+    def refuse() -> None:
+        seen_temp.extend(os.listdir(tmp_path))  # the part is complete and fsynced, under its temp name
+        raise RuntimeError("driver gone")
+
+    with pytest.raises(RuntimeError, match="driver gone"):
+        writer.flush(before_rename=refuse)
+    assert len(seen_temp) == 1 and not seen_temp[0].startswith("part-")
+    assert os.listdir(tmp_path) == [] and writer.rows_written == 0
+    part = writer.flush(before_rename=lambda: None)
+    assert part is not None and pq.read_table(part).num_rows == 1
+
+
 def test_context_manager_flushes_buffered_rows_on_exception(tmp_path):
     with pytest.raises(RuntimeError), PartWriter(tmp_path, "run1") as writer:
         writer.add(row(0))
