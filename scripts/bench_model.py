@@ -16,15 +16,19 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 from pathlib import Path
 
 import torch
 
-from cogbatch.model.cogvlm import CogVLM
-from cogbatch.model.generate import GenerationConfig
-from cogbatch.model.tiny import write_tiny_checkpoint
-
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # cogbatch from this checkout, installed or not (a GPU machine's bare python)
+
+from cogbatch.model.cogvlm import CogVLM  # noqa: E402
+from cogbatch.model.generate import GenerationConfig  # noqa: E402
+from cogbatch.model.tiny import write_tiny_checkpoint  # noqa: E402
+
 SHAPE = {"arch": "cogvlm2", "hidden_size": 1024, "layers": 8, "heads": 8, "kv_heads": 2,
          "vision_hidden_size": 768, "vision_layers": 8, "image_size": 224, "dtype": "fp16"}  # fmt: skip
 QUERIES = ["Describe this image.", "What is in the picture?", "Write a short caption for this photo, please.",

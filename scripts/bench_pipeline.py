@@ -30,12 +30,12 @@ REPO = Path(__file__).resolve().parent.parent
 SHAPE = {
     "arch": "cogvlm2",
     "hidden_size": 512,
-    "layers": 4,
+    "layers": 6,
     "heads": 4,
     "kv_heads": 2,
-    "vision_hidden_size": 384,
-    "vision_layers": 6,
-    "image_size": 448,
+    "vision_hidden_size": 512,
+    "vision_layers": 12,
+    "image_size": 672,
     "dtype": "fp16",
 }
 TASKS = [
@@ -109,7 +109,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="cogbatch-bench-"))
-    ckpt = REPO / "outputs" / "bench" / "cogvlm2-pipeline-ckpt"
+    ckpt = REPO / "outputs" / "bench" / "cogvlm2-pipeline-ckpt-v2"
     if not (ckpt / "config.json").is_file():
         write_tiny_checkpoint(ckpt, **SHAPE, seed=0, overwrite=True)
     make_images(work / "images", args.images)

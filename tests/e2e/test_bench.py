@@ -79,9 +79,57 @@ def test_bench_gpu_arguments():
         sys.path.pop(0)
     args = bench_gpu.parse_args(["--models", "cogvlm2", "--batches", "1,4", "--quants", "int4"])
     assert (args.models, args.batches, args.quants) == (["cogvlm2"], [1, 4], ["int4"])
+    # the issue's figures by default: CogVLM2 (CogVLM-17B opt-in), 256 new tokens, the Worker at batch 4 under 11 GiB
+    d = bench_gpu.parse_args([])
+    assert (d.models, d.new_tokens, d.worker_batch, d.ceiling_gib) == (["cogvlm2"], 256, 4, 11.0)
     with pytest.raises(SystemExit):
         bench_gpu.parse_args(["--models", "llava"])
-    # the random checkpoints get the real models' sizes
-    kw = bench_gpu.shape_kwargs("cogvlm2")
-    assert (kw["hidden_size"], kw["layers"], kw["kv_heads"], kw["image_size"]) == (4096, 32, 8, 1344)
-    assert bench_gpu.shape_kwargs("cogvlm1")["vision_layers"] == 63
+    with pytest.raises(SystemExit):
+        bench_gpu.parse_args(["--batches", "1,x"])
+
+
+@pytest.mark.slow
+def test_bench_gpu_simulate_runs_every_part_and_survives_a_failing_one(tmp_path, monkeypatch, capsys):
+    """The device call's whole flow on tiny shapes on the CPU; one part fails and the others still run."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import bench_gpu
+    finally:
+        sys.path.pop(0)
+    real = bench_gpu.bench_generate
+
+    def flaky(model, dev, batch, *args, **kwargs):
+        if batch == 2:
+            raise RuntimeError("injected")
+        return real(model, dev, batch, *args, **kwargs)
+
+    monkeypatch.setattr(bench_gpu, "bench_generate", flaky)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out" / "gpu.json"
+    argv = ["--simulate", "--batches", "1,2", "--new-tokens", "2", "--worker-batch", "2", "--workdir",
+            str(tmp_path / "work"), "--json", str(out)]  # fmt: skip
+    assert bench_gpu.main(argv) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    (model,) = report["models"]
+    assert [q["quant"] for q in model["quants"]] == ["int4", "bf16"]
+    for q in model["quants"]:
+        ok, failed = q["rows"]
+        assert failed == {"batch": 2, "error": "RuntimeError('injected')"}
+        assert ok["batch"] == 1 and ok["decode_tok_s"] > 0 and ok["images_per_s"] > 0
+        assert ok["decode_floor_ms"] < ok["prefill_floor_s"] * 1e3  # the decode step reads less than the prefill
+        split = q["load"]["split_bytes"]
+        assert split["decode"] == split["language_text"] + split["lm_head"]
+        w = q["worker"]
+        assert w["ok_rows"] == 2 and w["generated_tokens"] == 2 * 2 and w["mode"] in ("resident", "swap")
+    assert model["quants"][0]["load"]["kernels"]  # int4 reports its kernel classes
+    assert not any((tmp_path / "work").iterdir())  # the checkpoint is deleted afterwards
+    # every table row printed is in the JSON, the failure included, and --render prints the same
+    in_json = [row for t in report["tables"] for row in t["rows"]]
+    assert table_rows(printed) == in_json
+    assert any("error: RuntimeError('injected')" in cell for row in in_json for cell in row)
+    again = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--render", str(out)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert table_rows(again.stdout) == in_json
