@@ -128,9 +128,14 @@ def exits_on_signals(command):
             )
             stopped.exit_code = exit_code_for(e)
             raise stopped from None
-        finally:  # called in-process (tests, a notebook): leave the caller's handlers as they were
+        finally:
+            # Called in-process (tests, a notebook): leave the caller's handlers as they were. As the
+            # `cogbatch` program the work is over and the process is exiting (interpreter shutdown
+            # with torch loaded takes a while): a late signal must not turn the exit code into a kill.
+            ctx = click.get_current_context(silent=True)
+            program = ctx is not None and ctx.find_root().obj == _PROGRAM
             for s, handler in previous.items():
-                signal.signal(s, handler)
+                signal.signal(s, signal.SIG_IGN if program else handler)
 
     return wrapper
 
@@ -616,5 +621,8 @@ def demo(output, n_images, as_json, quiet) -> None:
     sys.exit(summary["exit_code"])
 
 
+_PROGRAM = "cogbatch-program"  # the root context's obj when running as the `cogbatch` executable
+
+
 def main() -> None:
-    cli()
+    cli(obj=_PROGRAM)

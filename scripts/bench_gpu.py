@@ -510,7 +510,7 @@ def bench_generate(model: Any, dev: Device, batch: int, new_tokens: int, bandwid
         "peak_reserved_gib": dev.gib("max_memory_reserved"),
         "peak_allocated_gib": dev.gib("max_memory_allocated"),
         "prefill_s": round(prefill, 3),
-        "prefill_floor_s": round(split["prefill"] / bandwidth, 4),
+        "prefill_floor_s": round(split["prefill"] / bandwidth, 6),
         "decode_step_ms": round(step * 1e3, 2),
         "decode_floor_ms": round(split["decode"] / bandwidth * 1e3, 3),
         "decode_tok_s": round(batch * new_tokens / t["decode_s"], 1),

@@ -70,3 +70,29 @@ def test_json_output_is_a_single_line(capsys):
     _emit({"a": 1, "b": {"c": [1, 2]}}, True, "human", quiet=True)
     out, err = capsys.readouterr()
     assert out == '{"a": 1, "b": {"c": [1, 2]}}\n' and err == ""
+
+
+def test_a_late_signal_never_turns_the_programs_exit_into_a_kill(tmp_path):
+    """Once `run` has returned, the `cogbatch` process is only exiting (interpreter shutdown with torch takes
+    a while): a SIGTERM then must leave its exit code alone, not kill it (-15). In-process callers (tests,
+    notebooks) get their own handlers back."""
+    import signal
+
+    from click.testing import CliRunner
+
+    from cogbatch.cli import _PROGRAM, cli
+
+    bad = tmp_path / "job.yaml"
+    bad.write_text("model: [unclosed\n")
+
+    def mine(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert CliRunner().invoke(cli, ["run", str(bad)]).exit_code == 2
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert CliRunner().invoke(cli, ["run", str(bad)], obj=_PROGRAM).exit_code == 2
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
