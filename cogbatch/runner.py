@@ -333,6 +333,7 @@ def _run_locked(cfg: JobConfig, options: RunOptions | None = None) -> dict[str, 
                 plan = plan_run(cfg, opts, stop.check, run_id)
             except Interrupted as e:
                 return _stopped_before_work(cfg, run_id, started, e.signum, opts)
+            plan.summary["plan_s"] = round(time.time() - started, 3)  # input scan, hashing, done set
             progress = _Progress(len(plan.todo), opts.quiet, len(_ids(plan.todo)))
             writer = PartWriter(cfg.output, run_id, flush_rows=cfg.flush_rows, flush_seconds=cfg.flush_seconds)
             try:
@@ -379,7 +380,9 @@ def _process(cfg, todo, writer, progress, summary, stop, run_id) -> None:
     runnable = [r for r in todo if not (r.image.error or r.error)]
     worker = None
     if runnable:
+        t0 = time.perf_counter()
         worker = Worker(cfg, run_id)
+        summary["model_load_s"] = round(time.perf_counter() - t0, 3)  # imports, weights, tokenizer, plan
         summary["model_loaded"] = True
         summary["model_load"] = worker.load_report()
         if cfg.model.startswith(TINY_PREFIX):

@@ -228,20 +228,21 @@ def pipeline_split(wall: float, summary: dict, child: dict | None) -> dict:
     """One run's wall time split into start+load, model compute and the rest (overhead).
 
     With the run's own `model_compute_s`, both figures come from the run itself: start+load = what
-    precedes the run's clock (interpreter, imports, CLI) + its load report's total; else `child` (a
-    second fresh process over the same images) gives the load (tokenizer included) and the compute.
+    precedes the run's clock (interpreter, imports, CLI) + the run's `model_load_s` (the worker's
+    construction: library imports, weights, tokenizer, plan; older summaries: the load report's total);
+    else `child` (a second fresh process over the same images) gives the load and the compute.
     """
     outside = wall - summary["wall_s"]  # interpreter start + imports + CLI, before the run's own clock
     in_run = in_run_compute_s(summary)
     if in_run is not None:
-        load = (summary.get("model_load") or {}).get("total_s", 0.0)
+        load = summary.get("model_load_s", (summary.get("model_load") or {}).get("total_s", 0.0))
         start_load, compute, source = outside + load, in_run, "in the run (model_compute_s)"
     else:
         start_load, compute, source = outside + child["load_s"], child["compute_s"], "second process"
     rest = wall - start_load - compute
     return {"wall": wall, "run_wall": summary["wall_s"], "start_load": start_load, "compute": compute, "rest": rest,
             "overhead": rest / wall, "after_load": rest / (wall - start_load), "done": summary["done"],
-            "source": source}  # fmt: skip
+            "plan": summary.get("plan_s"), "source": source}  # fmt: skip
 
 
 def bench_pipeline(mode: dict, work: Path) -> dict:
@@ -281,13 +282,16 @@ def bench_pipeline(mode: dict, work: Path) -> dict:
         r = pipeline_split(wall, summary, best)
     else:  # every figure from one run: the fastest run, taken whole
         r = min((pipeline_split(*s) for s in splits), key=lambda x: x["wall"])
+    plan_s = "-" if r["plan"] is None else f"{r['plan']:.2f}"
     rows = [[str(mode["images"]), f"{r['wall']:.2f}", f"{r['run_wall']:.2f}", f"{r['start_load']:.2f}",
-             f"{r['compute']:.2f}", f"{r['rest']:.2f}", f"{r['overhead'] * 100:.1f}", f"{r['after_load'] * 100:.1f}",
-             str(r["done"]), r["source"]]]  # fmt: skip
+             f"{r['compute']:.2f}", f"{r['rest']:.2f}", plan_s, f"{r['overhead'] * 100:.1f}",
+             f"{r['after_load'] * 100:.1f}", str(r["done"]), r["source"]]]  # fmt: skip
     if r["source"].startswith("in the run"):
         how = (
-            "start+load = (wall - run wall_s) + the run's load report total; compute = the run's own "
-            "model_compute_s (time inside Worker.process: vision encode + prefill + decode)"
+            "start+load = (wall - run wall_s) + the run's model_load_s (worker construction: library imports, "
+            "weights, tokenizer, batch plan); compute = the run's own model_compute_s (time inside "
+            "Worker.process: vision encode + prefill + decode); of which scan+plan = the run's plan_s (input "
+            "scan, image hashing, done set, the torch import), counted in the overhead"
         )
     else:
         how = (
@@ -297,8 +301,8 @@ def bench_pipeline(mode: dict, work: Path) -> dict:
         )
     return table(
         "pipeline: `cogbatch run` wall time vs model compute",
-        ["images", "wall s", "run wall_s", "start+load s", "compute s", "overhead s", "overhead % of wall",
-         "overhead % after load", "rows done", "compute measured"],
+        ["images", "wall s", "run wall_s", "start+load s", "compute s", "overhead s", "of which scan+plan s",
+         "overhead % of wall", "overhead % after load", "rows done", "compute measured"],
         rows,
         "wall = `python -m cogbatch run job.yaml --json --quiet` timed from outside; run wall_s = the summary's "
         "(from run start: excludes interpreter start and imports, includes the model load); "

@@ -13,6 +13,7 @@ device, so the full-precision model is never held twice.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -123,7 +124,6 @@ class CogVLM(nn.Module):
         """
         from cogbatch.model.load_report import LoadTracker, build_report
         from cogbatch.model.quant_plan import QuantConfig
-        from cogbatch.model.quantize import load_quantized
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = resolve_dtype(dtype, device)
@@ -133,6 +133,15 @@ class CogVLM(nn.Module):
         files = weight_files(ckpt)
         found = scan_tensors(files)
         check_tensors(checkpoint_tensor_shapes(cfg), found, ckpt)
+
+        # Imported here, not at the top (an unquantized load need not pay optimum-quanto's ~4 s), and
+        # before the tracker starts: the load report times the load, not library imports. torch imports
+        # torch._dynamo (~1.4 s) on the first module built on the meta device; quanto imports it too.
+        importlib.import_module("torch._dynamo")
+        if quant is None:
+            import accelerate  # noqa: F401
+        else:
+            from cogbatch.model.quantize import load_quantized
 
         cache: dict[str, Any] = {}
         with LoadTracker(device) as tracker:

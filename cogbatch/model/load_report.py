@@ -8,6 +8,7 @@ tensors), peaks from `/proc/self/status` (VmHWM, and RssAnon sampled by a thread
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -17,11 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from optimum.quanto import qint4, qint8
-from optimum.quanto.tensor import QTensor
 from torch import nn
 
-from cogbatch.model.quant_linear import kernel_counts
 from cogbatch.model.quant_plan import FALLBACK_CLASS, QuantConfig, component_of
 
 # --------------------------------------------------------------------------------------------
@@ -181,6 +179,7 @@ def weight_bytes(model: nn.Module) -> tuple[dict[str, int], dict[str, int], int]
     by_dtype: Counter[str] = Counter()
     by_component: Counter[str] = Counter({"vision": 0, "language": 0, "embeddings": 0, "lm_head": 0})
     on_cpu = 0
+    quanto = _quanto()
     model_device = getattr(model, "device", None)
     for module_name, module in model.named_modules():
         tensors = list(module.named_parameters(recurse=False))
@@ -188,9 +187,10 @@ def weight_bytes(model: nn.Module) -> tuple[dict[str, int], dict[str, int], int]
         tensors += [(n, b) for n, b in module.named_buffers(recurse=False) if n not in skip]
         for name, t in tensors:
             full = f"{module_name}.{name}" if module_name else name
-            if isinstance(t, QTensor):
+            if quanto is not None and isinstance(t, quanto.tensor.QTensor):
                 nbytes = sum(x.numel() * x.element_size() for x in _inner_tensors(t))
-                category = "int4" if t.qtype == qint4 else "int8" if t.qtype == qint8 else t.qtype.name
+                qtype = t.qtype
+                category = "int4" if qtype == quanto.qint4 else "int8" if qtype == quanto.qint8 else qtype.name
             else:
                 nbytes = t.numel() * t.element_size()
                 category = f"{t.element_size() * 8}-bit"
@@ -204,6 +204,17 @@ def weight_bytes(model: nn.Module) -> tuple[dict[str, int], dict[str, int], int]
         dict(by_component),
         on_cpu,
     )
+
+
+def _quanto() -> Any:
+    """optimum.quanto if something imported it, else None: without it no layer can be quantized, and an
+    unquantized load need not pay its import (~4 s, it pulls in transformers' model classes)."""
+    if "optimum.quanto" not in sys.modules:
+        return None
+    import optimum.quanto
+    import optimum.quanto.tensor
+
+    return optimum.quanto
 
 
 def _inner_tensors(t: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -230,7 +241,11 @@ def build_report(
     dequant_threshold: float | None = None,
 ) -> LoadReport:
     by_dtype, by_component, on_cpu = weight_bytes(model)
-    kernels = kernel_counts(model)
+    kernels = {}
+    if _quanto() is not None:  # a model with quantized layers: quanto was imported to build it
+        from cogbatch.model.quant_linear import kernel_counts
+
+        kernels = kernel_counts(model)
     unquantized = sum(1 for m in model.modules() if type(m) is nn.Linear)
     t = tracker.times
     return LoadReport(

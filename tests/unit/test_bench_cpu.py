@@ -43,6 +43,16 @@ def test_pipeline_split_uses_the_runs_own_compute_time(bench):
     assert r["after_load"] == pytest.approx(3.0 / 18.0)
 
 
+def test_pipeline_split_counts_the_whole_worker_construction_as_load(bench):
+    """`model_load_s` (imports, weights, tokenizer, plan) is the load when the run reports it; the load
+    report's total alone leaves library imports in the overhead."""
+    summary = {"wall_s": 20.0, "done": 64, "model_compute_s": 12.0, "model_load_s": 5.0, "plan_s": 1.5,
+               "model_load": {"total_s": 2.0}}  # fmt: skip
+    r = bench.pipeline_split(22.0, summary, None)
+    assert (r["start_load"], r["compute"], r["plan"]) == (7.0, 12.0, 1.5)
+    assert r["rest"] == pytest.approx(3.0)
+
+
 def test_pipeline_split_falls_back_to_the_second_process(bench):
     summary = {"wall_s": 20.0, "done": 64, "model_load": {"total_s": 2.0}}
     r = bench.pipeline_split(22.0, summary, {"load_s": 3.0, "compute_s": 14.0})

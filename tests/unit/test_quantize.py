@@ -910,6 +910,21 @@ def test_plan_predicts_bytes_without_importing_quanto(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
 
 
+def test_an_unquantized_load_never_imports_quanto(ckpt):
+    """optimum-quanto costs ~4 s to import (it pulls in transformers' model classes): a `quantization: none`
+    run must not pay it, and its load report still counts its weights."""
+    code = textwrap.dedent(f"""
+        import sys
+        from cogbatch.model.cogvlm import CogVLM
+        model = CogVLM.from_pretrained({str(ckpt)!r}, dtype="float32", device="cpu")
+        loaded = sorted(m for m in sys.modules if m.startswith("optimum"))
+        assert not loaded, loaded
+        assert model.load_report.kernels == {{}} and model.load_report.weight_bytes["32-bit"] > 0
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 def _measured_int4_bytes(shape: tuple[int, int], lp: LayerPlan) -> int:
     """Bytes quanto produces for one Linear of `shape` (random weights), from the frozen tensor's inner tensors."""
     n, k = shape
