@@ -148,7 +148,9 @@ class CaptionActor:
             os.chdir(cwd)
         self.cfg = cfg
         self.holder = holder  # the driver's entry in the output's run lock
+        t0 = time.perf_counter()
         self.worker = Worker(cfg, run_id)  # rows carry the run's id; the part names carry the actor's
+        self.load_s = round(time.perf_counter() - t0, 3)  # the summary's model_load_s, as locally
         self.writer_id = f"{run_id}-a{uuid.uuid4().hex[:8]}"  # new per actor start: a restart never collides
         self.writer = PartWriter(cfg.output, self.writer_id, flush_rows=2**62, flush_seconds=math.inf)
         self.inline = ManifestBytes(cfg.input.manifest, cfg.input.bytes_column) if cfg.input.bytes_column else None
@@ -252,7 +254,8 @@ class CaptionActor:
             _status_row(status, *key, *self.in_output[key], True)
         if status["image_id"]:
             if not self.load_reported:
-                status["model_load"][0] = json.dumps(self.worker.load_report(), default=str)
+                report = {**self.worker.load_report(), "model_load_s": self.load_s}
+                status["model_load"][0] = json.dumps(report, default=str)
                 self.load_reported = True
             status["stats"][0] = json.dumps(self._stats_report(), default=str)
         return pa.table(status, schema=STATUS_SCHEMA)
@@ -388,6 +391,7 @@ def _run_ray_locked(cfg: JobConfig, opts: RunOptions, workers: int | None, holde
                 plan = plan_run(cfg, opts, stop.check, run_id)
             except Interrupted as e:  # a signal while the input was scanned: nothing done
                 return _stopped_before_work(cfg, run_id, started, e.signum, opts)
+            plan.summary["plan_s"] = round(time.time() - started, 3)  # input scan, hashing, done set
             plan.summary["engine"] = "ray"
             images = len({r.image.image_id for r in plan.todo})
             state = _Run(cfg, run_id, holder, plan.summary, _Progress(len(plan.todo), opts.quiet, images), stop)
@@ -618,6 +622,7 @@ def _account(status: pa.Table, state: _Run) -> None:
     for report in cols["model_load"]:
         if report and "model_load" not in summary:
             summary["model_load"] = json.loads(report)
+            summary["model_load_s"] = summary["model_load"].pop("model_load_s", None)  # the first actor's
     for report in cols["stats"]:
         if report:
             _add_stats(state, json.loads(report))

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.scripts import import_script
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -72,11 +74,7 @@ def test_bench_gpu_without_cuda_exits_with_a_clear_message(tmp_path):
 
 
 def test_bench_gpu_arguments():
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import bench_gpu
-    finally:
-        sys.path.pop(0)
+    bench_gpu = import_script("bench_gpu")
     args = bench_gpu.parse_args(["--models", "cogvlm2", "--batches", "1,4", "--quants", "int4"])
     assert (args.models, args.batches, args.quants) == (["cogvlm2"], [1, 4], ["int4"])
     # the issue's figures by default: CogVLM2 (CogVLM-17B opt-in), 256 new tokens, the Worker at batch 4 under 11 GiB
@@ -91,11 +89,7 @@ def test_bench_gpu_arguments():
 @pytest.mark.slow
 def test_bench_gpu_simulate_runs_every_part_and_survives_a_failing_one(tmp_path, monkeypatch, capsys):
     """The device call's whole flow on tiny shapes on the CPU; one part fails and the others still run."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import bench_gpu
-    finally:
-        sys.path.pop(0)
+    bench_gpu = import_script("bench_gpu")
     real = bench_gpu.bench_generate
 
     def flaky(model, dev, batch, *args, **kwargs):

@@ -8,22 +8,15 @@ rates when a GPU benchmark JSON is committed.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.scripts import import_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import bench
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
-    return bench
+    return import_script("bench")
 
 
 def test_in_run_compute_is_found_wherever_the_summary_puts_it(bench):

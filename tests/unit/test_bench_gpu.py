@@ -9,24 +9,18 @@ overrunning. The whole flow on tiny shapes (`--simulate`) is in tests/e2e/test_b
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.scripts import import_script
 
 
 @pytest.fixture(scope="module")
 def bench_gpu():
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import bench_gpu
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
-    return bench_gpu
+    return import_script("bench_gpu")
 
 
 def test_written_safetensors_read_back_exactly(bench_gpu, tmp_path):
