@@ -9,7 +9,8 @@ where the dense path overtakes TinyGemm (the `dequant_threshold` default; `--cro
 
 Part 2 writes (once) a random CogVLM2-shaped checkpoint of ~0.5B parameters in fp16 shards and
 loads it in fresh subprocesses: fp16 without quantization, INT4 first load (quantize + cache
-write) and INT4 from the cache, with peak host memory from the load report.
+write) and INT4 from the cache, with peak host memory from the load report; each with the files in
+the page cache ("warm") and with their pages dropped first ("cold", a model not in memory).
 
     python scripts/bench_quant.py --quick          # a few minutes on a 2-core CPU
     python scripts/bench_quant.py                  # every shape, more repeats
@@ -184,16 +185,40 @@ def load_once(mode: str, ckpt: Path, cache: Path, threads: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_loads(ckpt: Path, repeats: int, threads: int) -> dict:
-    """Best of `repeats` per mode, each in a fresh process; the INT4 first load gets a fresh cache dir each time."""
-    results: dict[str, list[dict]] = {k: [] for k in LOAD_MODES}
+def drop_page_cache(paths: list[Path]) -> None:
+    """Evict these files' pages from the OS page cache (posix_fadvise DONTNEED; no root needed).
+
+    What a load meets when the model is not in memory: after a reboot, or a checkpoint bigger than
+    the page cache. Dirty pages cannot be dropped, hence the sync first.
+    """
+    os.sync()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def bench_loads(ckpt: Path, repeats: int, threads: int, pages: tuple[str, ...] = ("warm",)) -> dict:
+    """Best and median of `repeats` per mode, each in a fresh process; the INT4 first load gets a fresh cache
+    dir each time. `pages`: "warm" (files in the page cache, as a second load finds them) and/or "cold"
+    (the checkpoint's and the cache entry's pages dropped before every load)."""
+    out: dict = {}
     with tempfile.TemporaryDirectory(prefix="cogbatch-bench-cache-") as tmp:
+        results = {page: {k: [] for k in LOAD_MODES} for page in pages}
         for i in range(repeats):
-            cache = Path(tmp) / f"run{i}"
-            for label, mode in LOAD_MODES.items():
-                results[label].append(load_once(mode, ckpt, cache, threads))
-    best = {k: min(v, key=lambda r: r["load_s"]) for k, v in results.items()}
-    return {"best": best, "runs": results}
+            for page in pages:  # interleaved, so that a noisy minute disturbs both alike
+                cache = Path(tmp) / f"run{i}-{page}"
+                for label, mode in LOAD_MODES.items():
+                    if page == "cold":
+                        drop_page_cache([f for d in (ckpt, cache) if d.is_dir() for f in d.rglob("*") if f.is_file()])
+                    results[page][label].append(load_once(mode, ckpt, cache, threads))
+    for page, runs in results.items():
+        best = {k: min(v, key=lambda r: r["load_s"]) for k, v in runs.items()}
+        median = {k: statistics.median(r["load_s"] for r in v) for k, v in runs.items()}
+        out[page] = {"best": best, "median_load_s": median, "runs": runs}
+    return out
 
 
 def checkpoint(path: Path) -> Path:
@@ -226,22 +251,24 @@ def print_tables(report: dict) -> None:
             cells = {r["tokens"]: r for r in rows if r["layer"] == name}
             print(f"{name:24s}" + "".join(f"{cells[t]['fused_ms']:7.1f}/{cells[t]['dense_ms']:<7.1f}" for t in SWEEP))
         print(f"dense faster on every layer from {report['crossover_threshold']} tokens")
-    if report.get("loads"):
-        best = report["loads"]["best"]
+    for page, loads in (report.get("loads") or {}).items():
+        best, median = loads["best"], loads["median_load_s"]
         threads = report["load_threads"] or "default"
         print(
-            f"\nLoad of {report['checkpoint']} ({report['checkpoint_mib']:.0f} MiB fp16 on disk), CPU, best of "
-            f"{report['load_repeats']}, {threads} thread(s); peak anon = above the load's start"
+            f"\nLoad of {report['checkpoint']} ({report['checkpoint_mib']:.0f} MiB fp16 on disk), CPU, {page} page "
+            f"cache, best of {report['load_repeats']} (columns of the best run), {threads} thread(s); peak anon = "
+            "above the load's start"
         )
-        cols = ("load s", "cpu s", "read", "quant", "repack", "c.read", "c.write")
+        cols = ("load s", "median", "cpu s", "read", "quant", "repack", "c.read", "c.write")
         print(f"{'mode':18s}" + "".join(f"{c:>8s}" for c in cols) + f" {'peak anon MiB':>14s} {'weights MiB':>12s}")
         keys = ("load_s", "cpu_s", "read_s", "quantize_s", "repack_s", "cache_read_s", "cache_write_s")
         for mode, r in best.items():
             anon = (r["peak_anon"] - r["baseline_anon"]) / mib if r["peak_anon"] else float("nan")
-            cells = "".join(f"{r[k]:8.2f}" for k in keys)
+            cells = f"{r['load_s']:8.2f}{median[mode]:8.2f}" + "".join(f"{r[k]:8.2f}" for k in keys[1:])
             print(f"{mode:18s}{cells} {anon:14.1f} {r['weight_bytes'] / mib:12.1f}")
-        ratio = best["int4 from cache"]["load_s"] / best["bf16 unquantized"]["load_s"]
-        print(f"int4 from cache / bf16 unquantized load = {ratio:.2f}")
+        cached, plain = "int4 from cache", "bf16 unquantized"
+        ratio, mid = best[cached]["load_s"] / best[plain]["load_s"], median[cached] / median[plain]
+        print(f"int4 from cache / bf16 unquantized load ({page}): best {ratio:.2f}, median {mid:.2f}")
 
 
 def main() -> None:
@@ -252,6 +279,9 @@ def main() -> None:
     ap.add_argument("--skip-layers", action="store_true")
     ap.add_argument("--crossover-only", action="store_true", help="only the fused vs dense sweep (dequant_threshold)")
     ap.add_argument("--skip-loads", action="store_true")
+    ap.add_argument("--load-repeats", type=int, default=0, help="loads per mode and page state (0: 2 quick, else 3)")
+    ap.add_argument("--page-cache", choices=("warm", "cold", "both"), default="both",
+                    help="load with the files in the page cache, with their pages dropped first, or both")  # fmt: skip
     ap.add_argument("--checkpoint", type=Path, default=REPO / "outputs" / "bench" / "cogvlm2-quant-ckpt")
     ap.add_argument("--json", type=Path, default=None, help="default: outputs/bench/quant_cpu.json")
     args = ap.parse_args()
@@ -277,9 +307,10 @@ def main() -> None:
         ckpt = checkpoint(args.checkpoint)
         report["checkpoint"] = str(ckpt)
         report["checkpoint_mib"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 2**20
-        report["load_repeats"] = 2 if args.quick else 3
+        report["load_repeats"] = args.load_repeats or (2 if args.quick else 3)
         report["load_threads"] = args.load_threads
-        report["loads"] = bench_loads(ckpt, report["load_repeats"], args.load_threads)
+        pages = ("warm", "cold") if args.page_cache == "both" else (args.page_cache,)
+        report["loads"] = bench_loads(ckpt, report["load_repeats"], args.load_threads, pages)
     print_tables(report)
     out = args.json or REPO / "outputs" / "bench" / "quant_cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
