@@ -13,6 +13,7 @@ def run_job(
     *,
     engine: str = "local",
     redo_changed: bool = False,
+    retry_errors: bool = False,
     fail_on_error: bool = False,
     quiet: bool = False,
     pipeline=None,
@@ -42,7 +43,9 @@ def run_job(
         cfg = with_overrides(config_or_path, overrides)
     else:
         cfg = load_job(config_or_path, overrides, pipeline)
-    options = RunOptions(redo_changed=redo_changed, fail_on_error=fail_on_error, quiet=quiet)
+    options = RunOptions(
+        redo_changed=redo_changed, retry_errors=retry_errors, fail_on_error=fail_on_error, quiet=quiet
+    )
     if engine == "ray":
         from cogbatch.engines.ray import run_ray
 

@@ -151,6 +151,9 @@ def exits_on_signals(command):
 @click.option("--vram-ceiling", help="Memory ceiling for batches, e.g. 11GiB (overrides the job).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Cap on sequences decoded together (default: planned).")
 @click.option("--redo-changed", is_flag=True, help="Redo tasks whose settings changed since their rows were made.")
+@click.option(
+    "--retry-errors", is_flag=True, help="Redo image/task pairs whose current row is an error (an OOM, a fixed file)."
+)
 @click.option("--fail-on-error", is_flag=True, help="Exit with code 3 when any image ended as an error row.")
 @click.option(
     "--engine",
@@ -175,6 +178,7 @@ def run(
     vram_ceiling,
     batch_size,
     redo_changed,
+    retry_errors,
     fail_on_error,
     engine,
     workers,
@@ -210,7 +214,9 @@ def run(
         "workers": workers,
     }
     cfg = _load(job, overrides, pipeline)
-    options = RunOptions(redo_changed=redo_changed, fail_on_error=fail_on_error, quiet=quiet)
+    options = RunOptions(
+        redo_changed=redo_changed, retry_errors=retry_errors, fail_on_error=fail_on_error, quiet=quiet
+    )
     try:
         if engine == "ray":
             from cogbatch.engines.ray import run_ray
@@ -224,10 +230,10 @@ def run(
     sys.exit(summary["exit_code"])
 
 
-def _abort(e: Exception):
+def _abort(e: Exception, what: str = "run aborted", resumable: bool = True):
     """The user's to fix (config, model source, ceiling, engine option): exit 2, nothing was done; another
-    run holds the output: exit 75; anything else aborts the run (exit 1). The codes come from
-    `cogbatch.exits`, which the run history uses too."""
+    run holds the output: exit 75; anything else aborts the command (exit 1), with `what` it was. The
+    codes come from `cogbatch.exits`, which the run history uses too."""
     import os
     import traceback
 
@@ -242,9 +248,9 @@ def _abort(e: Exception):
         raise busy from None
     if os.environ.get("COGBATCH_DEBUG"):
         traceback.print_exc()
+    resume = "; rerun the same command to resume" if resumable else ""
     raise click.ClickException(
-        f"run aborted: {type(e).__name__}: {e} (set COGBATCH_DEBUG=1 for the traceback; "
-        "rerun the same command to resume)"
+        f"{what}: {type(e).__name__}: {e} (set COGBATCH_DEBUG=1 for the traceback{resume})"
     ) from None
 
 
@@ -332,24 +338,25 @@ def status(job, output, history, pipeline, as_json) -> None:
 @cli.command(short_help="Predict memory use and the largest batch that fits, without loading weights.")
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--vram-ceiling", help="Plan for this ceiling instead of the job's, e.g. 16GiB.")
+@click.option("--device", help="Plan for cpu, cuda or cuda:N instead of the job's device (no GPU needed here).")
 @pipeline_option
 @json_option
-def plan(job, vram_ceiling, pipeline, as_json) -> None:
+def plan(job, vram_ceiling, device, pipeline, as_json) -> None:
     """Predict device memory for JOB's model and quantization, and the batch size that fits.
 
     Reads only the checkpoint's config.json: weight bytes follow from the tensor shapes and the
     quantization rules. Both execution modes are shown: all weights resident, and phase-swapped
     (vision tower and language model take turns on the device).
 
-    Example: cogbatch plan jobs/caption.yaml --vram-ceiling 11GiB
+    Example: cogbatch plan jobs/caption.yaml --vram-ceiling 11GiB --device cuda
     """
     from cogbatch.planner import job_plan
 
-    cfg = _load(job, {"vram_ceiling": vram_ceiling}, pipeline)
+    cfg = _load(job, {"vram_ceiling": vram_ceiling, "device": device}, pipeline)
     try:
         report = job_plan(cfg)
     except Exception as e:
-        _abort(e)
+        _abort(e, "plan failed", resumable=False)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -374,7 +381,7 @@ def _describe_plan(r: dict) -> str:
         lines.append(f"{mode:>9}: batch 1 needs {m['peak_bytes_batch_1'] / gib:.2f} GiB -> {verdict}")
     p = r["plan"]
     lines.append(f"plan: {p['mode']} mode, batch {p['slots']}" if p.get("mode") else f"plan: {p['error']}")
-    lines += [f"  note: {note}" for note in p.get("notes", ())]
+    lines += [f"  note: {note}" for note in (*p.get("notes", ()), *r.get("notes", ()))]
     return "\n".join(lines)
 
 
@@ -443,7 +450,7 @@ def quantize(model, out, quantization, rules, dtype, device, tokenizer, pipeline
             cache_dir=cache.expanduser(),
         )
     except Exception as e:
-        _abort(e)
+        _abort(e, "quantize failed", resumable=False)
     report = loaded.load_report.to_dict()
     _emit(report, as_json, f"{source}: {loaded.load_report.summary()}\ncache: {report['cache_path']}")
 

@@ -247,7 +247,18 @@ def job_plan(job: Any, max_text: int = 128) -> dict[str, Any]:
         if job.device == "auto" and torch.cuda.is_available()
         else ("cpu" if job.device == "auto" else job.device)
     )
-    dtype = getattr(torch, resolved_dtype(job))
+    notes = []
+    if device.type == "cuda" and not torch.cuda.is_available():  # planning for a GPU from a laptop or login node
+        from cogbatch.model.cogvlm import resolve_dtype
+
+        dtype = torch.bfloat16 if job.dtype == "auto" else resolve_dtype(job.dtype, device)
+        if job.dtype == "auto":
+            notes.append("no CUDA device here: planned for bf16, what dtype auto picks on an Ampere or newer GPU "
+                         "(set dtype: fp16 for an older one)")  # fmt: skip
+    else:
+        dtype = getattr(torch, resolved_dtype(job))
+    if job.device == "auto" and device.type == "cpu":
+        notes.append("device auto on a machine without CUDA: planned for the CPU (--device cuda plans for a GPU)")
     quant = QuantConfig.parse(job.quantization.to_model_arg())
     weights = predict_weight_bytes(cfg, quant, dtype)
     max_new = max(t.generation.max_new_tokens for t in job.tasks)
@@ -285,6 +296,7 @@ def job_plan(job: Any, max_text: int = 128) -> dict[str, Any]:
         },
         "modes": modes,
         "plan": chosen,
+        "notes": notes,
     }
 
 

@@ -53,6 +53,7 @@ class SettingsChanged(Exception):
 @dataclass
 class RunOptions:
     redo_changed: bool = False
+    retry_errors: bool = False
     fail_on_error: bool = False
     quiet: bool = False
 
@@ -207,7 +208,9 @@ def plan_run(
 
     entries = build_entries(cfg, check)
     requests = expand_requests(entries, cfg, fingerprints)
-    open_requests = pending(requests, done, opts.redo_changed)
+    # --retry-errors: a pair whose current row is an error counts as not done (its newest row will be the retry's)
+    open_requests = pending(requests, done_keys(cfg.output, include_errors=False) if opts.retry_errors else done,
+                            opts.redo_changed)  # fmt: skip
     todo = limit_images(open_requests, cfg.limit)
     if todo:
         check_model(cfg)

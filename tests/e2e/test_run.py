@@ -146,6 +146,27 @@ def test_a_wrong_model_writes_no_row_so_the_right_one_can_run_next(tmp_path, job
     assert right["exit_code"] == 0 and right["done"] == 4 and right["failed"] == 2
 
 
+def test_error_rows_stay_until_retried_then_the_retry_is_the_current_row(tmp_path, job_factory):
+    """Image `b` has no question in the manifest: an error row, which counts as done (same image, same task).
+    Once the question is filled in, a plain re-run does nothing; `--retry-errors` redoes just that pair."""
+    images = make_images(tmp_path / "images", 2)
+    manifest = tmp_path / "manifest.parquet"
+    paths = [str(p) for p in images]
+    pq.write_table(pa.table({"path": paths, "q": ["What is shown?", None]}), manifest)
+    task = {"name": "ask", "question_column": "q", "template": "vqa", "max_new_tokens": 3}
+    job = job_factory(input={"manifest": str(manifest)}, tasks=[task])
+    first = summary_of(cogbatch_cmd("run", str(job), "--json", "--quiet"))
+    assert (first["done"], first["failed"]) == (1, 1)
+    pq.write_table(pa.table({"path": paths, "q": ["What is shown?", "Which colors?"]}), manifest)
+    again = summary_of(cogbatch_cmd("run", str(job), "--json", "--quiet"))
+    assert (again["pending"], again["skipped"], again["model_loaded"]) == (0, 2, False)
+    retry = summary_of(cogbatch_cmd("run", str(job), "--retry-errors", "--json", "--quiet"))
+    assert (retry["pending"], retry["skipped"], retry["done"], retry["failed"]) == (1, 1, 1, 0)
+    status = json.loads(cogbatch_cmd("status", str(job), "--json").stdout)
+    assert (status["tasks"]["ask"]["ok"], status["tasks"]["ask"]["error"]) == (2, 0)
+    assert summary_of(cogbatch_cmd("run", str(job), "--retry-errors", "--json", "--quiet"))["pending"] == 0
+
+
 def test_quiet_json_prints_one_json_line_and_nothing_else(tmp_path, job_factory):
     make_images(tmp_path / "images", 2)
     res = cogbatch_cmd("run", str(job_factory()), "--quiet", "--json")

@@ -144,3 +144,42 @@ def test_plan_command_on_the_real_configs(tmp_path):
     assert 9 * GiB < report["weights"]["total"] < 11 * GiB
     human = cogbatch_cmd("plan", str(path), "--vram-ceiling", "11GiB")
     assert "swap: batch 1 needs" in human.stdout and "resident: batch 1 needs" in human.stdout
+
+
+def test_plan_for_a_gpu_from_a_machine_without_one(tmp_path, monkeypatch):
+    """On a laptop or login node: `device: auto` plans for the CPU and says so; `--device cuda` plans for
+    a GPU (bf16, as dtype auto picks on Ampere or newer) instead of failing on the missing CUDA."""
+    import json
+
+    import torch
+    import yaml
+    from click.testing import CliRunner
+
+    from cogbatch.cli import cli
+    from tests.golden import REPO
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "images").mkdir()
+    job = {
+        "model": str(REPO / "tests" / "data" / "cogvlm2-llama3-chat-19B"),
+        "input": {"folder": str(tmp_path / "images")},
+        "output": str(tmp_path / "out"),
+        "quantization": "int4",
+        "tasks": [{"name": "caption", "prompt": "Describe this image in detail."}],
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    res = CliRunner().invoke(cli, ["plan", str(path), "--json"])
+    assert res.exit_code == 0, res.output
+    cpu = json.loads(res.stdout)
+    assert cpu["device"] == "cpu" and any("planned for the CPU" in n for n in cpu["notes"])
+    res = CliRunner().invoke(cli, ["plan", str(path), "--device", "cuda", "--json"])
+    assert res.exit_code == 0, res.output
+    gpu = json.loads(res.stdout)
+    assert (gpu["device"], gpu["dtype"]) == ("cuda", "bfloat16")
+    assert any("no CUDA device here" in n for n in gpu["notes"])
+    per_image = "vision_activation_bytes_per_image"  # SDPA's fused kernels on CUDA; materialised scores on CPU
+    assert gpu["per_request"][per_image] < cpu["per_request"][per_image] / 4
+    assert gpu["plan"]["mode"] == "swap" and gpu["plan"]["slots"] >= 3
+    human = CliRunner().invoke(cli, ["plan", str(path), "--device", "cuda"])
+    assert human.exit_code == 0 and "note: no CUDA device here" in human.stdout
