@@ -8,6 +8,8 @@ Predicted peak device memory of the pipeline's generation path (`cogbatch.model.
   + the largest transient                             (prompt prefill of a full batch, or the prefill of one
                                                        image prefix with its own KV; prefixes are made one
                                                        image at a time, when their first request enters)
+  + the largest dense copy of a quantized weight      (quanto's dequantize fallback, int8 on CUDA, and dynamic
+                                                       dequantization expand a weight for one call)
   + a safety margin
 
 and, in the vision phase, the vision tower's activations for `encode_batch` images and their
@@ -21,6 +23,7 @@ estimates by what `torch.cuda.max_memory_allocated()` measured in each phase of 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,6 +45,9 @@ class MemoryModel:
     materialized_attention: bool  # CPU / math SDPA keeps full score matrices; flash kernels do not
     margin: int = 512 * 2**20
     correction: float = 1.0  # >= 1 after calibration or an out-of-memory error
+    # The largest dense copy of a quantized weight one call makes, per phase (`largest_dense_copy`)
+    dense_vision: int = 0
+    dense_language: int = 0
 
     @property
     def kv_per_token(self) -> int:
@@ -91,7 +97,7 @@ class MemoryModel:
         )
         held = self.kv(P)  # the prefix of an image whose other requests still wait for a slot
         seen = slots * self.cfg.vocab_size  # the repetition penalty's token set per slot (bool)
-        return self.kv(slots * seq) + held + transient + seen
+        return self.kv(slots * seq) + held + transient + self.dense_language + seen
 
     def engine_peak(self, slots: int, max_text: int, max_new: int, with_vision: bool) -> int:
         """Peak of the language phase: `slots` sequences in flight."""
@@ -99,7 +105,7 @@ class MemoryModel:
 
     def encode_work(self, images: int) -> int:
         """Device bytes of one vision-tower pass over `images` images beyond the weights."""
-        return self.vision_activations(images) + self.features(images)
+        return self.vision_activations(images) + self.features(images) + self.dense_vision
 
     def encode_peak(self, images: int, with_language: bool) -> int:
         """Peak of the vision phase for `images` images."""
@@ -202,13 +208,48 @@ def memory_model_for(model: Any) -> MemoryModel:
         return total
 
     vision = device_bytes(model.model.vision)
+    dense_vision = dense_language = 0
+    if "cogbatch.model.quant_linear" in sys.modules:  # a quantized model was loaded (else quanto is not needed)
+        from cogbatch.model.quant_linear import largest_dense_copy
+
+        dense_vision = largest_dense_copy(model.model.vision.modules(), model.dtype)
+        rest = (m for name, m in model.named_modules() if not name.startswith("model.vision."))
+        dense_language = largest_dense_copy(rest, model.dtype)
     return MemoryModel(
         cfg=model.config,
         dtype_bytes=torch.finfo(model.dtype).bits // 8,
         weights_vision=vision,
         weights_language=device_bytes(model) - vision,
         materialized_attention=device.type != "cuda",
+        dense_vision=dense_vision,
+        dense_language=dense_language,
     )
+
+
+def planned_dense_copies(cfg: CogVLMConfig, quant: Any, device_type: str, dtype: Any) -> dict[str, int]:
+    """`largest_dense_copy` per phase predicted from the rules alone (for `cogbatch plan`, no model).
+
+    CUDA: int8 layers (dequantize + matmul), and int4 layers other than bf16 with group 128 (the
+    fallback before sm80; fp16 on sm80+ gets the fused AWQ kernel, counted anyway as the GPU is
+    unknown here). CPU: every quantized layer (dynamic dequantization, into fp32 at worst).
+    """
+    import torch
+
+    from cogbatch.model.quant_plan import component_of, linear_layers, plan_layers
+
+    dense = {"vision": 0, "language": 0}
+    shapes = linear_layers(cfg)
+    for name, lp in plan_layers(cfg, quant).items():
+        if device_type == "cuda":
+            if lp.qtype == "int4" and dtype == torch.bfloat16 and lp.group_size == 128:
+                continue
+            nbytes = dtype.itemsize
+        else:
+            nbytes = 4
+        out_f, in_f = shapes[name]
+        part = "vision" if component_of(name) == "vision" else "language"
+        dense[part] = max(dense[part], out_f * in_f * nbytes)
+    return dense
 
 
 def _tensor_bytes(t: Any) -> int:
@@ -262,13 +303,19 @@ def job_plan(job: Any, max_text: int = 128) -> dict[str, Any]:
     quant = QuantConfig.parse(job.quantization.to_model_arg())
     weights = predict_weight_bytes(cfg, quant, dtype)
     max_new = max(t.generation.max_new_tokens for t in job.tasks)
+    dense = planned_dense_copies(cfg, quant, device.type, dtype)
     mm = MemoryModel(
         cfg,
         torch.finfo(dtype).bits // 8,
         weights["vision"],
         weights["device"] - weights["vision"],
         materialized_attention=device.type != "cuda",
+        dense_vision=dense["vision"],
+        dense_language=dense["language"],
     )
+    if dense["language"] or dense["vision"]:
+        notes.append(f"quantized layers expand to a dense copy per call: up to {dense['language'] / GiB:.2f} GiB "
+                     f"(language) / {dense['vision'] / GiB:.2f} GiB (vision), counted in each phase")  # fmt: skip
     modes = {}
     for mode, both in (("resident", True), ("swap", False)):
         peak1 = max(mm.engine_peak(1, max_text, max_new, both), mm.encode_peak(1, both))
@@ -294,6 +341,7 @@ def job_plan(job: Any, max_text: int = 128) -> dict[str, Any]:
             "assumed_prompt_tokens": max_text,
             "max_new_tokens": max_new,
         },
+        "dense_copy_bytes": dense,
         "modes": modes,
         "plan": chosen,
         "notes": notes,

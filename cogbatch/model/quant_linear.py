@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from optimum.quanto.nn import QLinear, QModuleMixin
-from optimum.quanto.tensor import QTensor, WeightQBitsTensor
+from optimum.quanto.tensor import QTensor, WeightQBitsTensor, WeightQBytesTensor
 from optimum.quanto.tensor.weights.tinygemm import TinyGemmWeightQBitsTensor
 from torch import nn
 
@@ -122,6 +122,32 @@ class DequantQLinear(QLinear):
                 bias = None if self.bias is None else self.bias.to(dtype)
                 return F.linear(input.to(dtype), dense, bias).to(input.dtype)
         return super().forward(input)
+
+
+def largest_dense_copy(modules: Iterable[nn.Module], act_dtype: torch.dtype) -> int:
+    """Bytes of the largest dense weight copy that one call of a quantized Linear among `modules` makes.
+
+    quanto's dequantize fallback (plain `WeightQBitsTensor`: pre-Ampere GPUs, groups other than 128)
+    and its int8 path on CUDA expand the whole weight on every call; dynamic dequantization does for
+    inputs above `dequant_threshold` rows, where `dense_weight` can (not for TinyGemm on CUDA). The
+    planner adds it to a phase's transient memory: CogVLM2's lm_head is 1 GiB dense in 16 bits.
+    """
+    best = 0
+    for m in modules:
+        w = getattr(m, "weight", None)
+        if not (isinstance(m, QModuleMixin) and isinstance(w, QTensor)):
+            continue
+        cuda = w.device.type == "cuda"
+        if type(w) is WeightQBitsTensor or (type(w) is WeightQBytesTensor and cuda):
+            nbytes = act_dtype.itemsize
+        elif getattr(m, "dequant_threshold", None) is not None and not (
+            cuda and isinstance(w, TinyGemmWeightQBitsTensor)
+        ):
+            nbytes = _dense_dtype(w.device, act_dtype).itemsize
+        else:
+            continue
+        best = max(best, m.out_features * m.in_features * nbytes)
+    return best
 
 
 def resolve_dequant_threshold(value: Any, device: torch.device) -> float | None:

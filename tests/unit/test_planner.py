@@ -183,3 +183,42 @@ def test_plan_for_a_gpu_from_a_machine_without_one(tmp_path, monkeypatch):
     assert gpu["plan"]["mode"] == "swap" and gpu["plan"]["slots"] >= 3
     human = CliRunner().invoke(cli, ["plan", str(path), "--device", "cuda"])
     assert human.exit_code == 0 and "note: no CUDA device here" in human.stdout
+
+
+def test_plan_counts_the_dense_copy_of_each_call_without_a_fused_int4_kernel(tmp_path, monkeypatch):
+    """fp16 on CUDA (the 11 GiB pre-Ampere cards) dequantizes each int4 weight per call: CogVLM2's
+    lm_head copy, 1 GiB in 16 bits, is in the language phase's peak; bf16 (TinyGemm) makes none."""
+    import json
+
+    import torch
+    import yaml
+    from click.testing import CliRunner
+
+    from cogbatch.cli import cli
+    from tests.golden import REPO
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "images").mkdir()
+    reports = {}
+    for dtype in ("fp16", "bf16"):
+        job = {
+            "model": str(REPO / "tests" / "data" / "cogvlm2-llama3-chat-19B"),
+            "device": "cuda",
+            "dtype": dtype,
+            "input": {"folder": str(tmp_path / "images")},
+            "output": str(tmp_path / "out"),
+            "quantization": "int4",
+            "tasks": [{"name": "caption", "prompt": "Describe this image in detail.", "max_new_tokens": 256}],
+        }
+        path = tmp_path / f"{dtype}.yaml"
+        path.write_text(yaml.safe_dump(job))
+        res = CliRunner().invoke(cli, ["plan", str(path), "--json"])
+        assert res.exit_code == 0, res.output
+        reports[dtype] = json.loads(res.stdout)
+    fp16, bf16 = reports["fp16"], reports["bf16"]
+    assert fp16["dense_copy_bytes"]["language"] == 128256 * 4096 * 2  # lm_head, the largest layer
+    assert bf16["dense_copy_bytes"] == {"vision": 0, "language": 0}
+    assert fp16["plan"]["slots"] < bf16["plan"]["slots"]
+    grown = fp16["modes"]["swap"]["peak_bytes_batch_1"] - bf16["modes"]["swap"]["peak_bytes_batch_1"]
+    assert grown >= 128256 * 4096 * 2
+    assert any("dense copy per call" in n for n in fp16["notes"])

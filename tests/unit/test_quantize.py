@@ -1048,3 +1048,27 @@ def test_int4_load_peak_memory_stays_under_half_the_checkpoint(big_loads, capsys
     assert _peak(first) < 0.5 * disk
     assert all(torch.equal(c, big_loads["logits"]["first"]) for c in big_loads["logits"]["cached"])
     assert all(c["cache"] == "hit" for c in big_loads["cached"])
+
+
+def test_the_memory_model_counts_the_largest_dense_copy_of_a_quantized_weight(ckpt, cache_dir):
+    """The vision tower's group-64 layers dequantize their whole weight on every call (quanto's
+    fallback), the TinyGemm layers only above `dequant_threshold` rows: the batch planner adds the
+    largest such copy to each phase's peak (CogVLM2's lm_head would be 1 GiB on a pre-Ampere GPU)."""
+    from cogbatch.planner import memory_model_for
+
+    model = _load(ckpt, "int4", cache_dir)
+    dense_bytes = QL._dense_dtype(torch.device("cpu"), torch.bfloat16).itemsize
+    fallback = [m for m in model.model.vision.modules() if type(getattr(m, "weight", None)) is WeightQBitsTensor]
+    assert fallback and isinstance(model.lm_head.weight, TinyGemmWeightQBitsTensor)
+    largest_fallback = max(m.out_features * m.in_features * 2 for m in fallback)  # bf16 copies, whatever the rows
+    vision = set(model.model.vision.modules())
+    language = [m for m in model.modules() if isinstance(m, QModuleMixin) and m not in vision]
+    with_threshold = memory_model_for(model)
+    assert with_threshold.dense_language == max(m.out_features * m.in_features * dense_bytes for m in language)
+    assert with_threshold.dense_vision >= largest_fallback
+
+    QL.set_dequant_threshold(model, None)  # TinyGemm for every call: no copies but the fallback's
+    fused = memory_model_for(model)
+    assert (fused.dense_language, fused.dense_vision) == (0, largest_fallback)
+    grown = with_threshold.engine_peak(2, 32, 8, True) - fused.engine_peak(2, 32, 8, True)
+    assert grown == with_threshold.dense_language
