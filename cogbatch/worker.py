@@ -204,6 +204,30 @@ class _DeviceMeter:
         return seconds, torch.cuda.max_memory_allocated(self.device) - self.base if self.peak else None
 
 
+def usable_ceiling(ceiling: int, device: Any) -> int:
+    """The ceiling the planner may use on `device`: `vram_ceiling`, or what the GPU can still give if less.
+
+    `vram_ceiling` is 11 GiB by default whatever the card; on an 8 GiB card, or one another process
+    shares, a plan for 11 GiB would run out of memory batch after batch. Called with the weights
+    loaded: what this process holds (torch's reserved memory) plus what is free is the most it can reach.
+    """
+    import torch
+
+    if device.type != "cuda":
+        return ceiling
+    free, total = torch.cuda.mem_get_info(device)
+    reachable = free + torch.cuda.memory_reserved(device)
+    if ceiling <= reachable:
+        return ceiling
+    gib = 2**30
+    log.warning(
+        "vram_ceiling %.2f GiB is more than this process can use on %s (%.2f GiB: %.2f free + %.2f held by "
+        "cogbatch, of %.2f GiB); planning for %.2f GiB",
+        ceiling / gib, device, reachable / gib, free / gib, (reachable - free) / gib, total / gib, reachable / gib,
+    )  # fmt: skip
+    return reachable
+
+
 class Worker:
     """One model, many chunks. `process` is what every engine calls per chunk of images.
 
@@ -226,8 +250,9 @@ class Worker:
         self.max_text = DEFAULT_MAX_TEXT  # grows when longer prompts are seen
         self.slot_limit = cfg.batch_size or 64  # lowered by out-of-memory errors
         self.encode_limit = self.slot_limit
+        self.ceiling = usable_ceiling(cfg.vram_ceiling, self.model.device)
         # Raises DoesNotFit before any work when even one request cannot fit under the ceiling.
-        self.plan = plan_batches(self.memory, cfg.vram_ceiling, self.max_text, self.max_new, cap=self.slot_limit)
+        self.plan = plan_batches(self.memory, self.ceiling, self.max_text, self.max_new, cap=self.slot_limit)
         self.calibrated = False
         self._measured: dict[str, tuple[int, int]] = {}  # phase -> (predicted, measured) device work bytes
         self._first_engine: tuple[int, int, int] | None = None  # (slots, max_text, max_new) of a chunk's engine
@@ -518,7 +543,7 @@ class Worker:
         try:
             self.plan = plan_batches(
                 self.memory,
-                self.cfg.vram_ceiling,
+                self.ceiling,
                 self.max_text,
                 self.max_new,
                 cap=self.slot_limit,
@@ -529,10 +554,7 @@ class Worker:
             self.plan = replace(self.plan, slots=1, encode_batch=1, chunk_images=2, max_text=self.max_text)
 
     def _oom_reason(self, what: str) -> str:
-        return (
-            f"out of memory {what} even as a batch of one under the {self.cfg.vram_ceiling / 2**30:.1f} GiB "
-            "vram_ceiling"
-        )
+        return f"out of memory {what} even as a batch of one under the {self.ceiling / 2**30:.1f} GiB vram_ceiling"
 
     def _calibrate(self) -> None:
         """On CUDA, after the first chunk: scale the estimates by the phase that outgrew its estimate most."""
