@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import signal
 import sys
 from pathlib import Path
@@ -433,11 +434,20 @@ def quantize(model, out, quantization, rules, dtype, device, tokenizer, pipeline
                 raise ConfigError(f"--rule {r!r}: expected PATTERN=DTYPE, e.g. lm_head=none")
             parsed.append({"pattern": pattern, "dtype": qtype})
         base = _quantization(quantization, "--quantization")
+        if base.default == "none":
+            raise ConfigError("--quantization: none has nothing to cache; use int4, int4-g32, int4-g64 or int8")
         spec = _quantization({"default": base.default, "group_size": base.group_size, "rules": parsed}, "--rule")
+        _check_quantize_device(device)
+        cache = Path(out or os.environ.get("COGBATCH_CACHE_DIR") or pipe.get("cache_dir") or "~/.cache/cogbatch")
+        try:  # before minutes of quantizing: the entry is this command's only output
+            cache.expanduser().mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cache directory {cache}: cannot create it ({e.strerror or e})") from None
+        if not os.access(cache.expanduser(), os.W_OK | os.X_OK):
+            raise ConfigError(f"cache directory {cache}: not writable")
     except ConfigError as e:
         raise ConfigFailure(str(e)) from None
     source = (pipe.get("models") or {}).get(model, model)
-    cache = Path(out or os.environ.get("COGBATCH_CACHE_DIR") or pipe.get("cache_dir") or "~/.cache/cogbatch")
     try:
         from cogbatch.model.cogvlm import CogVLM
 
@@ -452,19 +462,36 @@ def quantize(model, out, quantization, rules, dtype, device, tokenizer, pipeline
     except Exception as e:
         _abort(e, "quantize failed", resumable=False)
     report = loaded.load_report.to_dict()
+    if report["cache_status"] not in ("hit", "written"):  # writing the entry is this command's only job
+        raise ConfigFailure(f"the quantized-weights cache was not written under {cache}: {report['cache_status']}")
     _emit(report, as_json, f"{source}: {loaded.load_report.summary()}\ncache: {report['cache_path']}")
+
+
+def _check_quantize_device(device: str) -> None:
+    from cogbatch.config import ConfigError
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"--device: must be cpu, cuda or cuda:N (got {device!r})")
+    if device == "cpu":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: torch sees no CUDA device here (torch {torch.__version__}); use cpu")
+    if int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 @cli.command(short_help="Install, remove or list a nightly cron entry for a job.")
 @click.argument("job", type=click.Path(dir_okay=False), required=False)
 @click.option("--cron", "cron_expr", metavar="EXPR", help='When to run, e.g. "0 2 * * *" (02:00 daily) or @daily.')
-@click.option("--install", "action", flag_value="install", help="Add the line to your crontab (or replace it).")
-@click.option("--remove", "action", flag_value="remove", help="Remove JOB's line from your crontab.")
-@click.option("--list", "action", flag_value="list", help="List cogbatch's crontab entries (JOB's only, if given).")
+@click.option("--install", is_flag=True, help="Add the line to your crontab (or replace it).")
+@click.option("--remove", is_flag=True, help="Remove JOB's line from your crontab.")
+@click.option("--list", "list_", is_flag=True, help="List cogbatch's crontab entries (JOB's only, if given).")
 @output_option
 @pipeline_option
 @json_option
-def schedule(job, cron_expr, action, output, pipeline, as_json) -> None:
+def schedule(job, cron_expr, install, remove, list_, output, pipeline, as_json) -> None:
     """Print or install a crontab line that runs JOB unattended, one run at a time.
 
     Without --install the line is only printed. The line runs the same cogbatch (absolute path of
@@ -481,7 +508,10 @@ def schedule(job, cron_expr, action, output, pipeline, as_json) -> None:
     """
     from cogbatch import schedule as sched
 
-    action = action or "print"
+    chosen = [name for name, given in (("install", install), ("remove", remove), ("list", list_)) if given]
+    if len(chosen) > 1:  # one flag per call: `--list --remove` must not remove anything
+        raise click.UsageError(f"--{' and --'.join(chosen)} cannot be combined: give one of them")
+    action = chosen[0] if chosen else "print"
     if job is None and action != "list":
         raise click.UsageError("JOB is required (only --list works without it)")
     if action in ("print", "install") and not cron_expr:

@@ -350,7 +350,6 @@ def job_plan(job: Any, max_text: int = 128) -> dict[str, Any]:
 
 def model_config_for(job: Any) -> CogVLMConfig:
     """The model's config.json: a local checkpoint, the hub (config.json only), or the tiny random model."""
-    from pathlib import Path
 
     from cogbatch.config import TINY_PREFIX
 
@@ -358,14 +357,11 @@ def model_config_for(job: Any) -> CogVLMConfig:
         from cogbatch.worker import tiny_model_dir
 
         return CogVLMConfig.from_json(tiny_model_dir(job))
-    local = Path(job.model).expanduser()
-    if local.is_dir():
-        return CogVLMConfig.from_json(local)
-    from huggingface_hub import hf_hub_download
+    from cogbatch.config import ConfigError
+    from cogbatch.model.config import ConfigError as ModelConfigError
+    from cogbatch.model.weights import resolve_checkpoint
 
-    from cogbatch.model.weights import CheckpointError
-
-    try:
-        return CogVLMConfig.from_json(hf_hub_download(job.model, "config.json"))
-    except Exception as e:
-        raise CheckpointError(f"{job.model}: cannot read its config.json ({type(e).__name__}: {e})") from None
+    try:  # the same resolution and messages as `cogbatch run` (a hub id: its config.json only)
+        return CogVLMConfig.from_json(resolve_checkpoint(job.model, ("config.json",)))
+    except ModelConfigError as e:
+        raise ConfigError(f"model: {job.model}: {e}") from None

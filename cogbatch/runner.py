@@ -196,6 +196,10 @@ def plan_run(
     """
     # Pillow warns once per process about odd EXIF blocks; such an image still decodes fine.
     warnings.filterwarnings("ignore", message="(Possibly )?[Cc]orrupt EXIF", category=UserWarning)
+    # Above 89 MP Pillow warns on stderr (also under --quiet) for every image; `max_pixels` is the limit here.
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     run_id = run_id or new_run_id()
     prepare_output(cfg.output)
     dtype = resolved_dtype(cfg)
@@ -230,9 +234,20 @@ def plan_run(
         "generated_tokens": 0,
         "model_loaded": False,
     }
-    if not todo:
+    if not entries:  # a typo in the folder's extensions looks like a finished run otherwise
+        summary["message"] = f"nothing to do: {_no_images(cfg)}"
+    elif not todo:
         summary["message"] = "nothing to do: every image and task is already in the output"
     return Plan(run_id, todo, summary)
+
+
+def _no_images(cfg: JobConfig) -> str:
+    inp = cfg.input
+    if inp.folder is None:
+        return f"the manifest {inp.manifest} has no rows"
+    where = "in or under" if inp.recursive else "in"
+    exts = ", ".join(f".{e}" for e in inp.extensions) or "none"
+    return f"no images {where} {inp.folder} (extensions: {exts})"
 
 
 def check_model(cfg: JobConfig) -> None:

@@ -35,3 +35,26 @@ def test_bad_rule_is_a_usage_error(tiny_cogvlm1):
     assert res.returncode == 2 and "PATTERN=DTYPE" in res.stderr
     res = cogbatch_cmd("quantize", str(tiny_cogvlm1), "--rule", "lm_head=int3")
     assert res.returncode == 2 and "int4, int8, none" in res.stderr
+
+
+def test_mistakes_stop_before_quantizing(tmp_path, tiny_cogvlm1, monkeypatch):
+    """A device that is not there, nothing to quantize, or a cache directory that cannot be written:
+    exit 2 at once (these exited 1 after the load, or 0 with no cache entry written)."""
+    import torch
+    from click.testing import CliRunner
+
+    from cogbatch.cli import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "afile").write_text("")
+    cases = {
+        ("--device", "cuda"): "--device cuda: torch sees no CUDA device here",
+        ("--device", "tpu"): "--device: must be cpu, cuda or cuda:N",
+        ("-q", "none"): "none has nothing to cache",
+        ("--out", str(tmp_path / "afile" / "cache")): "cannot create it (Not a directory)",
+    }
+    for args, message in cases.items():
+        out = () if "--out" in args else ("--out", str(tmp_path / "cache"))
+        res = CliRunner().invoke(cli, ["quantize", str(tiny_cogvlm1), *args, *out])
+        assert res.exit_code == 2 and message in res.output, (args, res.output)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("quantized/*"))

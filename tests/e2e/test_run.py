@@ -257,3 +257,16 @@ def test_demo_job_and_jobs_demo_yaml_ask_the_same(tmp_path, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[2])
     yaml_job = load_job("jobs/demo.yaml", {"output": str(tmp_path / "out")}, pipeline=None)
     assert demo_job(tmp_path / "demo", 1).tasks == yaml_job.tasks
+
+
+def test_an_input_without_images_says_so_rather_than_already_done(tmp_path, job_factory):
+    (tmp_path / "images").mkdir()
+    make_images(tmp_path / "images", 1)
+    summary = cogbatch.run_job(job_factory(input={"folder": str(tmp_path / "images"), "extensions": ["jpeg"]}),
+                               quiet=True)  # fmt: skip
+    assert summary["exit_code"] == 0 and not summary["model_loaded"]
+    assert summary["message"] == f"nothing to do: no images in or under {tmp_path / 'images'} (extensions: .jpeg)"
+    manifest = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"path": pa.array([], pa.string())}), manifest)
+    summary = cogbatch.run_job(job_factory(input={"manifest": str(manifest)}), quiet=True)
+    assert summary["message"] == f"nothing to do: the manifest {manifest} has no rows"

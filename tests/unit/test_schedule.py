@@ -439,12 +439,22 @@ def test_cli_round_trip(job, crontab):
         (["schedule", "JOB"], "--cron EXPR is required"),
         (["schedule", "JOB", "--install"], "--cron EXPR is required"),
         (["schedule", "JOB", "--remove", "--cron", "@daily"], "no meaning with --remove"),
+        (["schedule", "JOB", "--list", "--remove"], "--remove and --list cannot be combined"),
+        (["schedule", "JOB", "--install", "--remove", "--cron", "@daily"], "--install and --remove cannot be"),
     ],
 )
 def test_cli_usage_errors(job, crontab, args, message):
     res = CliRunner().invoke(cli, [str(job) if a == "JOB" else a for a in args])
     assert res.exit_code == 2
     assert message in res.output
+
+
+def test_list_and_remove_together_leave_the_entry_alone(job, crontab):
+    runner = CliRunner()
+    assert runner.invoke(cli, ["schedule", str(job), "--cron", "0 2 * * *", "--install"]).exit_code == 0
+    installed = crontab.read_text()
+    res = runner.invoke(cli, ["schedule", str(job), "--list", "--remove"])
+    assert res.exit_code == 2 and crontab.read_text() == installed
 
 
 def test_cli_bad_job_fails_before_touching_the_crontab(tmp_path, crontab, monkeypatch):
