@@ -310,17 +310,24 @@ def status(job, output, history, pipeline, as_json) -> None:
     if history:
         from cogbatch.history import format_table, read_history
 
-        records = read_history(cfg.output)
+        warnings: list[str] = []
+        records = read_history(cfg.output, warn=warnings.append)
+        for warning in warnings:  # stderr: --json output stays parseable
+            click.echo(f"warning: {warning}", err=True)
         if as_json:
             click.echo(json.dumps(records, indent=2))
         elif records:
             click.echo(format_table(records))
         else:
-            click.echo(f"{cfg.output}: no runs recorded yet", err=True)
+            click.echo(f"{cfg.output}: {'no readable runs' if warnings else 'no runs recorded yet'}", err=True)
         return
+    from cogbatch.config import ConfigError
     from cogbatch.lock import current_holder, describe_holder
 
-    report = job_status(cfg)
+    try:
+        report = job_status(cfg)
+    except ConfigError as e:  # a part file that is not one (store.ResultFileError)
+        raise ConfigFailure(str(e)) from None
     report["running"] = current_holder(cfg.output)  # a run holding the output's lock now, or None
     lines = [f"{report['output']}: {report['images']} images"]
     if report["running"] is not None:
@@ -662,4 +669,16 @@ _PROGRAM = "cogbatch-program"  # the root context's obj when running as the `cog
 
 
 def main() -> None:
-    cli(obj=_PROGRAM)
+    """The `cogbatch` executable. An exception no command turned into a message (a bug, or a failure
+    nobody foresaw) still ends in one line with an exit code, not a traceback; COGBATCH_DEBUG=1 shows it."""
+    import os
+
+    try:
+        cli(obj=_PROGRAM)
+    except Exception as e:
+        if os.environ.get("COGBATCH_DEBUG"):
+            raise
+        from cogbatch.exits import exit_code_for
+
+        click.echo(f"Error: {type(e).__name__}: {e} (set COGBATCH_DEBUG=1 for the traceback)", err=True)
+        sys.exit(exit_code_for(e))

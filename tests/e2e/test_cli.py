@@ -96,3 +96,34 @@ def test_a_late_signal_never_turns_the_programs_exit_into_a_kill(tmp_path):
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_an_unforeseen_failure_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """Whatever a command did not turn into a message still ends the executable with one line and an exit
+    code; COGBATCH_DEBUG=1 re-raises it for the traceback."""
+    import pytest
+    import yaml
+
+    import cogbatch.status
+    from cogbatch.cli import main
+
+    (tmp_path / "images").mkdir()
+    job = tmp_path / "job.yaml"
+    keys = {"model": "tiny-random:cogvlm2", "input": {"folder": str(tmp_path / "images")},
+            "output": str(tmp_path / "out"), "tasks": [{"name": "c", "prompt": "p"}]}  # fmt: skip
+    job.write_text(yaml.safe_dump(keys))
+
+    def broken(cfg):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cogbatch.status, "job_status", broken)
+    monkeypatch.setattr(sys, "argv", ["cogbatch", "status", str(job)])
+    monkeypatch.delenv("COGBATCH_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert "Error: RuntimeError: boom (set COGBATCH_DEBUG=1 for the traceback)" in err and "Traceback" not in err
+    monkeypatch.setenv("COGBATCH_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="boom"):
+        main()
