@@ -601,7 +601,8 @@ def export(job, fmt, task, dest, overwrite, output, pipeline, as_json) -> None:
       cogbatch export jobs/vqa.yaml --format txt --task colors --dest captions/
       cogbatch export jobs/caption.yaml --format jsonl > captions.jsonl
     """
-    from cogbatch.export import ExportError, export_rows, export_txt
+    from cogbatch.config import ConfigError
+    from cogbatch.export import DestinationError, ExportError, export_rows, export_txt
 
     if fmt != "txt" and dest is None and as_json:
         raise click.UsageError(f"--json needs --dest with --format {fmt} (the rows themselves go to stdout)")
@@ -611,6 +612,8 @@ def export(job, fmt, task, dest, overwrite, output, pipeline, as_json) -> None:
             report = export_txt(cfg, task, Path(dest) if dest else None, overwrite)
         else:
             report = export_rows(cfg, fmt, task, Path(dest) if dest else None, overwrite)
+    except (DestinationError, ConfigError) as e:  # an unwritable DEST; a part file that is not one
+        raise ConfigFailure(str(e)) from None
     except ExportError as e:
         raise click.UsageError(str(e)) from None
     _emit(report.to_dict(), as_json, report.describe())
@@ -624,11 +627,17 @@ def compact(output, as_json) -> None:
 
     Example: cogbatch compact outputs/caption
     """
+    from cogbatch.config import ConfigError
     from cogbatch.store import compact as compact_parts
     from cogbatch.store import prepare_output
 
-    prepare_output(Path(output))
-    before, after = compact_parts(Path(output))
+    try:
+        prepare_output(Path(output))
+        before, after = compact_parts(Path(output))
+    except ConfigError as e:  # a part file that is not one: nothing was changed
+        raise ConfigFailure(str(e)) from None
+    except OSError as e:  # a read-only output (even its .compact.lock), a full disk: rolled back
+        raise ConfigFailure(f"cannot write {e.filename or output}: {e.strerror or e}") from None
     _emit({"parts_before": before, "parts_after": after}, as_json, f"{output}: {before} part files -> {after}")
 
 

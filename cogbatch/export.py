@@ -52,6 +52,11 @@ class ExportError(Exception):
     """A request that cannot be exported as asked (the CLI turns it into a usage error)."""
 
 
+class DestinationError(ExportError):
+    """DEST cannot be created or written (read-only file system, a file in the way, disk full): exit 2, with
+    the path and the system's reason, not a usage message."""
+
+
 @dataclass
 class ExportReport:
     format: str
@@ -156,19 +161,35 @@ def _temp_for(target: Path) -> Path:
     return target.with_name(f".tmp-{target.name}.{uuid.uuid4().hex}")
 
 
+def _remove_temp(temp: Path) -> None:
+    """Best-effort cleanup that never masks the error being raised (on a read-only file system even
+    unlinking a file that was never created fails, with EROFS rather than ENOENT)."""
+    with contextlib.suppress(OSError):
+        temp.unlink()
+
+
+def _make_dest(dest: Path) -> None:
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DestinationError(f"cannot write {dest}: {e.strerror or e}") from None
+
+
 @contextlib.contextmanager
 def _atomic_file(target: Path, mode: str = "wb", **kw: Any) -> Iterator[IO[Any]]:
     """Write `target` through a temp file renamed into place when the block succeeds."""
     temp = _temp_for(target)
+    created = False
     try:
         with open(temp, mode, **kw) as f:
+            created = True
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, target)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
+        if created:  # gone once renamed; never created when open failed
+            _remove_temp(temp)
 
 
 def _inside(root_real: Path, target: Path) -> bool:
@@ -210,7 +231,7 @@ def export_txt(cfg: JobConfig, task: str | None, dest: Path | None, overwrite: b
     report = ExportReport("txt", str(cfg.output), str(dest) if dest is not None else None, task)
     dest_real = None
     if dest is not None:
-        dest.mkdir(parents=True, exist_ok=True)
+        _make_dest(dest)
         dest_real = dest.resolve()
 
     entries = build_entries(cfg)
@@ -409,12 +430,14 @@ def export_rows(
     if dest is None:
         report.rows = _write_rows(table, fmt, stdout or sys.stdout)
         return report
-    dest.mkdir(parents=True, exist_ok=True)
+    _make_dest(dest)
     target = dest / f"{cfg.output.name}.{fmt}"
     label = str(target)
     temp = _temp_for(target)
+    created = False
     try:
         with open(temp, "w", encoding="utf-8", newline="") as f:
+            created = True
             report.rows = _write_rows(table, fmt, f)
         if target.is_symlink():
             report.skipped.append({"path": label, "reason": "is a symlink (not followed)"})
@@ -427,7 +450,9 @@ def export_rows(
             report.overwritten += int(target.exists())
             os.replace(temp, target)
             report.written += 1
+    except OSError as e:  # read-only file system, disk full, a directory named like the target…
+        raise DestinationError(f"cannot write {target}: {e.strerror or e}") from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
+        if created:  # gone once renamed; never created when open failed
+            _remove_temp(temp)
     return report

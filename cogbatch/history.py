@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -124,20 +125,33 @@ def _last_byte(path: Path, size: int) -> bytes:
         return f.read(1)
 
 
-def read_history(output: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every readable record, oldest first; torn or foreign lines are skipped, never an error."""
+def read_history(output: str | os.PathLike[str], warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Every readable record, oldest first; torn or foreign lines are skipped, never an error.
+
+    `warn` is told about each skipped line ("<file> line N: ...") and an unreadable file, so that
+    `status --history` never says "no runs" about a history it could not read.
+    """
+    path = Path(output) / HISTORY_NAME
     try:
-        raw = (Path(output) / HISTORY_NAME).read_bytes()
+        raw = path.read_bytes()
     except FileNotFoundError:
         return []
+    except OSError as e:  # a directory of that name, no permission…
+        if warn is not None:
+            warn(f"cannot read {path}: {e.strerror or e}")
+        return []
     records = []
-    for line in raw.splitlines():
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
             rec = json.loads(line)
-        except ValueError:
-            continue
+        except ValueError:  # UnicodeDecodeError included
+            rec = None
         if isinstance(rec, dict):
             records.append(rec)
+        elif warn is not None:
+            warn(f"{path} line {number}: not a run record (cut off by a crash, or edited); skipped")
     return records
 
 

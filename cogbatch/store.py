@@ -43,6 +43,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from cogbatch.config import ConfigError
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; prepare_output then assumes it runs alone
@@ -354,9 +356,96 @@ def _schema_for(columns: list[str] | None) -> pa.Schema:
     return pa.schema([RESULT_SCHEMA.field(c) for c in columns])
 
 
+class ResultFileError(ConfigError):
+    """A file named like a part that is not a cogbatch result file: truncated, corrupt, or another tool's Parquet.
+
+    A ConfigError (exit 2): the user put it there and must move it. Reading on would crash in pyarrow, or
+    worse, count and export rows that are not results (missing columns read as nulls).
+    """
+
+    def __init__(self, path: Path, reason: str) -> None:
+        what = f"{path} is not a readable cogbatch result file ({reason})"
+        super().__init__(f"{what}; move it out of the output directory")
+        self.path = path
+
+
+# What pyarrow raises for a file it cannot read or cast (ArrowInvalid is a ValueError, ArrowIOError an OSError).
+_READ_ERRORS = (pa.ArrowException, OSError, ValueError)
+
+
+def _read_error(path: Path, error: BaseException) -> ResultFileError:
+    reason = re.sub(r"^Could not open Parquet input source '.*?': ", "", " ".join(str(error).split()))
+    return ResultFileError(path, reason or type(error).__name__)  # one line: pyarrow's texts hold newlines
+
+
+def _compatible(field: pa.Field, have: pa.DataType) -> bool:
+    """Whether a part's column type reads as `field` (what `pq.read_table(schema=...)` casts losslessly)."""
+    if pa.types.is_dictionary(have):  # pandas categoricals
+        have = have.value_type
+    if have == field.type or (pa.types.is_null(have) and field.nullable):
+        return True
+    if pa.types.is_string(field.type):
+        return pa.types.is_string(have) or pa.types.is_large_string(have)
+    if pa.types.is_integer(field.type):
+        return pa.types.is_integer(have)
+    if pa.types.is_timestamp(field.type):
+        return pa.types.is_timestamp(have)
+    return False
+
+
+def _check_schema(path: Path, schema: pa.Schema) -> None:
+    """ResultFileError unless every required column is there and every result column has a usable type.
+
+    Nullable columns may be missing: parts written before a column was added read it as nulls.
+    """
+    missing = [f.name for f in RESULT_SCHEMA if not f.nullable and f.name not in schema.names]
+    if missing:
+        raise ResultFileError(path, f"no column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    for field in RESULT_SCHEMA:
+        found = schema.get_all_field_indices(field.name)
+        if len(found) > 1:
+            raise ResultFileError(path, f"column {field.name} appears {len(found)} times")
+        if found and not _compatible(field, have := schema.field(found[0]).type):
+            raise ResultFileError(path, f"column {field.name} is {have}, not {field.type}")
+
+
+def _part_rows(path: Path) -> int:
+    """The row count of a part file whose schema was checked; ResultFileError for a file that is no part."""
+    try:
+        with pq.ParquetFile(path) as f:
+            schema, rows = f.schema_arrow, f.metadata.num_rows
+    except FileNotFoundError:  # vanished (a live compaction): the caller lists again
+        raise
+    except _READ_ERRORS as e:
+        raise _read_error(path, e) from None
+    _check_schema(path, schema)
+    return rows
+
+
 def _read_part(path: Path, columns: list[str] | None = None) -> pa.Table:
-    # schema= makes every part read with the one schema: columns added later read as nulls in old parts.
-    return pq.read_table(path, schema=RESULT_SCHEMA, columns=columns)
+    """One part with RESULT_SCHEMA (or `columns` of it); ResultFileError for a file that is no part.
+
+    Every part reads with the one schema: a nullable column added after a part was written reads as
+    nulls, a compatible type (see `_compatible`) is cast. The file is opened once, footer and data.
+    """
+    wanted = _schema_for(columns)
+    try:
+        with pq.ParquetFile(path) as f:
+            _check_schema(path, f.schema_arrow)
+            present = [name for name in wanted.names if name in f.schema_arrow.names]
+            table, rows = f.read(columns=present), f.metadata.num_rows
+        arrays = [
+            table[field.name].cast(field.type) if field.name in present else pa.nulls(rows, field.type)
+            for field in wanted
+        ]
+    except FileNotFoundError:  # vanished (a live compaction): the caller lists again
+        raise
+    except _READ_ERRORS as e:  # not Parquet, a corrupt page, values that do not cast
+        raise _read_error(path, e) from None
+    for name in wanted.names:
+        if name in _REQUIRED and table[name].null_count:
+            raise ResultFileError(path, f"column {name} has nulls")
+    return pa.Table.from_arrays(arrays, schema=wanted)
 
 
 def read_results(output_dir: str | os.PathLike[str], columns: list[str] | None = None) -> pa.Table:
@@ -364,7 +453,9 @@ def read_results(output_dir: str | os.PathLike[str], columns: list[str] | None =
 
     Parts are read one by one rather than by dataset discovery, so a stray file in the directory (a temp
     file, a journal, someone's notes.csv) never breaks a read. A part that vanishes mid-read (a live
-    compaction deleted it) restarts the read from a fresh listing.
+    compaction deleted it) restarts the read from a fresh listing. A file named like a part that is not
+    one (corrupt, or of another schema) raises ResultFileError naming it: skipping it could redo or hide
+    rows, reading it could add rows of nulls.
     """
     schema = _schema_for(columns)
     for _ in range(5):
@@ -541,7 +632,7 @@ def compact(output_dir: str | os.PathLike[str], *, target_rows: int = 1_000_000)
     with _compact_lock(directory, blocking=True):
         _resolve_journal(directory)  # a crashed compaction first: its parts must not be compacted twice
         old = list_parts(directory)
-        total = sum(pq.read_metadata(p).num_rows for p in old)
+        total = sum(_part_rows(p) for p in old)  # every part checked before anything is written
         n_new = math.ceil(total / target_rows)
         if n_new >= len(old):
             return len(old), len(old)

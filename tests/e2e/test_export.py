@@ -6,7 +6,9 @@ import csv
 import io
 import json
 
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from cogbatch.store import latest_rows, read_results
@@ -68,6 +70,54 @@ def test_export_of_a_finished_job(tmp_path, job_factory):
 
     res = cogbatch_cmd("export", str(job), "--format", "jsonl", "--json")
     assert res.returncode == 2 and "--dest" in res.stderr
+
+
+def test_a_bad_part_file_stops_every_command_with_exit_2(tmp_path, job_factory):
+    make_images(tmp_path / "images", 2)
+    job = job_factory()
+    out = tmp_path / "out"
+    assert cogbatch_cmd("run", str(job), "--quiet").returncode == 0
+    parts = sorted(p.name for p in out.glob("part-*"))
+    for kind in ("corrupt", "foreign"):
+        bad = out / f"part-{kind}-00001.parquet"
+        if kind == "corrupt":
+            bad.write_bytes(b"junk\n")
+        else:  # valid Parquet of another schema: it used to export a row of nulls and crash compact
+            pq.write_table(pa.table({"foo": [1, 2]}), bad)
+        for args in (
+            ["status", str(job)],
+            ["export", str(job), "--format", "jsonl"],
+            ["export", str(job), "--format", "txt", "--task", "caption"],
+            ["compact", str(out)],
+            ["run", str(job), "--quiet"],
+        ):
+            res = cogbatch_cmd(*args)
+            assert res.returncode == 2, (args, res.stderr)
+            assert f"{bad} is not a readable cogbatch result file (" in res.stderr, (args, res.stderr)
+            assert "move it out of the output directory" in res.stderr and "Traceback" not in res.stderr
+            assert res.stdout == ""
+        bad.unlink()
+        assert sorted(p.name for p in out.glob("part-*")) == parts and not list((tmp_path / "images").glob("*.txt"))
+    assert cogbatch_cmd("compact", str(out)).returncode == 0
+    assert cogbatch_cmd("export", str(job), "--format", "jsonl").stdout.count("\n") == 4
+
+
+def test_export_and_compact_to_places_that_cannot_be_written_exit_2(tmp_path, job_factory):
+    make_images(tmp_path / "images", 1)
+    job = job_factory()
+    assert cogbatch_cmd("run", str(job), "--quiet").returncode == 0
+    (tmp_path / "afile").write_text("a file, not a directory")
+    dest = tmp_path / "afile" / "x"  # mkdir fails as on a read-only file system (no mount needed)
+    for fmt in ("txt", "csv"):
+        res = cogbatch_cmd("export", str(job), "--format", fmt, "--task", "caption", "--dest", str(dest))
+        assert res.returncode == 2 and f"cannot write {dest}: Not a directory" in res.stderr
+        assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    lock = tmp_path / "out" / ".compact.lock"
+    lock.unlink()
+    lock.mkdir()  # cannot be opened for writing
+    res = cogbatch_cmd("compact", str(tmp_path / "out"))
+    assert res.returncode == 2 and f"cannot write {lock}: Is a directory" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 @pytest.mark.slow

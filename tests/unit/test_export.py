@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime as dt
+import errno
 import hashlib
 import io
 import json
@@ -19,7 +20,7 @@ from click.testing import CliRunner
 
 from cogbatch.cli import cli
 from cogbatch.config import load_job
-from cogbatch.export import ExportError, export_rows, export_txt, latest_by_path
+from cogbatch.export import DestinationError, ExportError, export_rows, export_txt, latest_by_path
 from cogbatch.store import PartWriter, make_row, read_results
 
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
@@ -472,3 +473,79 @@ def test_latest_by_path_keeps_the_newest_row_per_path_and_task():
         ("a.png", "tags", "t"),
         ("b.png", "caption", "b"),
     ]
+
+
+def _job_file(cfg, tmp_path: Path) -> Path:
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "model": "tiny-random:cogvlm2",
+                "input": {"folder": str(cfg.input.folder)},
+                "output": str(cfg.output),
+                "tasks": [{"name": t.name, "prompt": t.prompt} for t in cfg.tasks],
+            }
+        )
+    )
+    return job
+
+
+def _exits_2_with(args: list[str], message: str) -> None:
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)  # not a crash
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "foreign"])
+def test_cli_export_and_status_refuse_an_output_with_a_bad_part(folder_job, tmp_path, kind):
+    cfg, _ = folder_job
+    bad = cfg.output / f"part-{kind}-00001.parquet"
+    if kind == "corrupt":
+        bad.write_bytes(b"junk\n")
+        reason = "Parquet file size is 5 bytes"
+    else:
+        pq.write_table(pa.table({"foo": [1, 2]}), bad)  # valid Parquet: would export a row of nulls
+        reason = "no columns image_id, task, status"
+    message = f"{bad} is not a readable cogbatch result file ({reason}"
+    job = str(_job_file(cfg, tmp_path))
+    for args in (
+        ["export", job, "--format", "jsonl"],
+        ["export", job, "--format", "csv", "--dest", str(tmp_path / "dest")],
+        ["export", job, "--format", "txt", "--task", "caption"],
+        ["status", job],
+    ):
+        _exits_2_with(args, message)
+    assert not (tmp_path / "dest" / "out.csv").exists() and not (tmp_path / "images" / "a.txt").exists()
+
+
+def test_cli_export_to_an_unwritable_dest_exits_2(folder_job, tmp_path):
+    cfg, _ = folder_job
+    job = str(_job_file(cfg, tmp_path))
+    (tmp_path / "afile").write_text("not a directory")
+    dest = tmp_path / "afile" / "x"  # what a read-only file system does to mkdir, without a mount
+    for fmt in ("txt", "jsonl", "csv"):
+        _exits_2_with(
+            ["export", job, "--format", fmt, "--task", "caption", "--dest", str(dest)],
+            f"cannot write {dest}: Not a directory",
+        )
+
+
+def test_a_failed_csv_write_is_not_masked_by_its_cleanup(folder_job, tmp_path, monkeypatch):
+    """On a read-only file system the temp file is never created, and even unlinking it fails (EROFS)."""
+    cfg, _ = folder_job
+    dest = tmp_path / "dest"
+    dest.mkdir()
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr("cogbatch.export.open", read_only, raising=False)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(DestinationError, match=rf"cannot write {dest / 'out.csv'}: Read-only file system"):
+        export_rows(cfg, "csv", dest=dest)
+    report = export_txt(cfg, "caption", dest)  # txt reports each file it could not write, and goes on
+    assert report.written == 0 and len(report.skipped) == 4
+    assert sum("Read-only file system" in s["reason"] for s in report.skipped) == 2  # the two ok images
+    monkeypatch.undo()
+    assert export_txt(cfg, "caption", dest).written == 2 and sorted(os.listdir(dest)) == ["a.txt", "sub"]

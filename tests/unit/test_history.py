@@ -9,6 +9,9 @@ import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
+from click.testing import CliRunner
+
+from cogbatch.cli import cli
 from cogbatch.config import QuantSettings
 from cogbatch.history import (
     HISTORY_NAME,
@@ -41,6 +44,44 @@ def test_a_torn_last_line_is_skipped_and_not_glued_to_the_next(tmp_path):
     assert [r["run_id"] for r in read_history(tmp_path)] == ["a"]
     append_record(tmp_path, {"run_id": "c"})
     assert [r["run_id"] for r in read_history(tmp_path)] == ["a", "c"]
+
+
+def test_bad_lines_are_skipped_with_a_warning_naming_the_file_and_line(tmp_path):
+    append_record(tmp_path, {"run_id": "a"})
+    with open(tmp_path / HISTORY_NAME, "ab") as f:
+        f.write(b"junk\n[1, 2]\n\n\xff\xfe\n")  # not JSON, not an object, blank (fine), not UTF-8
+    append_record(tmp_path, {"run_id": "b"})
+    warnings: list[str] = []
+    assert [r["run_id"] for r in read_history(tmp_path, warn=warnings.append)] == ["a", "b"]
+    why = "not a run record (cut off by a crash, or edited); skipped"
+    assert warnings == [f"{tmp_path / HISTORY_NAME} line {n}: {why}" for n in (2, 3, 5)]
+    (tmp_path / "dir" / HISTORY_NAME).mkdir(parents=True)
+    assert read_history(tmp_path / "dir", warn=warnings.append) == []
+    assert warnings[-1] == f"cannot read {tmp_path / 'dir' / HISTORY_NAME}: Is a directory"
+
+
+def test_status_history_warns_about_bad_lines_and_shows_the_good_ones(tmp_path):
+    job = tmp_path / "job.yaml"
+    out = tmp_path / "out"
+    job.write_text(
+        json.dumps(
+            {
+                "model": "tiny-random:cogvlm2",
+                "input": {"folder": str(tmp_path)},
+                "output": str(out),
+                "tasks": [{"name": "caption", "prompt": "Describe."}],
+            }
+        )
+    )
+    out.mkdir()
+    (out / HISTORY_NAME).write_text('{"run_id": "torn", "exit\n')
+    res = CliRunner().invoke(cli, ["status", str(job), "--history"])
+    assert res.exit_code == 0
+    assert f"warning: {out / HISTORY_NAME} line 1: not a run record" in res.output
+    assert f"{out}: no readable runs" in res.output and "no runs recorded yet" not in res.output
+    append_record(out, {"run_id": "good-run", "exit_code": 0})
+    res = CliRunner().invoke(cli, ["status", str(job), "--history"])
+    assert res.exit_code == 0 and "good-run" in res.output and "line 1: not a run record" in res.output
 
 
 def test_concurrent_appenders_never_interleave(tmp_path):

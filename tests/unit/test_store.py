@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,10 +17,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cogbatch import store
+from cogbatch.cli import cli
+from cogbatch.config import ConfigError
 from cogbatch.store import (
     RESULT_SCHEMA,
     PartWriter,
@@ -270,6 +274,98 @@ def test_list_parts_sorts_sequence_numbers_numerically(tmp_path):
     assert [p.name for p in list_parts(tmp_path)] == [names[2], names[0], names[1]]
 
 
+def _good_table(n: int = 2) -> pa.Table:
+    return pa.Table.from_pylist([row(i) for i in range(n)], schema=RESULT_SCHEMA)
+
+
+def _nullable_table() -> pa.Table:
+    return _good_table().cast(pa.schema([f.with_nullable(True) for f in RESULT_SCHEMA]))
+
+
+def _refused_everywhere(directory: Path, bad: Path, reason: str) -> None:
+    """Every reader names the bad part and why; compaction refuses and leaves the directory as it was."""
+    files = sorted([*os.listdir(directory), ".compact.lock"])
+    message = rf"{re.escape(str(bad))} is not a readable cogbatch result file \({reason}.*\); move it out of the"
+    for read in (
+        lambda: read_results(directory),
+        lambda: read_results(directory, columns=["image_id", "task"]),
+        lambda: done_keys(directory),
+        lambda: compact(directory),
+    ):
+        with pytest.raises(store.ResultFileError, match=message) as info:
+            read()
+        assert "\n" not in str(info.value)  # one line on the terminal
+        assert isinstance(info.value, ConfigError)  # exit 2 in the CLI (cogbatch.exits)
+        assert info.value.path == bad
+    assert sorted(os.listdir(directory)) == files  # no journal, no new part, no part deleted
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"junk\n", "Parquet file size is 5 bytes"),
+        (b"", "Parquet file size is 0 bytes"),
+        (b"PAR1" + b"\0" * 64 + b"PAR1", ""),  # a footer of garbage
+    ],
+)
+def test_a_corrupt_part_is_refused_naming_the_file(tmp_path, content, reason):
+    write_parts(tmp_path, 4, flush_rows=2)
+    bad = tmp_path / "part-x-00001.parquet"
+    bad.write_bytes(content)
+    _refused_everywhere(tmp_path, bad, reason)
+
+
+def test_a_truncated_part_is_refused(tmp_path):
+    (good,) = write_parts(tmp_path, 3, flush_rows=3)
+    bad = tmp_path / "part-x-00001.parquet"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    _refused_everywhere(tmp_path, bad, "")
+
+
+@pytest.mark.parametrize(
+    "table, reason",
+    [
+        (pa.table({"foo": [1, 2]}), "no columns image_id, task, status, fingerprint, run_id, created_at"),
+        (_good_table().drop_columns(["fingerprint"]), "no column fingerprint"),
+        (_good_table().set_column(0, "image_id", pa.array([1, 2])), "column image_id is int64, not string"),
+        (_good_table().set_column(8, "tokens_in", pa.array(["1", "2"])), "column tokens_in is string, not int32"),
+        (_good_table().set_column(16, "created_at", pa.array(["a", "b"])), "column created_at is string, not"),
+        (_good_table().append_column("task", pa.array(["x", "y"])), "column task appears 2 times"),
+        # declared nullable by another writer, and holding a null: compaction could not write it
+        (_nullable_table().set_column(2, "task", pa.array(["caption", None])), "column task has nulls"),
+    ],
+)
+def test_a_part_of_another_schema_is_refused(tmp_path, table, reason):
+    write_parts(tmp_path, 4, flush_rows=2)
+    bad = tmp_path / "part-foreign-00001.parquet"
+    pq.write_table(table, bad)
+    _refused_everywhere(tmp_path, bad, reason)
+
+
+def test_parts_of_compatible_schemas_are_read(tmp_path):
+    """Another writer's types that cast losslessly, and nullable columns a part predates, are fine."""
+    table = _good_table(3)
+    other = pa.table(
+        {
+            "image_id": table["image_id"].dictionary_encode(),  # pandas categorical
+            "task": table["task"].cast(pa.large_string()),
+            "status": table["status"],
+            "fingerprint": table["fingerprint"],
+            "run_id": table["run_id"],
+            "created_at": table["created_at"].cast(pa.timestamp("ns", tz="UTC")),
+            "tokens_out": pa.array([1, 2, 3], pa.int64()),
+            "width": pa.nulls(3),  # an all-null column inferred by pandas
+            "extra": pa.array(["x", "y", "z"]),  # a column this version does not know
+        }
+    )  # no "attempts": written before it existed
+    pq.write_table(other, tmp_path / "part-old-00000.parquet")
+    got = read_results(tmp_path)
+    assert got.schema.equals(RESULT_SCHEMA) and got.num_rows == 3
+    assert got["tokens_out"].to_pylist() == [1, 2, 3] and got["attempts"].null_count == 3
+    assert got["image_id"].to_pylist() == table["image_id"].to_pylist()
+    assert compact(tmp_path) == (1, 1) and len(done_keys(tmp_path)) == 3
+
+
 # ------------------------------------------------------------------------------------------ done set
 
 
@@ -297,13 +393,13 @@ def test_latest_rows_and_done_keys_take_the_newest_row_per_key(tmp_path):
 def test_done_keys_reads_only_the_needed_columns(tmp_path, monkeypatch):
     write_parts(tmp_path, 3, flush_rows=1)
     seen = []
-    real = store.pq.read_table
+    real = store.pq.ParquetFile.read
 
-    def spy(*args, **kwargs):
+    def spy(self, *args, **kwargs):
         seen.append(kwargs.get("columns"))
-        return real(*args, **kwargs)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(store.pq, "read_table", spy)
+    monkeypatch.setattr(store.pq.ParquetFile, "read", spy)
     assert len(done_keys(tmp_path)) == 3
     assert seen == [["image_id", "task", "fingerprint", "created_at", "status"]] * 3
 
@@ -351,6 +447,22 @@ def test_compaction_writes_large_row_groups(tmp_path, monkeypatch):
     (part,) = list_parts(tmp_path)
     meta = pq.read_metadata(part)
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [10, 10, 5]
+
+
+def test_cli_compact_refuses_a_bad_part_and_an_unwritable_output_with_exit_2(tmp_path):
+    before = write_parts(tmp_path, 4, flush_rows=2)
+    bad = tmp_path / "part-x-00001.parquet"
+    bad.write_bytes(b"junk\n")
+    res = CliRunner().invoke(cli, ["compact", str(tmp_path)])
+    assert res.exit_code == 2 and f"{bad} is not a readable cogbatch result file" in res.output
+    assert isinstance(res.exception, SystemExit)  # no traceback
+    bad.unlink()
+    (tmp_path / ".compact.lock").unlink()
+    (tmp_path / ".compact.lock").mkdir()  # cannot be opened for writing, as on a read-only file system
+    res = CliRunner().invoke(cli, ["compact", str(tmp_path)])
+    assert res.exit_code == 2 and f"cannot write {tmp_path / '.compact.lock'}: Is a directory" in res.output
+    assert isinstance(res.exception, SystemExit)
+    assert list_parts(tmp_path) == before  # nothing compacted
 
 
 # ------------------------------------------------------------------------------------- crash recovery
