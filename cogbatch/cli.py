@@ -429,11 +429,20 @@ def quantize(model, out, quantization, rules, dtype, device, tokenizer, pipeline
     """
     import os
 
-    from cogbatch.config import BUILTIN_PIPELINE, ConfigError, _quantization, find_pipeline_file, read_yaml
+    from cogbatch.config import (
+        BUILTIN_PIPELINE,
+        ConfigError,
+        _name_map,
+        _quantization,
+        find_pipeline_file,
+        read_yaml,
+    )
 
     try:
         pipe_path = Path(pipeline) if pipeline else find_pipeline_file(None)
         pipe = {**BUILTIN_PIPELINE, **(read_yaml(pipe_path, "pipeline file") if pipe_path else {})}
+        aliases = _name_map(pipe, "models", pipe_path, "a hub id or a checkpoint path")
+        tokenizers = _name_map(pipe, "tokenizers", pipe_path, "a tokenizer's hub id or path")
         parsed = []
         for r in rules:
             pattern, sep, qtype = r.rpartition("=")
@@ -454,7 +463,7 @@ def quantize(model, out, quantization, rules, dtype, device, tokenizer, pipeline
             raise ConfigError(f"cache directory {cache}: not writable")
     except ConfigError as e:
         raise ConfigFailure(str(e)) from None
-    source = (pipe.get("models") or {}).get(model, model)
+    source = aliases.get(model, model)
     try:
         from cogbatch.model.cogvlm import CogVLM
 
@@ -463,7 +472,7 @@ def quantize(model, out, quantization, rules, dtype, device, tokenizer, pipeline
             dtype=dtype,
             device=device,
             quantization=spec.to_model_arg(),
-            tokenizer=tokenizer or (pipe.get("tokenizers") or {}).get(source),
+            tokenizer=tokenizer or tokenizers.get(source),
             cache_dir=cache.expanduser(),
         )
     except Exception as e:

@@ -33,6 +33,9 @@ OVERRIDE_KEYS = ("input", "output", "limit", "device", "vram_ceiling", "batch_si
 FOLDER_KEYS = ("recursive", "extensions")
 MANIFEST_KEYS = ("path_column", "bytes_column", "id_column")
 
+MAX_RETRIES = 16  # generation.retry_on_repetition: each retry is one more whole generation of the request
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 <= seed < 2**64
+
 BUILTIN_PIPELINE: dict[str, Any] = {
     "models": {},
     "tokenizers": {},
@@ -233,12 +236,15 @@ class _Section:
             raise ConfigError(f"{self.key(name)}: must be true or false")
         return v
 
-    def int_(self, name: str, default: int | None, minimum: int = 1) -> int | None:
+    def int_(self, name: str, default: int | None, minimum: int = 1, maximum: int | None = None) -> int | None:
         v = self.get(name, default)
         if v is None:
             return None
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum or (maximum is not None and v > maximum):
+            if maximum is not None:
+                kind = f"an integer from {minimum} to {maximum}"
+            else:
+                kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
             raise ConfigError(f"{self.key(name)}: must be {kind}")
         return v
 
@@ -293,10 +299,10 @@ def _generation(sec: _Section, base: GenerationSettings) -> GenerationSettings:
         top_p=sec.float_("top_p", base.top_p, 0.0, 1.0),
         top_k=sec.int_("top_k", base.top_k, minimum=0),
         repetition_penalty=sec.float_("repetition_penalty", base.repetition_penalty, 0.0),
-        seed=sec.int_("seed", base.seed, minimum=0),
+        seed=sec.int_("seed", base.seed, minimum=0, maximum=SEED_LIMIT - 1),
         no_repeat_ngram_size=sec.int_("no_repeat_ngram_size", base.no_repeat_ngram_size, minimum=0),
         stop_on_repetition=sec.bool_("stop_on_repetition", base.stop_on_repetition),
-        retry_on_repetition=sec.int_("retry_on_repetition", base.retry_on_repetition, minimum=0),
+        retry_on_repetition=sec.int_("retry_on_repetition", base.retry_on_repetition, minimum=0, maximum=MAX_RETRIES),
     )
 
 
@@ -350,6 +356,8 @@ def _input(data: Any, base_dir: Path) -> InputConfig:
         if not cfg.folder.is_dir():
             raise ConfigError(f"input.folder: {cfg.folder} is not a directory")
     else:
+        if cfg.manifest.is_dir():
+            raise ConfigError(f"input.manifest: {cfg.manifest} is a directory (a manifest is one Parquet file)")
         if not cfg.manifest.is_file():
             raise ConfigError(f"input.manifest: {cfg.manifest} does not exist")
         if (cfg.path_column is None) == (cfg.bytes_column is None):
@@ -477,6 +485,41 @@ def _output_dir(value: str | None, base_dir: Path) -> Path:
     return out
 
 
+def _cache_dir(path: Path, key: str, writes: bool) -> Path:
+    """The cache directory, refused before any work when it can never be one.
+
+    An existing directory that is read-only is kept (a shared cache can still be read), unless the run
+    must write there (`writes`: a tiny random model is built in the cache).
+    """
+    try:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{key}: {path} is a file, not a directory")
+        existing = next(p for p in (path, *path.parents) if p.exists())
+    except OSError as e:
+        raise ConfigError(f"{key}: {path} cannot be used ({e.strerror or e})") from None
+    if not existing.is_dir():
+        raise ConfigError(f"{key}: {path} cannot be created: {existing} is a file")
+    if (existing != path or writes) and not os.access(existing, os.W_OK | os.X_OK):
+        if existing != path:
+            raise ConfigError(f"{key}: {path} cannot be created: {existing} is not writable")
+        raise ConfigError(f"{key}: {path} is not writable (a tiny random model is built there)")
+    return path
+
+
+def _name_map(pipe: dict[str, Any], name: str, pipe_path: Path | None, what: str) -> dict[str, str]:
+    """`models:` / `tokenizers:` of the pipeline file: names to non-empty strings."""
+    where = f" (in {pipe_path})" if pipe_path else ""
+    value = pipe.get(name) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"pipeline.{name}: must be a mapping of names to strings{where}")
+    for k, v in value.items():
+        if not isinstance(k, str) or not k.strip():
+            raise ConfigError(f"pipeline.{name}: the name {k!r} must be a non-empty string{where}")
+        if not isinstance(v, str) or not v.strip():
+            raise ConfigError(f"pipeline.{name}.{k}: must be a non-empty string ({what}), got {v!r}{where}")
+    return value
+
+
 def _device(sec: _Section) -> str:
     device = sec.str_("device", "auto")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
@@ -528,17 +571,23 @@ def find_pipeline_file(job_path: Path | None) -> Path | None:
 
 def read_yaml(path: Path, what: str) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist") from None
     except OSError as e:
         raise ConfigError(f"{what} {path} cannot be read: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")  # never the locale's encoding: a job file reads the same everywhere
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{what} {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    except ValueError as e:  # a scalar YAML resolves but Python refuses: `2024-13-01`, an integer of 5000 digits
+        raise ConfigError(f"{what} {path} is not valid YAML: {e}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -567,10 +616,8 @@ def load_job(
 
 
 def _build(job: dict[str, Any], pipe: dict[str, Any], job_path: Path | None, pipe_path: Path | None) -> JobConfig:
-    aliases = pipe.get("models") or {}
-    tokenizers = pipe.get("tokenizers") or {}
-    if not isinstance(aliases, dict) or not isinstance(tokenizers, dict):
-        raise ConfigError("pipeline.models and pipeline.tokenizers: must be mappings")
+    aliases = _name_map(pipe, "models", pipe_path, "a hub id or a checkpoint path")
+    tokenizers = _name_map(pipe, "tokenizers", pipe_path, "a tokenizer's hub id or path")
     # Job keys win over pipeline defaults; keys of either that nobody reads are unknown.
     merged = {k: v for k, v in pipe.items() if k not in ("models", "tokenizers")}
     merged.update(job)
@@ -597,7 +644,9 @@ def _build(job: dict[str, Any], pipe: dict[str, Any], job_path: Path | None, pip
     if dup:
         raise ConfigError(f"tasks: the name {dup!r} is used twice")
     configured_cache = sec.str_("cache_dir", "~/.cache/cogbatch")
-    cache_dir = Path(os.environ.get("COGBATCH_CACHE_DIR") or configured_cache).expanduser()
+    from_env = os.environ.get("COGBATCH_CACHE_DIR")
+    cache_key = "COGBATCH_CACHE_DIR" if from_env else "cache_dir"
+    cache_dir = _cache_dir(Path(from_env or configured_cache).expanduser(), cache_key, model.startswith(TINY_PREFIX))
     cfg = JobConfig(
         path=job_path,
         model=model,

@@ -190,7 +190,12 @@ def _manifest_entry(inp: InputConfig, row: int, columns: dict[str, Any], data: A
     raw = columns.get(inp.path_column)
     if not isinstance(raw, str) or not raw:
         display = f"{inp.manifest.name}#{row}"
-        reason = "null path" if raw is None else f"path is not a string ({type(raw).__name__})"
+        if raw is None:
+            reason = "null path"
+        elif raw == "":
+            reason = "empty path"
+        else:
+            reason = f"path is not a string ({type(raw).__name__})"
         values = {**builtin_values(display), **columns}
         return ImageEntry(unreadable_id(display), display, values=values, error=reason)
     return _file_entry((inp.manifest.parent / raw).expanduser(), raw, cache, columns)

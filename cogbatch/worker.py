@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cogbatch.config import TINY_PREFIX, JobConfig
+from cogbatch.config import SEED_LIMIT, TINY_PREFIX, JobConfig
 from cogbatch.images import ImageError, decode_image, read_image_bytes
 from cogbatch.manifest import ImageEntry, ManifestBytes, Request, sha256_hex
 from cogbatch.store import make_row
@@ -430,7 +430,8 @@ class Worker:
             )
         return rows
 
-    def _generation_config(self, task, attempt: int):
+    @staticmethod
+    def _generation_config(task, attempt: int):
         from dataclasses import asdict, replace
 
         from cogbatch.model.generate import GenerationConfig
@@ -447,7 +448,7 @@ class Worker:
             temperature=max(base.temperature, 0.7),
             top_p=min(base.top_p, 0.9),
             repetition_penalty=max(base.repetition_penalty, 1.1),
-            seed=base.seed + attempt,
+            seed=(base.seed + attempt) % SEED_LIMIT,  # a seed near 2**64 must not overflow the generator
             stop_on_repetition=True,
         )
 

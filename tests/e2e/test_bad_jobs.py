@@ -55,6 +55,9 @@ def _variant(**changes):
         (_variant(model="tiny-random:nope"), "is not a tiny random model"),
         (_variant(workers=0), "workers: must be a positive integer"),
         (_variant(tasks=[{"name": "a", "prompt": "{filename:d}"}]), "tasks[0].prompt: {filename:d} cannot format"),
+        (_variant(generation={"retry_on_repetition": 10**20}),
+         "generation.retry_on_repetition: must be an integer from 0 to 16"),
+        (_variant(tasks=[{"name": "a", "prompt": "x", "seed": 2**70}]), "tasks[0].seed: must be an integer from 0 to"),
     ],
 )  # fmt: skip
 def test_bad_job_exits_2_naming_the_key(tmp_path, text, message):
@@ -109,3 +112,43 @@ def test_mistakes_found_when_the_run_starts_exit_2_with_nothing_done(tmp_path, j
     assert res.returncode == 2, res.stderr
     assert message in res.stderr and "Traceback" not in res.stderr
     assert not list(tmp_path.glob("out/part-*"))
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [(bytes([0x80, *range(256)]), "not UTF-8 text (byte 0x80 at offset 0)"),  # binary: no text starts with 0x80
+     ("model: café\n".encode("latin-1"), "not UTF-8 text (byte 0xe9 at offset 10)")],
+)  # fmt: skip
+def test_a_job_file_that_is_not_utf8_exits_2(tmp_path, raw, message):
+    job = tmp_path / "bin.yaml"
+    job.write_bytes(raw)
+    res = cogbatch_cmd("run", str(job))
+    assert res.returncode == 2, res.stderr
+    assert f"job file {job}: {message}" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    "pipeline, env, message",
+    [({"models": {"x": 5}}, {}, "pipeline.models.x: must be a non-empty string (a hub id or a checkpoint path), "
+                                "got 5 (in PIPE)"),
+     ({"models": {"x": None}}, {}, "pipeline.models.x: must be a non-empty string"),
+     ({"models": {"x": "some/model"}, "tokenizers": {"some/model": 5}}, {},
+      "pipeline.tokenizers.some/model: must be a non-empty string (a tokenizer's hub id or path), got 5 (in PIPE)"),
+     ({"models": {"x": "some/model"}, "cache_dir": "A_FILE"}, {"COGBATCH_CACHE_DIR": ""},
+      "cache_dir: A_FILE is a file, not a directory"),
+     ({"models": {"x": "some/model"}, "cache_dir": "A_FILE/sub"}, {"COGBATCH_CACHE_DIR": ""},
+      "cache_dir: A_FILE/sub cannot be created: A_FILE is a file"),
+     ({"models": {"x": "some/model"}}, {"COGBATCH_CACHE_DIR": "A_FILE"}, "COGBATCH_CACHE_DIR: A_FILE is a file")],
+)  # fmt: skip
+def test_bad_pipeline_file_exits_2_naming_the_key(tmp_path, pipeline, env, message):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    pipe = tmp_path / "my-pipeline.yaml"
+    pipe.write_text(yaml.safe_dump(pipeline).replace("A_FILE", str(a_file)))
+    text = _variant(model="x").replace("IMAGES", str(tmp_path / "images")).replace("OUT", str(tmp_path / "out"))
+    env = {k: v.replace("A_FILE", str(a_file)) for k, v in env.items()}
+    res = cogbatch_cmd("run", str(_job(tmp_path, text)), "--pipeline", str(pipe), env=env)
+    assert res.returncode == 2, res.stderr
+    assert message.replace("A_FILE", str(a_file)).replace("PIPE", str(pipe)) in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()  # stopped before any work

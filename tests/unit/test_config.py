@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -221,3 +223,104 @@ def test_overrides_of_an_already_loaded_config_are_validated_and_applied(tmp_pat
         with_overrides(cfg, {"limit": 0})
     with pytest.raises(TypeError, match=r"unknown override.*colour"):
         with_overrides(cfg, {"colour": "red"})
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [("retry_on_repetition", 17, "must be an integer from 0 to 16"),
+     ("retry_on_repetition", 10**20, "must be an integer from 0 to 16"),
+     ("seed", 2**64, "must be an integer from 0 to 18446744073709551615"),
+     ("seed", 2**70, "must be an integer from 0 to 18446744073709551615")],
+)  # fmt: skip
+def test_seed_and_retries_are_bounded_where_the_run_could_not_go(tmp_path, base, key, value, message):
+    """A seed torch.Generator cannot take aborted the run; 1e20 retries built 1e20 generation settings."""
+    with pytest.raises(ConfigError, match=rf"generation.{key}: {message}"):
+        load_job({**base, "generation": {key: value}}, pipeline=None)
+    with pytest.raises(ConfigError, match=rf"tasks\[0\].{key}: {message}"):
+        load_job({**base, "tasks": [{**base["tasks"][0], key: value}]}, pipeline=None)
+    edge = {"retry_on_repetition": 16, "seed": 2**64 - 1}[key]
+    assert getattr(load_job({**base, "generation": {key: edge}}, pipeline=None).tasks[0].generation, key) == edge
+
+
+def test_the_last_seed_still_seeds_its_retries():
+    import torch
+
+    from cogbatch.config import GenerationSettings, TaskConfig
+    from cogbatch.worker import Worker
+
+    task = TaskConfig("a", "chat", GenerationSettings(seed=2**64 - 1, do_sample=True, retry_on_repetition=2), "x")
+    seeds = [Worker._generation_config(task, a).seed for a in range(3)]
+    assert seeds == [2**64 - 1, 0, 1]
+    for seed in seeds:
+        torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("raw, byte, offset", [(b"model: caf\xe9\n", 0xE9, 10), (b"\xff\xfe", 0xFF, 0)])
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path, base, raw, byte, offset):
+    job = tmp_path / "job.yaml"
+    job.write_bytes(raw)
+    where = rf"\(byte 0x{byte:02x} at offset {offset}\)"
+    with pytest.raises(ConfigError, match=rf"job file .*job.yaml: not UTF-8 text {where}"):
+        load_job(job, pipeline=None)
+    pipe = tmp_path / "pipeline.yaml"
+    pipe.write_bytes(raw)
+    with pytest.raises(ConfigError, match=rf"pipeline file .*pipeline.yaml: not UTF-8 text {where}"):
+        load_job(base, pipeline=pipe)
+
+
+@pytest.mark.parametrize("text", ["limit: 2024-13-01\n", f"limit: {'9' * 5000}\n"])
+def test_yaml_scalars_python_refuses_are_config_errors(tmp_path, text):
+    job = tmp_path / "job.yaml"
+    job.write_text(text)
+    with pytest.raises(ConfigError, match=r"job file .*job.yaml is not valid YAML: "):
+        load_job(job, pipeline=None)
+
+
+@pytest.mark.parametrize("section, value, message", [
+    ("models", {"cogvlm2": 5}, r"pipeline.models.cogvlm2: must be a non-empty string \(a hub id .*got 5"),
+    ("models", {"cogvlm2": None}, r"pipeline.models.cogvlm2: must be a non-empty string .*got None"),
+    ("models", {"cogvlm2": ""}, r"pipeline.models.cogvlm2: must be a non-empty string .*got ''"),
+    ("models", ["THUDM/cogvlm2"], r"pipeline.models: must be a mapping of names to strings"),
+    ("tokenizers", {"THUDM/cogvlm2-llama3-chat-19B": 5}, r"pipeline.tokenizers.THUDM/cogvlm2-llama3-chat-19B: must"),
+])  # fmt: skip
+def test_pipeline_models_and_tokenizers_map_names_to_strings(tmp_path, base, section, value, message):
+    pipe = _pipeline(tmp_path, **{section: value})
+    with pytest.raises(ConfigError, match=message + r".*\(in .*pipeline.yaml\)"):
+        load_job(base, pipeline=pipe)
+
+
+def test_a_cache_dir_that_can_never_be_a_directory_is_refused(tmp_path, base, monkeypatch):
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.delenv("COGBATCH_CACHE_DIR")
+    with pytest.raises(ConfigError, match=r"cache_dir: .*a_file is a file, not a directory"):
+        load_job(base, pipeline=_pipeline(tmp_path, cache_dir=str(tmp_path / "a_file")))
+    with pytest.raises(ConfigError, match=r"cache_dir: .*sub cannot be created: .*a_file is a file"):
+        load_job(base, pipeline=_pipeline(tmp_path, cache_dir=str(tmp_path / "a_file" / "sub")))
+    monkeypatch.setenv("COGBATCH_CACHE_DIR", str(tmp_path / "a_file"))
+    with pytest.raises(ConfigError, match=r"COGBATCH_CACHE_DIR: .*a_file is a file, not a directory"):
+        load_job(base, pipeline=_pipeline(tmp_path, cache_dir=str(tmp_path / "fine")))
+    assert not (tmp_path / "fine").exists()  # validating never creates the cache
+
+
+def test_a_cache_dir_that_cannot_be_written_is_refused_only_where_it_must_be(tmp_path, base, monkeypatch):
+    """Tests run as root, which may write anywhere: a read-only directory is simulated."""
+    import os
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != ro and real_access(p, mode))
+    monkeypatch.setenv("COGBATCH_CACHE_DIR", str(ro / "cache"))
+    with pytest.raises(ConfigError, match=r"COGBATCH_CACHE_DIR: .*cache cannot be created: .*ro is not writable"):
+        load_job(base, pipeline=None)
+    monkeypatch.setenv("COGBATCH_CACHE_DIR", str(ro))
+    assert load_job(base, pipeline=None).cache_dir == ro  # a read-only shared cache can still be read
+    with pytest.raises(ConfigError, match=r"ro is not writable \(a tiny random model is built there\)"):
+        load_job({**base, "model": "tiny-random:cogvlm"}, pipeline=None)
+
+
+def test_a_manifest_that_is_a_directory_says_so(tmp_path, base):
+    (tmp_path / "shards").mkdir()
+    message = r"input.manifest: .*shards is a directory \(a manifest is one Parquet file\)"
+    with pytest.raises(ConfigError, match=message):
+        load_job({**base, "input": {"manifest": str(tmp_path / "shards")}}, pipeline=None)

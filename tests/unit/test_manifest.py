@@ -88,6 +88,13 @@ def test_manifest_non_string_paths_are_error_entries(tmp_path):
     assert entries[0].image_id != entries[1].image_id
 
 
+def test_manifest_empty_paths_are_error_entries_that_say_so(tmp_path):
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"path": ["", None]}), manifest)
+    entries = build_entries(_job(tmp_path, input={"manifest": str(manifest)}))
+    assert [e.error for e in entries] == ["empty path", "null path"]
+
+
 def test_manifest_with_image_bytes(tmp_path):
     manifest = tmp_path / "m.parquet"
     table = pa.table({"id": ["one", "two", "three"], "image": [b"111", None, b"333"]})
