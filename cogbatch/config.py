@@ -731,6 +731,24 @@ def _check_format_specs(prompt: str, key: str, samples: dict[str, Any]) -> None:
             raise ConfigError(f"{key}: {{{name}:{spec}}} cannot format the {kind} values of {name!r} ({e})") from None
 
 
+def _check_column_types(inp: InputConfig, schema: Any) -> None:
+    """A bytes column of strings, or a path column of numbers, would make every row an error row."""
+    import pyarrow as pa
+
+    def kind(col: str) -> Any:
+        t = schema.field(col).type
+        return t.value_type if pa.types.is_dictionary(t) else t
+
+    if inp.bytes_column is not None:
+        t = kind(inp.bytes_column)
+        if not (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)):
+            raise ConfigError(f"input.bytes_column: column {inp.bytes_column!r} holds {t}, not image bytes (binary)")
+    elif inp.path_column is not None:
+        t = kind(inp.path_column)
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)):
+            raise ConfigError(f"input.path_column: column {inp.path_column!r} holds {t}, not paths (strings)")
+
+
 def _check_placeholders(cfg: JobConfig) -> None:
     schema = manifest_schema(cfg.input)
     columns = [] if schema is None else list(schema.names)
@@ -738,6 +756,8 @@ def _check_placeholders(cfg: JobConfig) -> None:
         col = getattr(cfg.input, col_key)
         if col is not None and cfg.input.manifest is not None and col not in columns:
             raise ConfigError(f"input.{col_key}: the manifest has no column {col!r} (columns: {', '.join(columns)})")
+    if schema is not None:
+        _check_column_types(cfg.input, schema)
     known = set(BUILTIN_PLACEHOLDERS) | set(columns)
     for i, task in enumerate(cfg.tasks):
         if task.question_column is not None:

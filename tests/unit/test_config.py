@@ -324,3 +324,17 @@ def test_a_manifest_that_is_a_directory_says_so(tmp_path, base):
     message = r"input.manifest: .*shards is a directory \(a manifest is one Parquet file\)"
     with pytest.raises(ConfigError, match=message):
         load_job({**base, "input": {"manifest": str(tmp_path / "shards")}}, pipeline=None)
+
+
+def test_manifest_columns_of_the_wrong_type_are_refused_before_any_row(tmp_path, base):
+    """Strings as image bytes, numbers as paths: every row would be an error row; say it once instead."""
+    manifest = tmp_path / "m.parquet"
+    names = pa.array(["a.jpg", "b.jpg"]).dictionary_encode()
+    pq.write_table(pa.table({"image": ["a", "b"], "path": [1, 2], "file": names, "blob": [b"x", b"y"]}), manifest)
+    pipeline = _pipeline(tmp_path)
+    with pytest.raises(ConfigError, match=r"input.bytes_column: column 'image' holds string, not image bytes"):
+        load_job({**base, "input": {"manifest": str(manifest), "bytes_column": "image"}}, pipeline=pipeline)
+    with pytest.raises(ConfigError, match=r"input.path_column: column 'path' holds int64, not paths"):
+        load_job({**base, "input": {"manifest": str(manifest)}}, pipeline=pipeline)
+    load_job({**base, "input": {"manifest": str(manifest), "path_column": "file"}}, pipeline=pipeline)  # dictionary
+    load_job({**base, "input": {"manifest": str(manifest), "bytes_column": "blob"}}, pipeline=pipeline)

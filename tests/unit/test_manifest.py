@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cogbatch.config import load_job
+from cogbatch.config import ConfigError, load_job
 from cogbatch.manifest import (
     HashCache,
     ManifestBytes,
@@ -80,12 +80,11 @@ def test_manifest_paths_resolve_relative_to_the_manifest(tmp_path, folder):
     assert entries[1].values["tags"] == "y" and entries[1].file == folder / "sub" / "b.PNG"
 
 
-def test_manifest_non_string_paths_are_error_entries(tmp_path):
+def test_manifest_non_string_paths_are_refused_once_not_per_row(tmp_path):
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.table({"path": [1, 2]}), manifest)
-    entries = build_entries(_job(tmp_path, input={"manifest": str(manifest)}))
-    assert [e.error for e in entries] == ["path is not a string (int)"] * 2
-    assert entries[0].image_id != entries[1].image_id
+    with pytest.raises(ConfigError, match=r"input\.path_column: column 'path' holds int64, not paths"):
+        _job(tmp_path, input={"manifest": str(manifest)})
 
 
 def test_manifest_empty_paths_are_error_entries_that_say_so(tmp_path):
