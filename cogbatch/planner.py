@@ -313,6 +313,9 @@ def job_plan(job: Any, max_text: int = 128) -> dict[str, Any]:
         dense_vision=dense["vision"],
         dense_language=dense["language"],
     )
+    if mm.prefix_tokens + max_text + max_new > cfg.max_position_embeddings:
+        notes.append(f"max_new_tokens {max_new}: an image ({mm.prefix_tokens} tokens) + a prompt + that many new "
+                     f"tokens passes the model's context of {cfg.max_position_embeddings} tokens")  # fmt: skip
     if dense["language"] or dense["vision"]:
         notes.append(f"quantized layers expand to a dense copy per call: up to {dense['language'] / GiB:.2f} GiB "
                      f"(language) / {dense['vision'] / GiB:.2f} GiB (vision), counted in each phase")  # fmt: skip

@@ -448,3 +448,14 @@ def test_the_first_chunk_calibrates_the_plan_from_each_phase(tmp_path, model, ti
     assert worker.plan.slots < before and worker.summary_stats()["model_compute_s"] == 0.5
     worker.process(chunk)
     assert [m.peak for m in meters] == [True, True, False, False]
+
+
+def test_max_new_tokens_past_the_models_context_is_warned_about(tmp_path, model, tiny_cogvlm2, caplog):
+    context = model.config.max_position_embeddings
+    within, _ = _job(tmp_path / "a", tiny_cogvlm2, 1, generation={"max_new_tokens": 8})
+    past, _ = _job(tmp_path / "b", tiny_cogvlm2, 1, generation={"max_new_tokens": context})
+    with caplog.at_level("WARNING", logger="cogbatch"):
+        Worker(within, "ok", model=model)
+        assert "context" not in caplog.text
+        Worker(past, "long", model=model)
+    assert f"max_new_tokens {context}: an image" in caplog.text and f"context of {context} tokens" in caplog.text
