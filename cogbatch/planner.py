@@ -77,6 +77,14 @@ class MemoryModel:
         logits = rows * c.vocab_size * 4
         return int(self.correction * (hidden + scores + bias + logits))
 
+    def context_overrun(self, max_text: int, max_new: int) -> str | None:
+        """Why an image + a prompt + `max_new` new tokens pass the model's context, or None if they fit."""
+        context = self.cfg.max_position_embeddings
+        if self.prefix_tokens + max_text + max_new <= context:
+            return None
+        return (f"max_new_tokens {max_new}: an image ({self.prefix_tokens} tokens) + a prompt + that many new "
+                f"tokens passes the model's context of {context} tokens")  # fmt: skip
+
     def kv(self, tokens: int) -> int:
         return int(self.correction * tokens * self.kv_per_token)
 
@@ -313,9 +321,9 @@ def job_plan(job: Any, max_text: int = 128) -> dict[str, Any]:
         dense_vision=dense["vision"],
         dense_language=dense["language"],
     )
-    if mm.prefix_tokens + max_text + max_new > cfg.max_position_embeddings:
-        notes.append(f"max_new_tokens {max_new}: an image ({mm.prefix_tokens} tokens) + a prompt + that many new "
-                     f"tokens passes the model's context of {cfg.max_position_embeddings} tokens")  # fmt: skip
+    overrun = mm.context_overrun(max_text, max_new)
+    if overrun:
+        notes.append(overrun)
     if dense["language"] or dense["vision"]:
         notes.append(f"quantized layers expand to a dense copy per call: up to {dense['language'] / GiB:.2f} GiB "
                      f"(language) / {dense['vision'] / GiB:.2f} GiB (vision), counted in each phase")  # fmt: skip

@@ -248,13 +248,9 @@ class Worker:
         self.memory = memory_model_for(self.model)
         self.max_new = max(t.generation.max_new_tokens for t in cfg.tasks)
         self.max_text = DEFAULT_MAX_TEXT  # grows when longer prompts are seen
-        context = self.model.config.max_position_embeddings
-        if self.memory.prefix_tokens + self.max_text + self.max_new > context:
-            log.warning(
-                "max_new_tokens %d: an image (%d tokens) + a prompt + that many new tokens passes the model's context "
-                "of %d tokens; text past it is unreliable",
-                self.max_new, self.memory.prefix_tokens, context,
-            )  # fmt: skip
+        overrun = self.memory.context_overrun(self.max_text, self.max_new)
+        if overrun:
+            log.warning("%s; text past it is unreliable", overrun)
         self.slot_limit = cfg.batch_size or 64  # lowered by out-of-memory errors
         self.encode_limit = self.slot_limit
         self.ceiling = usable_ceiling(cfg.vram_ceiling, self.model.device)

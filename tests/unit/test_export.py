@@ -376,17 +376,7 @@ def test_export_of_an_output_without_results_is_an_error_and_creates_nothing(fol
 
 def test_cli_export_of_a_missing_output_exits_2(folder_job, tmp_path):
     cfg, _ = folder_job
-    job = tmp_path / "job.yaml"
-    job.write_text(
-        yaml.safe_dump(
-            {
-                "model": "tiny-random:cogvlm2",
-                "input": {"folder": str(cfg.input.folder)},
-                "output": str(cfg.output),
-                "tasks": [{"name": "caption", "prompt": "Describe."}],
-            }
-        )
-    )
+    job = _job_file(cfg, tmp_path, tasks=[{"name": "caption", "prompt": "Describe."}])
     for fmt in ("txt", "jsonl"):
         res = CliRunner().invoke(cli, ["export", str(job), "--format", fmt, "--output", "never"])
         assert res.exit_code == 2 and f"no results in {tmp_path / 'never'}; has the job run?" in res.output
@@ -475,7 +465,8 @@ def test_latest_by_path_keeps_the_newest_row_per_path_and_task():
     ]
 
 
-def _job_file(cfg, tmp_path: Path) -> Path:
+def _job_file(cfg, tmp_path: Path, tasks: list[dict] | None = None) -> Path:
+    """`cfg` as a job file for the CLI, with its own tasks unless `tasks` are given."""
     job = tmp_path / "job.yaml"
     job.write_text(
         yaml.safe_dump(
@@ -483,7 +474,7 @@ def _job_file(cfg, tmp_path: Path) -> Path:
                 "model": "tiny-random:cogvlm2",
                 "input": {"folder": str(cfg.input.folder)},
                 "output": str(cfg.output),
-                "tasks": [{"name": t.name, "prompt": t.prompt} for t in cfg.tasks],
+                "tasks": tasks or [{"name": t.name, "prompt": t.prompt} for t in cfg.tasks],
             }
         )
     )
