@@ -565,7 +565,11 @@ def _run_on_cluster(runnable: list[Request], workers: int | None, state: _Run) -
                 },
                 batch_size=batch,
                 batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=n),
+                # One batch in flight per actor: a killed actor then fails only the batch it was running,
+                # whose crash note counts the death. A batch queued behind it would lose a retry without a
+                # note, and after MAX_BATCH_CRASHES such losses fail the whole job (seen in a CI run). The
+                # input is image paths, so prefetching the next batch buys nothing.
+                compute=ray.data.ActorPoolStrategy(size=n, max_tasks_in_flight_per_actor=1),
                 # Ray Data's defaults are -1 and -1: a batch that kills its actor would be retried forever.
                 max_restarts=MAX_ACTOR_RESTARTS,
                 max_task_retries=MAX_BATCH_CRASHES,
