@@ -96,7 +96,7 @@ def _stop_at_once_on_signals() -> dict:
     """
     import contextlib
 
-    from cogbatch.exits import Interrupted
+    from cogbatch.errors import Interrupted
 
     def stop(signum: int, frame: object) -> None:
         raise Interrupted(signum)
@@ -121,7 +121,7 @@ def exits_on_signals(command):
         try:
             return command(*args, **kwargs)
         except KeyboardInterrupt as e:
-            from cogbatch.exits import exit_code_for
+            from cogbatch.errors import exit_code_for
 
             stopped = click.ClickException(
                 "interrupted: stopped at once; every row already written is kept "
@@ -234,11 +234,11 @@ def run(
 def _abort(e: Exception, what: str = "run aborted", resumable: bool = True):
     """The user's to fix (config, model source, ceiling, engine option): exit 2, nothing was done; another
     run holds the output: exit 75; anything else aborts the command (exit 1), with `what` it was. The
-    codes come from `cogbatch.exits`, which the run history uses too."""
+    codes come from `cogbatch.errors`, which the run history uses too."""
     import os
     import traceback
 
-    from cogbatch.exits import EXIT_CONFIG, EXIT_LOCKED, exit_code_for
+    from cogbatch.errors import EXIT_CONFIG, EXIT_LOCKED, exit_code_for
 
     code = exit_code_for(e)
     if code == EXIT_CONFIG:
@@ -321,12 +321,12 @@ def status(job, output, history, pipeline, as_json) -> None:
         else:
             click.echo(f"{cfg.output}: {'no readable runs' if warnings else 'no runs recorded yet'}", err=True)
         return
-    from cogbatch.config import ConfigError
+    from cogbatch.errors import UserError
     from cogbatch.lock import current_holder, describe_holder
 
     try:
         report = job_status(cfg)
-    except ConfigError as e:  # a part file that is not one (store.ResultFileError)
+    except UserError as e:  # a part file that is not one (ResultFileError)
         raise ConfigFailure(str(e)) from None
     report["running"] = current_holder(cfg.output)  # a run holding the output's lock now, or None
     lines = [f"{report['output']}: {report['images']} images"]
@@ -610,8 +610,8 @@ def export(job, fmt, task, dest, overwrite, output, pipeline, as_json) -> None:
       cogbatch export jobs/vqa.yaml --format txt --task colors --dest captions/
       cogbatch export jobs/caption.yaml --format jsonl > captions.jsonl
     """
-    from cogbatch.config import ConfigError
-    from cogbatch.export import DestinationError, ExportError, export_rows, export_txt
+    from cogbatch.errors import DestinationError, ExportError, ResultFileError
+    from cogbatch.export import export_rows, export_txt
 
     if fmt != "txt" and dest is None and as_json:
         raise click.UsageError(f"--json needs --dest with --format {fmt} (the rows themselves go to stdout)")
@@ -621,7 +621,7 @@ def export(job, fmt, task, dest, overwrite, output, pipeline, as_json) -> None:
             report = export_txt(cfg, task, Path(dest) if dest else None, overwrite)
         else:
             report = export_rows(cfg, fmt, task, Path(dest) if dest else None, overwrite)
-    except (DestinationError, ConfigError) as e:  # an unwritable DEST; a part file that is not one
+    except (DestinationError, ResultFileError) as e:  # an unwritable DEST; a part file that is not one
         raise ConfigFailure(str(e)) from None
     except ExportError as e:
         raise click.UsageError(str(e)) from None
@@ -636,14 +636,14 @@ def compact(output, as_json) -> None:
 
     Example: cogbatch compact outputs/caption
     """
-    from cogbatch.config import ConfigError
+    from cogbatch.errors import UserError
     from cogbatch.store import compact as compact_parts
     from cogbatch.store import prepare_output
 
     try:
         prepare_output(Path(output))
         before, after = compact_parts(Path(output))
-    except ConfigError as e:  # a part file that is not one: nothing was changed
+    except UserError as e:  # a part file that is not one: nothing was changed
         raise ConfigFailure(str(e)) from None
     except OSError as e:  # a read-only output (even its .compact.lock), a full disk: rolled back
         raise ConfigFailure(f"cannot write {e.filename or output}: {e.strerror or e}") from None
@@ -696,7 +696,7 @@ def main() -> None:
     except Exception as e:
         if os.environ.get("COGBATCH_DEBUG"):
             raise
-        from cogbatch.exits import exit_code_for
+        from cogbatch.errors import exit_code_for
 
         click.echo(f"Error: {type(e).__name__}: {e} (set COGBATCH_DEBUG=1 for the traceback)", err=True)
         sys.exit(exit_code_for(e))

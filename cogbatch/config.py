@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from cogbatch.errors import ConfigError
+
 TEMPLATES = ("base", "chat", "vqa")
 QUANT_DTYPES = ("int4", "int8", "none")
 DEVICES = ("auto", "cpu", "cuda")
@@ -45,10 +47,6 @@ BUILTIN_PIPELINE: dict[str, Any] = {
     "quantization": "int4",
     "vram_ceiling": "11GiB",
 }
-
-
-class ConfigError(Exception):
-    """A configuration problem, with the key path in the message."""
 
 
 @dataclass(frozen=True)

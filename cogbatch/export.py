@@ -41,20 +41,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cogbatch.config import JobConfig
+from cogbatch.errors import DestinationError, ExportError
 from cogbatch.manifest import ImageEntry, build_entries
 from cogbatch.store import RESULT_SCHEMA, latest_rows, list_parts, read_results
 
 FORMATS = ("txt", "jsonl", "csv")
 _TXT_COLUMNS = ["image_id", "path", "task", "text", "status", "error", "created_at"]
-
-
-class ExportError(Exception):
-    """A request that cannot be exported as asked (the CLI turns it into a usage error)."""
-
-
-class DestinationError(ExportError):
-    """DEST cannot be created or written (read-only file system, a file in the way, disk full): exit 2, with
-    the path and the system's reason, not a usage message."""
 
 
 @dataclass

@@ -21,7 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from cogbatch.exits import exit_code_for
+from cogbatch.errors import exit_code_for
 
 try:
     import fcntl

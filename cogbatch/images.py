@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cogbatch.errors import ImageError
+
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_PIXELS",
@@ -62,19 +64,6 @@ WHITE = (255, 255, 255)
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 _MAX_MESSAGE = 120  # characters of an underlying exception message kept in a reason
-
-
-class ImageError(Exception):
-    """Raised with a short reason (e.g. 'file not found', 'not an image', 'truncated image data',
-    'image too large: 400000000 pixels > limit 178956970').
-
-    The reason is written verbatim into a result row, so it is one line, without the path (the row
-    has its own `path` column) and without a traceback.
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -31,35 +31,13 @@ try:
 except ImportError:  # Windows: no flock; the sidecar alone guards, checked by pid (same host only)
     fcntl = None  # type: ignore[assignment]
 
+from cogbatch.errors import JobLocked, describe_holder
+
 log = logging.getLogger("cogbatch")
 
 LOCK_DIR = ".cogbatch"
 LOCK_NAME = "run.lock"
 INFO_NAME = "run.lock.json"
-LOCKED_EXIT = 75
-
-
-class JobLocked(Exception):
-    """Another live process is running a job on this output dataset."""
-
-    exit_code = LOCKED_EXIT
-
-    def __init__(self, output: Path, holder: dict[str, Any] | None) -> None:
-        self.output = output
-        self.holder = holder or {}
-        super().__init__(f"another cogbatch run is writing to {output}: {describe_holder(self.holder)}")
-
-
-def describe_holder(info: dict[str, Any]) -> str:
-    """`pid 4242 on host gpu1, started 2025-01-02T02:00:00Z: cogbatch run jobs/caption.yaml`."""
-    if not info.get("pid"):
-        return "holder unknown (it has only just started)"
-    text = f"pid {info['pid']} on host {info.get('host', '?')}"
-    if info.get("started"):
-        text += f", started {info['started']}"
-    if info.get("command"):
-        text += f": {info['command']}"
-    return text
 
 
 def pid_alive(pid: int) -> bool:

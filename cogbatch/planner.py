@@ -27,13 +27,10 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from cogbatch.errors import ConfigError, DoesNotFit
 from cogbatch.model.config import CogVLMConfig
 
 GiB = 2**30
-
-
-class DoesNotFit(Exception):
-    """Even one request does not fit under the ceiling; the message gives needed and available memory."""
 
 
 @dataclass
@@ -368,11 +365,9 @@ def model_config_for(job: Any) -> CogVLMConfig:
         from cogbatch.worker import tiny_model_dir
 
         return CogVLMConfig.from_json(tiny_model_dir(job))
-    from cogbatch.config import ConfigError
-    from cogbatch.model.config import ConfigError as ModelConfigError
     from cogbatch.model.weights import resolve_checkpoint
 
     try:  # the same resolution and messages as `cogbatch run` (a hub id: its config.json only)
         return CogVLMConfig.from_json(resolve_checkpoint(job.model, ("config.json",)))
-    except ModelConfigError as e:
+    except ConfigError as e:
         raise ConfigError(f"model: {job.model}: {e}") from None

@@ -28,8 +28,8 @@ from typing import Any
 
 import yaml
 
-from cogbatch.config import TINY_PREFIX, ConfigError, JobConfig
-from cogbatch.exits import EXIT_OK, EXIT_ROW_ERRORS, EXIT_SIGNAL, Interrupted
+from cogbatch.config import TINY_PREFIX, JobConfig
+from cogbatch.errors import EXIT_OK, EXIT_ROW_ERRORS, EXIT_SIGNAL, ConfigError, Interrupted, SettingsChanged
 from cogbatch.manifest import (
     ImageEntry,
     ManifestBytes,
@@ -44,10 +44,6 @@ from cogbatch.store import PartWriter, done_keys, prepare_output
 from cogbatch.worker import LoadedImage, Worker, error_row, load_entry, resolved_dtype
 
 log = logging.getLogger("cogbatch")
-
-
-class SettingsChanged(Exception):
-    """Existing rows were made with other settings and the user did not ask to redo them."""
 
 
 @dataclass
@@ -258,7 +254,6 @@ def check_model(cfg: JobConfig) -> None:
     A hub id that is not cached fetches its config.json only.
     """
     from cogbatch.model.config import CogVLMConfig
-    from cogbatch.model.config import ConfigError as ModelConfigError
     from cogbatch.model.weights import resolve_checkpoint
     from cogbatch.worker import tiny_model_dir
 
@@ -269,7 +264,7 @@ def check_model(cfg: JobConfig) -> None:
             else resolve_checkpoint(cfg.model, ("config.json",))
         )
         CogVLMConfig.from_json(source)
-    except ModelConfigError as e:
+    except ConfigError as e:
         raise ConfigError(f"model: {cfg.model}: {e}") from None
 
 

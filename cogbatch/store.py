@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cogbatch.config import ConfigError
+from cogbatch.errors import ResultFileError
 
 try:
     import fcntl
@@ -354,19 +354,6 @@ def _schema_for(columns: list[str] | None) -> pa.Schema:
     if unknown:
         raise ValueError(f"unknown result column(s) {unknown}; the schema has {RESULT_SCHEMA.names}")
     return pa.schema([RESULT_SCHEMA.field(c) for c in columns])
-
-
-class ResultFileError(ConfigError):
-    """A file named like a part that is not a cogbatch result file: truncated, corrupt, or another tool's Parquet.
-
-    A ConfigError (exit 2): the user put it there and must move it. Reading on would crash in pyarrow, or
-    worse, count and export rows that are not results (missing columns read as nulls).
-    """
-
-    def __init__(self, path: Path, reason: str) -> None:
-        what = f"{path} is not a readable cogbatch result file ({reason})"
-        super().__init__(f"{what}; move it out of the output directory")
-        self.path = path
 
 
 # What pyarrow raises for a file it cannot read or cast (ArrowInvalid is a ValueError, ArrowIOError an OSError).

@@ -8,7 +8,3 @@ differs. Importing this package is cheap: an engine imports its framework only w
 from __future__ import annotations
 
 ENGINES = ("local", "ray")
-
-
-class EngineError(Exception):
-    """The engine cannot run as asked (missing extra, impossible --workers): a user's problem, exit 2."""

@@ -56,8 +56,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cogbatch.config import JobConfig
-from cogbatch.engines import EngineError
-from cogbatch.exits import Interrupted
+from cogbatch.errors import EngineError, Interrupted, RayRunFailed, UserError
 from cogbatch.manifest import ImageEntry, ManifestBytes, Request
 from cogbatch.runner import (
     RunOptions,
@@ -131,10 +130,6 @@ _RATIOS = {
     "mean_batch_size": ("decode_rows", "decode_steps", 2),
     "padding_fraction": ("prefill_padding", "prefill_tokens", 4),
 }
-
-
-class RayRunFailed(RuntimeError):
-    """The Ray job itself failed (an actor out of restarts, a lost node): the run aborts, resumable."""
 
 
 # -- the actor -----------------------------------------------------------------------------------
@@ -601,10 +596,8 @@ def _consume(ds: Any, state: _Run) -> None:
 def _failure(error: Exception) -> Exception:
     """What a failed Ray job raises: the user's error it wraps (a model that does not fit: exit 2), else
     `RayRunFailed` with Ray's first line (its messages run to dozens of lines)."""
-    from cogbatch.exits import is_user_error
-
     cause = getattr(error, "cause", None)
-    if isinstance(cause, Exception) and is_user_error(cause):
+    if isinstance(cause, UserError):
         return cause
     first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
     return RayRunFailed(

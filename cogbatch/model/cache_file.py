@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from cogbatch.model.errors import CacheError
+
 log = logging.getLogger("cogbatch.model.quantize")
 
 CACHE_WEIGHTS = "model.safetensors"
@@ -48,10 +50,6 @@ ST_DTYPES = {
 }
 Layout = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 Read = tuple[str, tuple[int, int] | None]  # a tensor, or rows [a, b) of it
-
-
-class CacheError(Exception):
-    """A cache entry that must not be used (stale, incomplete, damaged, edited or unreadable)."""
 
 
 def host_name() -> str:

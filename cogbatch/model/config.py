@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cogbatch.model.errors import ConfigError
+
 Generation = Literal["cogvlm1", "cogvlm2"]
 
 # Rotary bases are not stored in the official configs: the reference code hard-codes them.
@@ -20,10 +22,6 @@ _DEFAULT_ROPE_THETA = {"cogvlm1": 10_000.0, "cogvlm2": 500_000.0}
 # CogVLM2's reference hard-codes `<|reserved_special_token_0|>` as pad and image placeholder.
 COGVLM2_PLACEHOLDER_ID = 128_002
 _ARCHITECTURE = "CogVLMForCausalLM"
-
-
-class ConfigError(ValueError):
-    """A checkpoint config that cannot describe a CogVLM model."""
 
 
 @dataclass

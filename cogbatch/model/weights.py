@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from cogbatch.model.errors import CheckpointError
+
 # Files worth fetching from the hub: configs, weights, tokenizer. Never `*.py`, never `*.bin`.
 HUB_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "*.tiktoken")
 # For a tokenizer-only repo (vicuna for cogvlm-chat-hf): never its multi-GB weights.
@@ -22,10 +24,6 @@ TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.jso
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 # Buffers the reference stores but we recompute (rotary frequencies): checked for shape, not loaded.
 DERIVED_SUFFIXES = (".rotary_emb.inv_freq",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used, with a message meant for the user."""
 
 
 def resolve_checkpoint(path_or_id: str | Path, patterns: tuple[str, ...] = HUB_PATTERNS) -> Path:

@@ -278,7 +278,7 @@ def test_the_jobs_workers_key_sets_the_actors_and_the_flag_wins(tmp_path, job_fa
 
 def test_a_failed_ray_job_is_one_line_and_a_wrapped_user_error_keeps_its_exit_code():
     from cogbatch.engines.ray import RayRunFailed, _failure
-    from cogbatch.exits import EXIT_CONFIG, exit_code_for
+    from cogbatch.errors import EXIT_CONFIG, exit_code_for
     from cogbatch.planner import DoesNotFit
 
     died = _failure(RuntimeError("The actor died unexpectedly before finishing this task.\n\tclass_name: MapWorker"))

@@ -130,22 +130,16 @@ def test_record_of_an_aborted_run_counts_its_parts(tmp_path):
 def test_a_second_signal_is_recorded_with_the_exit_code_the_cli_exits_with(tmp_path):
     import signal
 
-    from cogbatch.exits import Interrupted
+    from cogbatch.errors import Interrupted
 
     assert run_record(_cfg(tmp_path), 0.0, None, Interrupted(signal.SIGTERM), {})["exit_code"] == 143
     assert run_record(_cfg(tmp_path), 0.0, None, Interrupted(signal.SIGINT), {})["exit_code"] == 130
 
 
 def test_user_errors_are_recorded_as_exit_2_like_the_cli(tmp_path):
-    from cogbatch.config import ConfigError
-    from cogbatch.engines import EngineError
-    from cogbatch.model.config import ConfigError as ModelConfigError
-    from cogbatch.model.weights import CheckpointError
-    from cogbatch.planner import DoesNotFit
-    from cogbatch.runner import SettingsChanged
+    from cogbatch.errors import CheckpointError, ConfigError, DoesNotFit, EngineError, SettingsChanged
 
-    for error in (SettingsChanged("x"), DoesNotFit("x"), EngineError("x"), CheckpointError("x"),
-                  ModelConfigError("x"), ConfigError("x")):  # fmt: skip
+    for error in (SettingsChanged("x"), DoesNotFit("x"), EngineError("x"), CheckpointError("x"), ConfigError("x")):
         assert run_record(_cfg(tmp_path), 0.0, None, error, {})["exit_code"] == 2, error
     assert run_record(_cfg(tmp_path), 0.0, None, ValueError("a bug"), {})["exit_code"] == 1
 

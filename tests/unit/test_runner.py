@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from cogbatch.config import ConfigError, load_job
-from cogbatch.exits import Interrupted
+from cogbatch.errors import Interrupted
 from cogbatch.runner import _Progress, _StopFlag, check_device, check_output
 
 

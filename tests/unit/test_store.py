@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from cogbatch import store
 from cogbatch.cli import cli
-from cogbatch.config import ConfigError
+from cogbatch.errors import UserError
 from cogbatch.store import (
     RESULT_SCHEMA,
     PartWriter,
@@ -295,7 +295,7 @@ def _refused_everywhere(directory: Path, bad: Path, reason: str) -> None:
         with pytest.raises(store.ResultFileError, match=message) as info:
             read()
         assert "\n" not in str(info.value)  # one line on the terminal
-        assert isinstance(info.value, ConfigError)  # exit 2 in the CLI (cogbatch.exits)
+        assert isinstance(info.value, UserError)  # exit 2 in the CLI (cogbatch.errors)
         assert info.value.path == bad
     assert sorted(os.listdir(directory)) == files  # no journal, no new part, no part deleted
 
