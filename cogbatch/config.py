@@ -103,7 +103,7 @@ class QuantSettings:
     rules: tuple[QuantRule, ...] = ()
     embeddings_on_cpu: bool = False
     # Rows above which a quantized layer multiplies by a transient dense weight: None = the device's
-    # default (`cogbatch.model.quant_linear.DEFAULT_DEQUANT_THRESHOLD`), math.inf = never, or per
+    # default (`cogbatch.model.quant.linear.DEFAULT_DEQUANT_THRESHOLD`), math.inf = never, or per
     # device type {cpu: rows, cuda: None (never)}. Placement of work, not weights: not in the cache key.
     dequant_threshold: float | dict[str, float | None] | None = None
 

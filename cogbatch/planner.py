@@ -1,6 +1,6 @@
 """Memory model and batch planning: how many sequences fit under the VRAM ceiling, and how to run them.
 
-Predicted peak device memory of the pipeline's generation path (`cogbatch.model.engine`):
+Predicted peak device memory of the pipeline's generation path (`cogbatch.model.decoding`):
 
     weights resident on the device (both parts, or in swap mode only the part of the phase)
   + the slot KV cache                                 (slots x (prefix + prompt + max_new_tokens) x KV bytes)
@@ -214,8 +214,8 @@ def memory_model_for(model: Any) -> MemoryModel:
 
     vision = device_bytes(model.model.vision)
     dense_vision = dense_language = 0
-    if "cogbatch.model.quant_linear" in sys.modules:  # a quantized model was loaded (else quanto is not needed)
-        from cogbatch.model.quant_linear import largest_dense_copy
+    if "cogbatch.model.quant.linear" in sys.modules:  # a quantized model was loaded (else quanto is not needed)
+        from cogbatch.model.quant.linear import largest_dense_copy
 
         dense_vision = largest_dense_copy(model.model.vision.modules(), model.dtype)
         rest = (m for name, m in model.named_modules() if not name.startswith("model.vision."))
@@ -240,7 +240,7 @@ def planned_dense_copies(cfg: CogVLMConfig, quant: Any, device_type: str, dtype:
     """
     import torch
 
-    from cogbatch.model.quant_plan import component_of, linear_layers, plan_layers
+    from cogbatch.model.quant.plan import component_of, linear_layers, plan_layers
 
     dense = {"vision": 0, "language": 0}
     shapes = linear_layers(cfg)
@@ -284,7 +284,8 @@ def job_plan(job: Any, max_text: int = 128) -> dict[str, Any]:
     """
     import torch
 
-    from cogbatch.model.quant_plan import QuantConfig, predict_weight_bytes
+    from cogbatch.model.quant.plan import predict_weight_bytes
+    from cogbatch.model.quant.spec import QuantConfig
     from cogbatch.worker import resolved_dtype
 
     cfg = model_config_for(job)

@@ -37,7 +37,7 @@ def tiny_model_dir(cfg: JobConfig) -> Path:
     """Build (once) the random model that `tiny-random:<arch>` names; its text is meaningless."""
     from filelock import FileLock
 
-    from cogbatch.model.tiny import write_tiny_checkpoint
+    from cogbatch.testing.tiny import write_tiny_checkpoint
 
     arch = cfg.model[len(TINY_PREFIX) :] or "cogvlm2"
     target = cfg.cache_dir / "tiny-random" / arch
@@ -376,7 +376,7 @@ class Worker:
 
     def _generate(self, items: list[tuple[Request, LoadedImage]], feats: dict[str, Any]) -> list[dict]:
         """Every request of the chunk through one decode engine, whatever its task."""
-        from cogbatch.model.engine import EngineRequest, PrefixStore, prefill_prefixes
+        from cogbatch.model.decoding import DecodeRequest, PrefixStore, prefill_prefixes
 
         model = self.model
         settings = {}
@@ -388,7 +388,7 @@ class Worker:
                 settings[task.name] = (attempts[0], tuple(attempts[1:]))
             text_ids = model.build_inputs(None, req.prompt, None, task.template).input_ids[1:]  # no bos
             cfg, retries = settings[task.name]
-            requests.append(EngineRequest((req, img), img.entry.image_id, text_ids, cfg, retries))
+            requests.append(DecodeRequest((req, img), img.entry.image_id, text_ids, cfg, retries))
         self.stats["requests"] += len(requests)
         longest = max(len(r.text_ids) for r in requests)
         if longest > self.max_text:  # plan for the prompts really seen, not the default guess
@@ -437,7 +437,7 @@ class Worker:
     def _generation_config(task, attempt: int):
         from dataclasses import asdict, replace
 
-        from cogbatch.model.generate import GenerationConfig
+        from cogbatch.model.settings import GenerationConfig
 
         g = asdict(task.generation)
         g.pop("retry_on_repetition")
@@ -461,7 +461,7 @@ class Worker:
         The engine takes the requests in the order given; after an out-of-memory error the retry
         starts from the prefixes again (the failed engine's are dropped to free their memory).
         """
-        from cogbatch.model.engine import DecodeEngine
+        from cogbatch.model.decoding import ContinuousDecoder
 
         results, errors = [], []
         slots = self.plan.slots
@@ -476,7 +476,9 @@ class Worker:
             store.clear()
             engine = None
             try:
-                engine = DecodeEngine(self.model, pending[0].cfg, slots, max_text, max_new=max_new, prefixes=store)
+                engine = ContinuousDecoder(
+                    self.model, pending[0].cfg, slots, max_text, max_new=max_new, prefixes=store
+                )
                 engine.run(pending)
                 oom = False
             except Exception as e:
@@ -590,7 +592,7 @@ class Worker:
         off = {"vision": language, "language": [vision], "resident": []}[want]
         on = {"vision": [vision], "language": language, "resident": [vision, *language]}[want]
         # Packed quantized weights are copied as they are: `Module.to` would repack them (seconds per layer).
-        from cogbatch.model.quant_linear import move_module
+        from cogbatch.model.quant.linear import move_module
 
         t0 = time.perf_counter()
         for m in off:

@@ -168,7 +168,7 @@ LOAD_MODES = {"baseline: imports only, no load": "baseline", "fp16 ckpt -> bf16,
 
 def bench_load(mode: dict, work: Path) -> dict:
     """Best of N fresh-process loads per mode; the first INT4 load of each round gets an empty cache."""
-    from cogbatch.model.tiny import write_tiny_checkpoint
+    from cogbatch.testing.tiny import write_tiny_checkpoint
 
     ckpt = work / "load-ckpt"
     write_tiny_checkpoint(ckpt, arch="cogvlm2", image_size=224, dtype="fp16", shard_size="50MB", seed=0,
@@ -249,7 +249,7 @@ def bench_pipeline(mode: dict, work: Path) -> dict:
     """End-to-end `cogbatch run` wall time, split into start+load, model compute and the rest (overhead)."""
     import yaml
 
-    from cogbatch.model.tiny import write_tiny_checkpoint
+    from cogbatch.testing.tiny import write_tiny_checkpoint
 
     shape = {**PIPELINE_SHAPE, **mode["pipe_shape"]}
     ckpt = work / "pipe-ckpt"

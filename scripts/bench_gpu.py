@@ -134,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def checkpoint_config(model: str, simulate: bool = False) -> dict[str, Any]:
     """config.json of the benchmark checkpoint: the real model's, verbatim (tiny shapes with --simulate)."""
     if simulate:
-        from cogbatch.model.tiny import tiny_config
+        from cogbatch.testing.tiny import tiny_config
 
         return tiny_config(**SIM_SHAPES[model], torch_dtype="bfloat16")
     return {**json.loads(CONFIGS[model].read_text()), "torch_dtype": "bfloat16"}
@@ -185,13 +185,13 @@ def write_random_checkpoint(out: Path, config: dict[str, Any], device: str, seed
 
     torch's CPU sampler draws ~125 M normals per CPU-second (37 B parameters would take ~5 minutes);
     on the GPU drawing is free and the time is the copy to the host plus the file writes, which two
-    threads do while the GPU draws the next shard. Scales follow cogbatch.model.tiny's recipe
+    threads do while the GPU draws the next shard. Scales follow cogbatch.testing.tiny's recipe
     (weights / sqrt(fan_in), norms around 1), so activations stay finite through 32 layers.
     """
     import torch
 
     from cogbatch.model.config import CogVLMConfig, checkpoint_tensor_shapes
-    from cogbatch.model.tiny import build_tokenizer, init_recipe, plan_shards, rotary_inv_freq
+    from cogbatch.testing.tiny import build_tokenizer, init_recipe, plan_shards, rotary_inv_freq
 
     t0 = time.perf_counter()
     cfg = CogVLMConfig.from_dict(config)
@@ -489,7 +489,7 @@ def random_batch(model: Any, batch: int, seed: int = 0) -> Any:
 def bench_generate(model: Any, dev: Device, batch: int, new_tokens: int, bandwidth: float, split: dict[str, int],
                    warm_up: bool) -> dict[str, Any]:  # fmt: skip
     """Plain `model.generate` of `batch` random images, every sequence exactly `new_tokens` long."""
-    from cogbatch.model.generate import GenerationConfig
+    from cogbatch.model.settings import GenerationConfig
 
     inputs = random_batch(model, batch)
     cfg = GenerationConfig(max_new_tokens=1 + new_tokens, stop_token_ids=())  # the first token comes from the prefill

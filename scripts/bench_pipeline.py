@@ -23,7 +23,7 @@ import torch
 from cogbatch.config import load_job
 from cogbatch.manifest import build_entries, expand_requests
 from cogbatch.model.cogvlm import CogVLM
-from cogbatch.model.tiny import write_tiny_checkpoint
+from cogbatch.testing.tiny import write_tiny_checkpoint
 from cogbatch.worker import Worker, load_entry
 
 REPO = Path(__file__).resolve().parent.parent

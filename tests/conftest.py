@@ -65,7 +65,7 @@ def golden_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_cogvlm1(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CogVLM checkpoint with the maker's defaults (the golden cogvlm1/dev shapes), fp32."""
-    from cogbatch.model.tiny import write_tiny_checkpoint
+    from cogbatch.testing.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_cogvlm1"), arch="cogvlm1")
 
@@ -73,7 +73,7 @@ def tiny_cogvlm1(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_cogvlm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small, fast CogVLM2 checkpoint (GQA 4/2 heads, 8x8 patch grid), fp32, ~35 MB of weights."""
-    from cogbatch.model.tiny import write_tiny_checkpoint
+    from cogbatch.testing.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(
         tmp_path_factory.mktemp("tiny_cogvlm2"), arch="cogvlm2", hidden_size=32, heads=4, kv_heads=2, image_size=112

@@ -7,13 +7,14 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-import cogbatch.model.engine as engine_module
+import cogbatch.model.decoding as decoding_module
 from cogbatch.config import load_job
 from cogbatch.manifest import build_entries, expand_requests
 from cogbatch.model.cogvlm import CogVLM
-from cogbatch.model.engine import DecodeEngine, EngineRequest, PrefixStore, encode_prefixes, prefill_prefixes
-from cogbatch.model.generate import GenerationConfig, looping_tail
-from cogbatch.model.language import SlotKVCache
+from cogbatch.model.decoding import ContinuousDecoder, DecodeRequest, PrefixStore, encode_prefixes, prefill_prefixes
+from cogbatch.model.generate import looping_tail
+from cogbatch.model.kvcache import SlotKVCache
+from cogbatch.model.settings import GenerationConfig
 from cogbatch.worker import Worker, load_entry
 from tests.e2e.conftest import make_images
 
@@ -87,7 +88,7 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(tmp_path, model, tiny_
     cfg, requests = _job(tmp_path, tiny_cogvlm2, 6, batch_size=6)
     reference = Worker(cfg, "ref", model=model).process(_chunk(cfg, requests, model.config.vision.image_size))
 
-    real_step, real_encode = DecodeEngine._step, model.encode_images
+    real_step, real_encode = ContinuousDecoder._step, model.encode_images
 
     def step(self):
         if len(self.active) > 2:
@@ -99,7 +100,7 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(tmp_path, model, tiny_
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real_encode(pixels)
 
-    monkeypatch.setattr(DecodeEngine, "_step", step)
+    monkeypatch.setattr(ContinuousDecoder, "_step", step)
     monkeypatch.setattr(model, "encode_images", encode)
     worker = Worker(cfg, "oom", model=model)
     assert worker.plan.slots == 6 and worker.plan.encode_batch == 6
@@ -127,7 +128,7 @@ def test_out_of_memory_allocating_the_slot_cache_splits_and_loses_nothing(tmp_pa
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return SlotKVCache(model_cfg, slots, *args)
 
-    monkeypatch.setattr(engine_module, "SlotKVCache", cache)
+    monkeypatch.setattr(decoding_module, "SlotKVCache", cache)
     worker = Worker(cfg, "oom", model=model)
     rows = worker.process(_chunk(cfg, requests, worker.image_size))
     key = lambda r: (r["image_id"], r["task"])  # noqa: E731
@@ -142,7 +143,7 @@ def test_a_slot_cache_that_never_fits_gives_one_error_row_per_request(tmp_path, 
     def cache(*args):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
-    monkeypatch.setattr(engine_module, "SlotKVCache", cache)
+    monkeypatch.setattr(decoding_module, "SlotKVCache", cache)
     rows = Worker(cfg, "oom", model=model).process(_chunk(cfg, requests, model.config.vision.image_size))
     wanted = sorted((r.image.image_id, r.task.name) for r in requests)
     assert sorted((r["image_id"], r["task"]) for r in rows) == wanted
@@ -153,14 +154,14 @@ def test_a_request_that_never_fits_becomes_an_error_row(tmp_path, model, tiny_co
     cfg, requests = _job(tmp_path, tiny_cogvlm2, 2, tasks=TASKS[:1])
     victim = requests[0].prompt
 
-    real_prefill = DecodeEngine._prefill
+    real_prefill = ContinuousDecoder._prefill
 
     def prefill(self, start, stop):
         if any(s.request.key[0] is requests[0] for s in self.active[start:stop]):  # the victim's prompt
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real_prefill(self, start, stop)
 
-    monkeypatch.setattr(DecodeEngine, "_prefill", prefill)
+    monkeypatch.setattr(ContinuousDecoder, "_prefill", prefill)
     rows = Worker(cfg, "oom", model=model).process(_chunk(cfg, requests, model.config.vision.image_size))
     by_id = {r["image_id"]: r for r in rows}
     bad = by_id[requests[0].image.image_id]
@@ -181,11 +182,11 @@ def test_continuous_refill_matches_each_request_alone(model, golden_dir):
     stop = probe[0][2]  # a token some sequences emit early and others late or never
     cfg = GenerationConfig(max_new_tokens=8, stop_token_ids=(stop,))
     reqs = [
-        EngineRequest((i, q), prefixes[i], model.build_inputs(None, q).input_ids[1:])
+        DecodeRequest((i, q), prefixes[i], model.build_inputs(None, q).input_ids[1:])
         for i in range(2)
         for q in queries
     ]
-    engine = DecodeEngine(model, cfg, slots=3, max_text=32)
+    engine = ContinuousDecoder(model, cfg, slots=3, max_text=32)
     results = {r.key: r for r in engine.run(reqs)}
     lengths = set()
     for (i, q), r in results.items():
@@ -259,7 +260,7 @@ def test_int4_model_generates_batches_on_both_paths(tmp_path, golden_dir):
     """Fused int4 kernels (TinyGemm) refuse strided activations: batches > 1 must still work."""
     from PIL import Image
 
-    from cogbatch.model.tiny import write_tiny_checkpoint
+    from cogbatch.testing.tiny import write_tiny_checkpoint
 
     ckpt = write_tiny_checkpoint(
         tmp_path / "ck", arch="cogvlm1", hidden_size=128, vision_hidden_size=128, image_size=56, dtype="bf16"
@@ -272,8 +273,8 @@ def test_int4_model_generates_batches_on_both_paths(tmp_path, golden_dir):
     assert [len(t) for t in out.token_ids] == [4, 4]
     prefixes = encode_prefixes(model, torch.stack([model.preprocess(i) for i in imgs]))
     ids = model.build_inputs(None, "Describe.").input_ids[1:]
-    results = DecodeEngine(model, cfg, slots=2, max_text=len(ids)).run(
-        [EngineRequest(i, p, ids) for i, p in enumerate(prefixes)]
+    results = ContinuousDecoder(model, cfg, slots=2, max_text=len(ids)).run(
+        [DecodeRequest(i, p, ids) for i, p in enumerate(prefixes)]
     )
     assert sorted(len(r.token_ids) for r in results) == [4, 4]
 
@@ -295,7 +296,7 @@ def test_uninitialised_slot_cache_memory_never_reaches_the_output(model, golden_
     queries = ["Colors?", "Write a short caption for this photo, please mention the colors and the shapes."]
     cfg = GenerationConfig(max_new_tokens=5, stop_token_ids=())
     reqs = [
-        EngineRequest((i, q), prefixes[i], model.build_inputs(None, q).input_ids[1:])
+        DecodeRequest((i, q), prefixes[i], model.build_inputs(None, q).input_ids[1:])
         for i in range(2)
         for q in queries
     ]
@@ -307,7 +308,7 @@ def test_uninitialised_slot_cache_memory_never_reaches_the_output(model, golden_
 
     with monkeypatch.context() as m:
         m.setattr(torch, "empty", poisoned)
-        engine = DecodeEngine(model, cfg, slots=4, max_text=32)
+        engine = ContinuousDecoder(model, cfg, slots=4, max_text=32)
     for r in engine.run(reqs):
         i, q = r.key
         assert r.token_ids == _plain(model, q, imgs[i], cfg).token_ids[0], r.key
@@ -321,8 +322,8 @@ def test_prefixes_are_made_on_first_use_and_one_is_held_at_a_time(model, golden_
     store = PrefixStore(lambda i: prefill_prefixes(model, feats[i : i + 1])[0])
     queries = ["Describe this image.", "Colors?", "What is in the picture?"]
     cfg = GenerationConfig(max_new_tokens=4, stop_token_ids=())
-    reqs = [EngineRequest((i, q), i, model.build_inputs(None, q).input_ids[1:]) for i in range(3) for q in queries]
-    engine = DecodeEngine(model, cfg, slots=2, max_text=16, prefixes=store)
+    reqs = [DecodeRequest((i, q), i, model.build_inputs(None, q).input_ids[1:]) for i in range(3) for q in queries]
+    engine = ContinuousDecoder(model, cfg, slots=2, max_text=16, prefixes=store)
     results = {r.key: r.token_ids for r in engine.run(reqs)}
     assert store.prefills == 3 and store.reuses == 6 and store.most_live == 1 and not store.held
     assert engine.stats.admissions == 5  # 2 + 2 + 2 + 2 + 1: every freed slot took the next request
@@ -388,7 +389,7 @@ def test_phase_swap_moves_exactly_the_idle_part_off_the_device(tmp_path, model, 
     language phase everything but it; modules the loader left in host memory never move."""
     import dataclasses
 
-    import cogbatch.model.quant_linear as quant_linear
+    import cogbatch.model.quant.linear as quant_linear
 
     cfg, _ = _job(tmp_path, tiny_cogvlm2, 1)
     worker = Worker(cfg, "swap", model=model)

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from cogbatch.model.cogvlm import CogVLM
-from cogbatch.model.generate import GenerationConfig
+from cogbatch.model.settings import GenerationConfig
 
 QUERIES = [
     "Describe this image.",

@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 
 from cogbatch.model.cogvlm import CogVLM
 from cogbatch.model.config import CogVLMConfig, checkpoint_tensor_shapes
-from cogbatch.model.generate import GenerationConfig
 from cogbatch.model.language import build_position_ids
 from cogbatch.model.preprocess import preprocess_image
 from cogbatch.model.prompts import BatchInputs
+from cogbatch.model.settings import GenerationConfig
 from tests.golden import golden_configs, golden_root
 
 CONFIGS = golden_configs()

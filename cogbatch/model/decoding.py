@@ -7,8 +7,8 @@ from a copy of that prefix's keys and values and only its own text is prefilled.
 to `slots` sequences in flight; a sequence that finishes hands its slot to the next request.
 
     store = PrefixStore(lambda image: prefill_prefixes(model, features[image][None])[0])
-    engine = DecodeEngine(model, gen_cfg, slots=8, max_text=64, prefixes=store)
-    results = engine.run([EngineRequest(key, image, text_ids) ...])   # or a `Prefix` instead of `image`
+    decoder = ContinuousDecoder(model, gen_cfg, slots=8, max_text=64, prefixes=store)
+    results = decoder.run([DecodeRequest(key, image, text_ids) ...])   # or a `Prefix` instead of `image`
 
 A prefix costs device memory (~0.28 GiB per CogVLM2 image), so a `PrefixStore` makes it when the
 first request about its image enters a slot and drops it when the last one has; with requests
@@ -29,14 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cogbatch.model.generate import (
-    GenerationConfig,
-    Sequence,
-    choose_tokens,
-    decode_text,
-    stop_ids_for,
-)
-from cogbatch.model.language import LANGUAGE, VISION, KVCache, SlotKVCache, build_position_ids
+from cogbatch.model.generate import Sequence, choose_tokens, decode_text, stop_ids_for
+from cogbatch.model.kvcache import KVCache, SlotKVCache
+from cogbatch.model.language import LANGUAGE, VISION, build_position_ids
+from cogbatch.model.settings import GenerationConfig
 
 if TYPE_CHECKING:
     from cogbatch.model.cogvlm import CogVLM
@@ -127,16 +123,16 @@ class PrefixStore:
 
 
 @dataclass
-class EngineRequest:
+class DecodeRequest:
     key: Any  # the caller's handle, returned with the result
-    prefix: Any  # a `Prefix`, or the image key under which the engine's `PrefixStore` makes it
+    prefix: Any  # a `Prefix`, or the image key under which the decoder's `PrefixStore` makes it
     text_ids: list[int]  # the prompt's tokens after the image (no bos)
-    cfg: GenerationConfig | None = None  # None: the engine's settings
+    cfg: GenerationConfig | None = None  # None: the decoder's settings
     retries: tuple[GenerationConfig, ...] = ()  # settings of each new attempt after a looping output
 
 
 @dataclass
-class EngineResult:
+class DecodeResult:
     key: Any
     token_ids: list[int]
     text: str
@@ -146,7 +142,7 @@ class EngineResult:
 
 
 @dataclass
-class EngineStats:
+class DecodeStats:
     decode_steps: int = 0
     decode_rows: int = 0  # sum over steps of sequences in flight: mean batch = rows / steps
     prefill_tokens: int = 0
@@ -154,14 +150,14 @@ class EngineStats:
     admissions: int = 0  # prompt prefills that brought new requests into free slots
     restarts: int = 0  # retries of looping outputs, restarted in their slot
 
-    def add(self, other: EngineStats) -> None:
+    def add(self, other: DecodeStats) -> None:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 @dataclass
 class _Slot:
-    request: EngineRequest
+    request: DecodeRequest
     cfg: GenerationConfig
     text_start: int  # rotary position of the first text token (after the prefix)
     position: int = 0  # rotary position of the next token
@@ -171,7 +167,7 @@ class _Slot:
     restart: bool = False  # ended in a loop and has a retry left: prefilled again before the next step
 
 
-class DecodeEngine:
+class ContinuousDecoder:
     """Up to `slots` sequences in flight over a slot KV cache; finished ones make room for new ones.
 
     The cache holds `prefix + max_text + max_new` tokens per slot (`max_new` defaults to
@@ -196,14 +192,14 @@ class DecodeEngine:
         self.cache = SlotKVCache(model.config, slots, max_len, model.dtype, self.device)
         self.seen = torch.zeros(slots, model.config.vocab_size, dtype=torch.bool, device=self.device)
         self.active: list[_Slot] = []
-        self.admitting: list[EngineRequest] = []  # taken from the queue, not in a slot yet
-        self.results: list[EngineResult] = []  # finished so far: survives an exception mid-run
-        self.stats = EngineStats()
-        self.on_result: Callable[[EngineResult], None] | None = None
+        self.admitting: list[DecodeRequest] = []  # taken from the queue, not in a slot yet
+        self.results: list[DecodeResult] = []  # finished so far: survives an exception mid-run
+        self.stats = DecodeStats()
+        self.on_result: Callable[[DecodeResult], None] | None = None
         self._restarts = 0
 
     @torch.no_grad()
-    def run(self, requests: list[EngineRequest]) -> list[EngineResult]:
+    def run(self, requests: list[DecodeRequest]) -> list[DecodeResult]:
         """Generate for every request; results in completion order (keys say which is which)."""
         for r in requests:
             self._check(r)
@@ -222,22 +218,22 @@ class DecodeEngine:
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _check(self, r: EngineRequest) -> None:
+    def _check(self, r: DecodeRequest) -> None:
         if len(r.text_ids) > self.max_text:
-            raise ValueError(f"a prompt of {len(r.text_ids)} tokens in an engine planned for {self.max_text}")
+            raise ValueError(f"a prompt of {len(r.text_ids)} tokens in a decoder planned for {self.max_text}")
         longest = max(c.max_new_tokens for c in self._settings(r))
         if longest > self.max_new:
-            raise ValueError(f"max_new_tokens {longest} in an engine planned for {self.max_new}")
+            raise ValueError(f"max_new_tokens {longest} in a decoder planned for {self.max_new}")
 
-    def _settings(self, r: EngineRequest) -> tuple[GenerationConfig, ...]:
-        """Settings of each attempt: the request's own (else the engine's), then its retries."""
+    def _settings(self, r: DecodeRequest) -> tuple[GenerationConfig, ...]:
+        """Settings of each attempt: the request's own (else the decoder's), then its retries."""
         return (r.cfg or self.cfg, *r.retries)
 
-    def _prefix(self, r: EngineRequest) -> Prefix:
+    def _prefix(self, r: DecodeRequest) -> Prefix:
         if isinstance(r.prefix, Prefix):
             return r.prefix
         if self.prefixes is None:
-            raise ValueError("a request names its image's prefix, but the engine has no PrefixStore")
+            raise ValueError("a request names its image's prefix, but the decoder has no PrefixStore")
         return self.prefixes.take(r.prefix)
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -247,7 +243,7 @@ class DecodeEngine:
         bias = self.cache.bias(tokens.shape[1], embeds.dtype)
         return self.model.model(embeds, types, positions, None, self.cache, attn_bias=bias)
 
-    def _admit(self, requests: list[EngineRequest]) -> None:
+    def _admit(self, requests: list[DecodeRequest]) -> None:
         """Copy each request's prefix into the next free slot, then prefill their prompts together."""
         start = len(self.active)
         self.admitting = list(requests)
@@ -351,7 +347,7 @@ class DecodeEngine:
     def _retire(self, i: int) -> None:
         done = self.active[i]
         seq = done.seq
-        result = EngineResult(
+        result = DecodeResult(
             done.request.key,
             seq.out,
             decode_text(self.model.tokenizer, seq.out),

@@ -19,7 +19,7 @@ from optimum.quanto.tensor import QTensor, WeightQBitsTensor, WeightQBytesTensor
 from optimum.quanto.tensor.weights.tinygemm import TinyGemmWeightQBitsTensor
 from torch import nn
 
-from cogbatch.model.quant_pack import _decode_tinygemm_cpu, tinygemm_cpu_layout
+from cogbatch.model.quant.pack import _decode_tinygemm_cpu, tinygemm_cpu_layout
 
 # Calls with more rows than this use a transient dense weight instead of the fused int4 kernel.
 # CPU: `scripts/bench_quant.py --crossover-only` (1-1024 rows, CogVLM2's shapes, 2-vCPU Zen AVX-512-BF16,

@@ -1,4 +1,4 @@
-"""What a quantized load will do, decided from names and shapes alone: rules, per-layer plan, bytes, kernels.
+"""What a quantized load will do, decided from names and shapes alone: per-layer plan, bytes, kernels.
 
 `cogbatch plan` predicts device memory from `config.json` without reading weights, so this module
 must not import optimum-quanto (a test checks it): it only knows quanto's behaviour as facts
@@ -9,20 +9,18 @@ layout holds for it, and which kernel class quanto's `WeightQBitsTensor.create` 
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from fnmatch import fnmatchcase
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from cogbatch.model.config import CogVLMConfig, checkpoint_tensor_shapes
+from cogbatch.model.quant.spec import QuantConfig
+from cogbatch.model.settings import torch_dtype
 from cogbatch.model.weights import DERIVED_SUFFIXES
 
-QDTYPES = ("int4", "int8", "none")
-GROUP_SIZES = (32, 64, 128)
 # nn.Embedding modules: their 2-D weights are tables, never Linear weights.
 _EMBEDDING_SUFFIXES = ("embed_tokens", "position_embedding")
 # The quanto weight class that multiplies by dequantizing the whole weight on every call.
@@ -30,138 +28,11 @@ FALLBACK_CLASS = "WeightQBitsTensor"
 
 
 # --------------------------------------------------------------------------------------------
-# configuration
-
-
-@dataclass(frozen=True)
-class QuantRule:
-    """Module names matching `pattern` (fnmatch glob) get `dtype`; `group_size` overrides the default for int4."""
-
-    pattern: str
-    dtype: str
-    group_size: int | None = None
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """What to quantize: a default for every Linear, rules (first match wins), and placement options.
-
-    Only `nn.Linear` layers are ever quantized: embeddings, norms and convolutions keep the compute
-    dtype whatever the rules say. `embeddings_on_cpu` keeps the token embedding table in host memory
-    (CogVLM2's is 1 GB in bf16); it changes placement, not weights, so it is not part of the cache key.
-    """
-
-    default: str = "int4"
-    group_size: int = 128
-    rules: tuple[QuantRule, ...] = ()
-    embeddings_on_cpu: bool = False
-
-    def __post_init__(self) -> None:
-        _check_dtype(self.default, "quantization.default")
-        _check_group(self.group_size, "quantization.group_size")
-        for i, r in enumerate(self.rules):
-            _check_dtype(r.dtype, f"quantization.rules[{i}].dtype")
-            if r.group_size is not None:
-                _check_group(r.group_size, f"quantization.rules[{i}].group_size")
-
-    @classmethod
-    def parse(cls, spec: Any) -> QuantConfig | None:
-        """None for no quantization; accepts None/"none", "int4", "int4-g32", "int8", a dict or a QuantConfig."""
-        if spec is None or isinstance(spec, QuantConfig):
-            return spec
-        if isinstance(spec, str):
-            dtype, group = _parse_dtype(spec, "quantization")
-            if dtype == "none":
-                return None
-            return cls(default=dtype, group_size=group or 128)
-        if not isinstance(spec, Mapping):
-            raise ValueError(f"quantization: expected a string, a mapping or None, got {type(spec).__name__}")
-        unknown = set(spec) - {"default", "group_size", "rules", "embeddings_on_cpu"}
-        if unknown:
-            raise ValueError(f"quantization: unknown key(s) {', '.join(sorted(unknown))}")
-        default, group = _parse_dtype(spec.get("default", "int4"), "quantization.default")
-        if "group_size" in spec:
-            group = spec["group_size"]
-        rules = []
-        raw_rules = spec.get("rules") or []
-        if not isinstance(raw_rules, (list, tuple)):
-            raise ValueError("quantization.rules: expected a list of {pattern, dtype} mappings")
-        for i, r in enumerate(raw_rules):
-            key = f"quantization.rules[{i}]"
-            if isinstance(r, QuantRule):
-                rules.append(r)
-                continue
-            if not isinstance(r, Mapping) or "pattern" not in r or "dtype" not in r:
-                raise ValueError(f"{key}: expected a mapping with pattern and dtype")
-            extra = set(r) - {"pattern", "dtype", "group_size"}
-            if extra:
-                raise ValueError(f"{key}: unknown key(s) {', '.join(sorted(extra))}")
-            rdtype, rgroup = _parse_dtype(r["dtype"], f"{key}.dtype")
-            rules.append(QuantRule(str(r["pattern"]), rdtype, r.get("group_size", rgroup)))
-        embeddings_on_cpu = spec.get("embeddings_on_cpu", False)
-        if not isinstance(embeddings_on_cpu, bool):
-            raise ValueError("quantization.embeddings_on_cpu: expected true or false")
-        config = cls(default, int(group or 128), tuple(rules), embeddings_on_cpu)
-        if config.default == "none" and all(r.dtype == "none" for r in config.rules):
-            return None if not config.embeddings_on_cpu else config
-        return config
-
-    def resolve(self, module_name: str) -> tuple[str, int | None]:
-        """(dtype, requested int4 group size) of one Linear: the first matching rule, else the default."""
-        for r in self.rules:
-            if fnmatchcase(module_name, r.pattern):
-                return r.dtype, (r.group_size or self.group_size) if r.dtype == "int4" else None
-        return self.default, self.group_size if self.default == "int4" else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "default": self.default,
-            "group_size": self.group_size,
-            "rules": [{k: v for k, v in asdict(r).items() if v is not None} for r in self.rules],
-            "embeddings_on_cpu": self.embeddings_on_cpu,
-        }
-
-    def key_dict(self) -> dict[str, Any]:
-        """The part of the config that decides the weights (the cache key hashes it)."""
-        d = self.to_dict()
-        del d["embeddings_on_cpu"]
-        return d
-
-    def label(self) -> str:
-        """Short label for result rows and logs: `int4-g128`, `int8`, `none`, with `+rules` when mixed."""
-        base = f"int4-g{self.group_size}" if self.default == "int4" else self.default
-        return base + ("+rules" if self.rules else "")
-
-
-def _check_dtype(value: str, key: str) -> None:
-    if value not in QDTYPES:
-        raise ValueError(f"{key}: {value!r} is not one of {', '.join(QDTYPES)}")
-
-
-def _check_group(value: Any, key: str) -> None:
-    if value not in GROUP_SIZES or isinstance(value, bool):
-        raise ValueError(f"{key}: {value!r} is not one of {', '.join(map(str, GROUP_SIZES))}")
-
-
-def _parse_dtype(value: Any, key: str) -> tuple[str, int | None]:
-    """Split "int4-g64" into ("int4", 64) and "int8" into ("int8", None)."""
-    m = re.fullmatch(r"(int4)(?:-g(\d+))?|int8|none", str(value).strip().lower())
-    if not m:
-        raise ValueError(f"{key}: {value!r} must be one of int4, int4-g32, int4-g64, int4-g128, int8, none")
-    if m.group(1):
-        group = int(m.group(2)) if m.group(2) else None
-        if group is not None:
-            _check_group(group, key)
-        return "int4", group
-    return m.group(0), None
-
-
-# --------------------------------------------------------------------------------------------
 # which module gets what
 
 
 @dataclass(frozen=True)
-class LayerPlan:
+class LayerQuant:
     qtype: str  # "int4" | "int8"
     group_size: int | None  # int4: effective group size (None = one group per row)
 
@@ -190,17 +61,17 @@ def effective_group_size(in_features: int, group_size: int) -> int | None:
     return None
 
 
-def plan_layers(cfg: CogVLMConfig, quant: QuantConfig | None) -> dict[str, LayerPlan]:
-    """Module name -> LayerPlan for every Linear that will be quantized (absent = kept in the compute dtype)."""
+def plan_layers(cfg: CogVLMConfig, quant: QuantConfig | None) -> dict[str, LayerQuant]:
+    """Module name -> LayerQuant for every Linear that will be quantized (absent = kept in the compute dtype)."""
     if quant is None:
         return {}
     plan = {}
     for name, (_, in_features) in linear_layers(cfg).items():
         dtype, group = quant.resolve(name)
         if dtype == "int4":
-            plan[name] = LayerPlan("int4", effective_group_size(in_features, group))
+            plan[name] = LayerQuant("int4", effective_group_size(in_features, group))
         elif dtype == "int8":
-            plan[name] = LayerPlan("int8", None)
+            plan[name] = LayerQuant("int8", None)
     return plan
 
 
@@ -216,7 +87,7 @@ def component_of(name: str) -> str:
 
 
 def quantized_state_layout(
-    shapes: Mapping[str, tuple[int, ...]], plan: Mapping[str, LayerPlan], dtype: torch.dtype
+    shapes: Mapping[str, tuple[int, ...]], plan: Mapping[str, LayerQuant], dtype: torch.dtype
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """State-dict name -> (shape, dtype) of the model in quanto's portable layout, in checkpoint order.
 
@@ -247,7 +118,7 @@ def quantized_state_layout(
     return out
 
 
-def _layout_category(name: str, dt: torch.dtype, plan: Mapping[str, LayerPlan]) -> str:
+def _layout_category(name: str, dt: torch.dtype, plan: Mapping[str, LayerQuant]) -> str:
     module = name.split(".weight.", 1)[0] if ".weight." in name else None
     if module is not None and module in plan:
         return plan[module].qtype
@@ -264,9 +135,7 @@ def predict_weight_bytes(
     `embeddings`, `lm_head`), per category (`by_dtype`: int4 / int8 / 16-bit / 32-bit), `total`, and
     `device` / `host` (the token embeddings count as host with `embeddings_on_cpu`).
     """
-    from cogbatch.model.cogvlm import resolve_dtype  # lazy: cogvlm imports this module lazily too
-
-    dtype = resolve_dtype(dtype, torch.device("cpu")) if isinstance(dtype, str) else dtype
+    dtype = torch_dtype(dtype) if isinstance(dtype, str) else dtype
     plan = plan_layers(cfg, quant)
     layout = quantized_state_layout(checkpoint_tensor_shapes(cfg), plan, dtype)
     components: Counter[str] = Counter({"vision": 0, "language": 0, "embeddings": 0, "lm_head": 0})

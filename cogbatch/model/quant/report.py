@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cogbatch.model.quant_plan import FALLBACK_CLASS, QuantConfig, component_of
+from cogbatch.model.quant.plan import FALLBACK_CLASS, component_of
+from cogbatch.model.quant.spec import QuantConfig
 
 # --------------------------------------------------------------------------------------------
 # memory and time accounting
@@ -243,7 +244,7 @@ def build_report(
     by_dtype, by_component, on_cpu = weight_bytes(model)
     kernels = {}
     if _quanto() is not None:  # a model with quantized layers: quanto was imported to build it
-        from cogbatch.model.quant_linear import kernel_counts
+        from cogbatch.model.quant.linear import kernel_counts
 
         kernels = kernel_counts(model)
     unquantized = sum(1 for m in model.modules() if type(m) is nn.Linear)

@@ -1,6 +1,6 @@
 """The quantizing loader: a checkpoint streamed into a quantized model, or the quantized-weights cache read back.
 
-Why it looks like this (the measured facts are in `../shared/QUANTO_NOTES.md`):
+Why it looks like this (measured facts about optimum-quanto 0.2.7, which the package pins below 0.3):
 
 * **Streaming.** The fp16 checkpoint of CogVLM2-19B is ~38 GB and its INT4 weights ~10 GB, so the
   full-precision model must never be resident. The model is built on `meta`; every Linear that a rule
@@ -9,7 +9,7 @@ Why it looks like this (the measured facts are in `../shared/QUANTO_NOTES.md`):
   packed straight into its final buffer. Peak memory is the quantized model plus a few MB, even for a
   128256-row `lm_head` (whole-tensor `freeze()` would need ~8 B/param of it transiently).
   Quantization is per row (groups run along the input dimension), so block-wise results are bit-identical
-  to `quantize()` + `freeze()` on the whole float model; `tests/unit/test_quantize.py` checks it.
+  to `quantize()` + `freeze()` on the whole float model; `tests/unit/quant/test_loader.py` checks it.
 * **Portable layout for the cache.** What is written to the cache is quanto's kernel-agnostic layout,
   as each layer is produced; the device kernel's layout (TinyGemm / AWQ) is derived from it block by
   block (on CPU, bf16 group-128 blocks go straight from the codes to TinyGemm's layout). Converting
@@ -18,14 +18,14 @@ Why it looks like this (the measured facts are in `../shared/QUANTO_NOTES.md`):
   while their checksums are verified; quanto's `requantize()` is not used (it materialises the whole
   float model on the device first). Any doubt about an entry means a warning and quantizing again,
   never a crash and never wrong weights.
-* Modules stay oblivious: decisions are made by module name and installed from outside (quanto
-  module swap, a `QLinear` subclass, forward hooks for the CPU embedding table).
+* Modules stay oblivious: decisions are made by module name and installed from outside (`skeleton`).
 
-The pieces, one job each: `quant_plan` (rules, per-layer plan, predicted bytes and kernels; no quanto
-import, for `cogbatch plan`), `quant_pack` (block-wise quantization, quanto's portable packing,
-TinyGemm's CPU layout, the compiler-free unpack), `quant_linear` (dynamic dequantization, kernel
-classes, moving packed weights), `quant_cache` (keys, entries, validation, cleanup), `cache_file` (the
-streamed safetensors file with per-tensor CRC-32) and `load_report` (time, memory and bytes of a load).
+The other pieces of `cogbatch.model.quant`, one job each: `spec` (what to quantize; torch-free), `plan`
+(per-layer plan, predicted bytes and kernels; no quanto import, for `cogbatch plan`), `pack` (block-wise
+quantization, quanto's portable packing, TinyGemm's CPU layout, the compiler-free unpack), `linear`
+(dynamic dequantization, kernel classes, moving packed weights), `skeleton` (the model on meta, quanto
+Linears swapped in by name), `cache` (keys, entries, validation, cleanup), `cachefile` (the streamed
+safetensors file with per-tensor CRC-32) and `report` (time, memory and bytes of a load).
 """
 
 from __future__ import annotations
@@ -36,22 +36,21 @@ import math
 import struct
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from optimum.quanto import qint4, qint8
-from optimum.quanto.nn import QModuleMixin
-from optimum.quanto.quantize import quantization_map, set_module_by_name
-from optimum.quanto.tensor import QTensor, WeightQBitsTensor, WeightQBytesTensor
+from optimum.quanto.quantize import quantization_map
+from optimum.quanto.tensor import WeightQBitsTensor, WeightQBytesTensor
 from optimum.quanto.tensor.packed import PackedTensor
 from optimum.quanto.tensor.weights.tinygemm import TinyGemmWeightQBitsTensor
 from torch import nn
 
-from cogbatch.model.cache_file import CACHE_WEIGHTS, CacheError, CacheReader, CacheWriter, parse_checksums
 from cogbatch.model.config import CogVLMConfig, checkpoint_tensor_shapes
-from cogbatch.model.load_report import LoadTracker
-from cogbatch.model.quant_cache import (
+from cogbatch.model.errors import CacheError
+from cogbatch.model.quant.cache import (
     CACHE_FORMAT,
     cache_entry,
     cache_key,
@@ -60,13 +59,14 @@ from cogbatch.model.quant_cache import (
     prune_cache,
     read_cache_entry,
 )
-from cogbatch.model.quant_linear import (
+from cogbatch.model.quant.cachefile import CACHE_WEIGHTS, CacheReader, CacheWriter, Layout, parse_checksums
+from cogbatch.model.quant.linear import (
     DequantQLinear,
     kernel_counts,
     resolve_dequant_threshold,
     set_dequant_threshold,
 )
-from cogbatch.model.quant_pack import (
+from cogbatch.model.quant.pack import (
     CHUNK_ELEMENTS,
     _chunk_rows,
     direct_tinygemm_layout,
@@ -78,130 +78,65 @@ from cogbatch.model.quant_pack import (
     tinygemm_repack_blocks,
     tinygemm_tensor,
 )
-from cogbatch.model.quant_plan import (
+from cogbatch.model.quant.plan import (
     FALLBACK_CLASS,
-    LayerPlan,
-    QuantConfig,
+    LayerQuant,
     describe_int4_kernel,
     plan_layers,
     quantized_state_layout,
 )
+from cogbatch.model.quant.report import LoadTracker
+from cogbatch.model.quant.skeleton import (
+    assign_quantized,
+    build_skeleton,
+    check_no_meta,
+    materialize_buffers,
+    offload_embeddings,
+    placement,
+    release_host_memory,
+)
+from cogbatch.model.quant.spec import QuantConfig
 from cogbatch.model.weights import DERIVED_SUFFIXES, LazyTensor, stream_lazy_tensors
 
 log = logging.getLogger("cogbatch.model.quantize")
 
-_QTYPES = {"int4": qint4, "int8": qint8}
 
+@dataclass
+class QuantizedLoad:
+    """One quantized load: the checkpoint it reads, how it quantizes, where the model goes.
 
-# --------------------------------------------------------------------------------------------
-# the loader
-
-
-def build_skeleton(
-    model_cls: Callable[[CogVLMConfig], nn.Module], cfg: CogVLMConfig, plan: Mapping[str, LayerPlan]
-) -> nn.Module:
-    """The model on meta with every planned Linear already swapped for a (meta) DequantQLinear.
-
-    quanto's `quantize()` walks every module per call; the swap is done here by name. The QLinear
-    is built as quanto's `QLinear.qcreate` builds it, directly on meta (its `from_module` would then
-    only re-attach the meta weight), and gets the group size quanto takes no argument for.
+    `names` are the checkpoint's tensors in stream order (they fix the cache file's layout); `plan` and
+    `layout` follow from the rest.
     """
-    with torch.device("meta"):  # everything on meta; `_materialize_buffers` recomputes the rotary buffers
-        model = model_cls(cfg)
-    for name, lp in plan.items():
-        linear = model.get_submodule(name)
-        qmodule = DequantQLinear(
-            linear.in_features, linear.out_features, linear.bias is not None, dtype=linear.weight.dtype,
-            device="meta", weights=_QTYPES[lp.qtype], quantize_input=True,
-        )  # fmt: skip
-        qmodule.weight_group_size = lp.group_size if lp.qtype == "int4" else None
-        qmodule.name = name
-        set_module_by_name(model, name, qmodule)
-    return model
+
+    model_cls: Callable[[CogVLMConfig], nn.Module]
+    cfg: CogVLMConfig
+    ckpt: Path
+    files: list[Path]
+    names: list[str]
+    quant: QuantConfig
+    dtype: torch.dtype
+    device: torch.device
+    tracker: LoadTracker
+    plan: dict[str, LayerQuant] = field(init=False)
+    layout: Layout = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.plan = plan_layers(self.cfg, self.quant)
+        shapes = checkpoint_tensor_shapes(self.cfg)
+        self.layout = quantized_state_layout({n: shapes[n] for n in self.names}, self.plan, self.dtype)
 
 
-def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
-    """Compute the derived buffers (rotary frequencies) on `device`.
+@dataclass
+class CacheTarget:
+    """The cache entry a load reads or writes: its directory, its key and the fields the key hashes."""
 
-    Not `model.to(device)`: that would also move CPU-resident embeddings and walk every quantized
-    weight through quanto's device-move path.
-    """
-    for module in model.modules():
-        if any(b is not None and b.is_meta for b in module.buffers(recurse=False)) and hasattr(
-            module, "reset_buffers"
-        ):
-            module.reset_buffers(device)
-        for name, buf in module.named_buffers(recurse=False):
-            if buf is not None and not buf.is_meta and buf.device != device:
-                module._buffers[name] = buf.to(device)
+    entry: Path
+    key: str
+    fields: dict[str, Any]
 
 
-def _libc_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-_MALLOC_TRIM = _libc_malloc_trim()
-_TRIM_EVERY = 16 << 20
-_since_trim = 0
-
-
-def release_host_memory(processed_bytes: int) -> None:
-    """Hand freed heap memory back to the OS (glibc `malloc_trim`) every ~64 MB of tensors processed.
-
-    The loader frees a few MB-sized blocks per layer; glibc keeps them in its heap, where they pile
-    up as fragmentation (measured: +250 MB RSS on a 0.5B-param load). A no-op without glibc.
-    """
-    global _since_trim
-    _since_trim += processed_bytes
-    if _MALLOC_TRIM is not None and _since_trim >= _TRIM_EVERY:
-        _since_trim = 0
-        _MALLOC_TRIM(0)
-
-
-def _check_no_meta(model: nn.Module) -> None:
-    left = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
-    if left:
-        raise RuntimeError(f"internal error: tensors left on meta after loading: {', '.join(left[:5])}")
-
-
-def _assign_quantized(module: QModuleMixin, weight: QTensor, dtype: torch.dtype, device: torch.device) -> None:
-    module.weight = nn.Parameter(weight, requires_grad=False)
-    module.input_scale = torch.ones((), dtype=dtype, device=device)
-    module.output_scale = torch.ones((), dtype=dtype, device=device)
-
-
-def _place(name: str, quant: QuantConfig, device: torch.device) -> torch.device:
-    if quant.embeddings_on_cpu and name == "model.embed_tokens.weight":
-        return torch.device("cpu")
-    return device
-
-
-def offload_embeddings(model: nn.Module, device: torch.device) -> None:
-    """Keep `model.embed_tokens` on the CPU: token ids go there for the lookup, rows come back to `device`.
-
-    Done with forward hooks, so the embedding module and the code calling it stay unchanged.
-    """
-    emb = model.model.embed_tokens
-    table_device = emb.weight.device
-
-    def ids_to_table(module: nn.Module, args: tuple) -> tuple:
-        return (args[0].to(table_device), *args[1:])
-
-    def rows_to_device(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        return out.to(device)
-
-    emb.register_forward_pre_hook(ids_to_table)
-    emb.register_forward_hook(rows_to_device)
-
-
-def _quantize_from_checkpoint(
-    model_cls, cfg, files, plan, *, dtype, device, quant, tracker, writer: CacheWriter | None
-) -> nn.Module:
+def _quantize_from_checkpoint(load: QuantizedLoad, writer: CacheWriter | None) -> nn.Module:
     """Stream the checkpoint into a quantized skeleton; write the cache as tensors are produced.
 
     A planned Linear's weight is read a block of rows at a time and quantized; bf16 group-128
@@ -210,18 +145,19 @@ def _quantize_from_checkpoint(
     """
     from accelerate.utils import set_module_tensor_to_device
 
-    model = build_skeleton(model_cls, cfg, plan)
-    for src in stream_lazy_tensors(files):
+    dtype, device, tracker = load.dtype, load.device, load.tracker
+    model = build_skeleton(load.model_cls, load.cfg, load.plan)
+    for src in stream_lazy_tensors(load.files):
         name = src.name
         if name.endswith(DERIVED_SUFFIXES):
             continue
         module_name, _, leaf = name.rpartition(".")
-        lp = plan.get(module_name)
+        lp = load.plan.get(module_name)
         if lp is not None and leaf == "weight":
             _stream_quantized_weight(model.get_submodule(module_name), module_name, src, lp,
                                      dtype=dtype, device=device, tracker=tracker, writer=writer)  # fmt: skip
         else:
-            target = _place(name, quant, device)
+            target = placement(name, load.quant, device)
             with tracker.phase("read"):
                 tensor = _read_cast(src, dtype, target)
                 set_module_tensor_to_device(model, name, target, value=tensor, dtype=dtype)
@@ -231,8 +167,8 @@ def _quantize_from_checkpoint(
         release_host_memory(math.prod(src.shape) * 2)
     if writer is not None:
         tracker.times["cache_write"] += writer.seconds
-    _materialize_buffers(model, device)
-    _check_no_meta(model)
+    materialize_buffers(model, device)
+    check_no_meta(model)
     return model
 
 
@@ -271,7 +207,7 @@ def _stream_quantized_weight(module, module_name, src, lp, *, dtype, device, tra
     if layout is not None:
         on_packed = None if writer is None else (lambda r0, rows: writer.write(prefix + "_data._data", rows, r0))
         weight, scale, shift = quantize_int4_tinygemm_cpu(read_rows, src.shape, dtype, layout, on_packed)
-        _assign_quantized(module, weight, dtype, device)
+        assign_quantized(module, weight, dtype, device)
         if writer is not None:
             state = {"weight._scale": scale, "weight._shift": shift}
             writer.write_module(
@@ -284,7 +220,7 @@ def _stream_quantized_weight(module, module_name, src, lp, *, dtype, device, tra
     else:
         portable = quantize_int8_rows(read_rows, src.shape, dtype, device)
     tracker.times["quantize"] += time.perf_counter() - t0 - (tracker.times["read"] - read_before)
-    _assign_quantized(module, portable, dtype, device)
+    assign_quantized(module, portable, dtype, device)
     if writer is not None:
         writer.write_module(module_name, {k: v for k, v in module.state_dict().items() if k != "bias"})
     with tracker.phase("repack"):
@@ -292,7 +228,7 @@ def _stream_quantized_weight(module, module_name, src, lp, *, dtype, device, tra
 
 
 def _cache_reads(
-    layout: Mapping[str, Any], plan: Mapping[str, LayerPlan], shapes: Mapping[str, tuple[int, ...]], dtype, device
+    layout: Layout, plan: Mapping[str, LayerQuant], shapes: Mapping[str, tuple[int, ...]], dtype, device
 ) -> list[tuple[str, tuple[int, int] | None]]:
     """Every read `_load_from_cache` makes, in file order: whole tensors, or blocks of packed rows for the
     weights that go straight into TinyGemm's CPU layout."""
@@ -308,17 +244,18 @@ def _cache_reads(
     return reads
 
 
-def _load_from_cache(model_cls, cfg, entry, sidecar, layout, names, plan, *, dtype, device, quant, tracker):
+def _load_from_cache(load: QuantizedLoad, entry: Path, sidecar: dict[str, Any]) -> nn.Module:
     """Assign the cached tensors to a fresh quantized skeleton, repacking each weight for its kernel.
 
     Tensors are consumed in file order, as `CacheReader` verifies their checksums.
     """
     from accelerate.utils import set_module_tensor_to_device
 
-    model = build_skeleton(model_cls, cfg, plan)
-    shapes = checkpoint_tensor_shapes(cfg)
-    reads = _cache_reads(layout, plan, shapes, dtype, device)
-    reader = CacheReader(entry / CACHE_WEIGHTS, parse_checksums(sidecar, list(layout)), reads)
+    dtype, device, tracker, plan = load.dtype, load.device, load.tracker, load.plan
+    model = build_skeleton(load.model_cls, load.cfg, plan)
+    shapes = checkpoint_tensor_shapes(load.cfg)
+    reads = _cache_reads(load.layout, plan, shapes, dtype, device)
+    reader = CacheReader(entry / CACHE_WEIGHTS, parse_checksums(sidecar, list(load.layout)), reads)
     try:
 
         def get(name: str, target: torch.device = device, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -326,13 +263,13 @@ def _load_from_cache(model_cls, cfg, entry, sidecar, layout, names, plan, *, dty
                 t = reader.get(name, rows)
                 return t if rows is not None else t.to(target)  # whole tensors: fresh memory of their own
 
-        for name in names:
+        for name in load.names:
             if name.endswith(DERIVED_SUFFIXES):
                 continue
             module_name, _, leaf = name.rpartition(".")
             lp = plan.get(module_name)
             if lp is None or leaf != "weight":
-                target = _place(name, quant, device)
+                target = placement(name, load.quant, device)
                 set_module_tensor_to_device(model, name, target, value=get(name, target), dtype=dtype)
                 continue
             module = model.get_submodule(module_name)
@@ -357,15 +294,15 @@ def _load_from_cache(model_cls, cfg, entry, sidecar, layout, names, plan, *, dty
                 with tracker.phase("repack"):
                     weight = optimize_weight(portable)
                 del portable
-            _assign_quantized(module, weight, dtype, device)
+            assign_quantized(module, weight, dtype, device)
             module.input_scale = get(f"{module_name}.input_scale")
             module.output_scale = get(f"{module_name}.output_scale")
             release_host_memory(n * k // 2)
         reader.finish()  # every checksum verified before the model is used
     finally:
         reader.close()
-    _materialize_buffers(model, device)
-    _check_no_meta(model)
+    materialize_buffers(model, device)
+    check_no_meta(model)
     return model
 
 
@@ -388,16 +325,14 @@ def load_quantized(
     `names` are the checkpoint's tensors in stream order (they fix the cache file's layout).
     Returns the model and the cache facts for the load report.
     """
-    plan = plan_layers(cfg, quant)
-    shapes = checkpoint_tensor_shapes(cfg)
-    layout = quantized_state_layout({n: shapes[n] for n in names}, plan, dtype)
-    groups = {lp.group_size for lp in plan.values() if lp.qtype == "int4"}
+    load = QuantizedLoad(model_cls, cfg, ckpt, files, names, quant, dtype, device, tracker)
+    groups = {lp.group_size for lp in load.plan.values() if lp.qtype == "int4"}
     for g in sorted(groups, key=lambda x: x or 0):
         line, fallback = describe_int4_kernel(device, dtype, g)
         (log.warning if fallback else log.info)("int4 kernel: %s", line)
 
     cache = {"cache_hit": False, "cache_path": None, "cache_status": "disabled"}
-    entry = key = fields = None
+    target = None
     if cache_dir is not False:
         root = Path(cache_dir).expanduser() if cache_dir not in (None, True) else default_cache_dir()
         try:
@@ -405,36 +340,41 @@ def load_quantized(
         except (OSError, ValueError, KeyError, struct.error) as e:  # a shard changed under us: no cache, no crash
             log.warning("quantized-weights cache disabled for this load: cannot identify %s (%s)", ckpt, e)
         else:
-            entry = cache_entry(root, ckpt, key)
-            cache["cache_path"] = entry
+            target = CacheTarget(cache_entry(root, ckpt, key), key, fields)
+            cache["cache_path"] = target.entry
 
     def from_cache() -> nn.Module | None:
         try:
-            sidecar = read_cache_entry(entry, key, layout, plan)
-            model = _load_from_cache(model_cls, cfg, entry, sidecar, layout, names, plan, dtype=dtype, device=device,
-                                     quant=quant, tracker=tracker)  # fmt: skip
+            sidecar = read_cache_entry(target.entry, target.key, load.layout, load.plan)
+            model = _load_from_cache(load, target.entry, sidecar)
         except (torch.OutOfMemoryError, MemoryError):
             raise
         except Exception as e:  # stale, edited, truncated or unreadable: quantize again, never crash
             reason = str(e) if isinstance(e, CacheError) else f"{type(e).__name__}: {e}"
-            log.warning("ignoring the quantized-weights cache %s: %s; quantizing the checkpoint again", entry, reason)
+            log.warning("ignoring the quantized-weights cache %s: %s; quantizing the checkpoint again",
+                        target.entry, reason)  # fmt: skip
             cache["cache_status"] = f"stale ({reason}); rebuilt"
             return None
         cache.update(cache_hit=True, cache_status="hit")
         return model
 
-    model = from_cache() if entry is not None and entry.exists() else None
+    model = from_cache() if target is not None and target.entry.exists() else None
     if model is None:
         # One builder per entry: processes loading the same model at once (Ray actors, two jobs sharing the
         # cache) wait here, then read what the first one wrote instead of each quantizing it again.
-        with _builder_lock(entry):
-            if entry is not None and cache["cache_status"] == "disabled" and entry.exists():
+        with _builder_lock(target.entry if target is not None else None):
+            if target is not None and cache["cache_status"] == "disabled" and target.entry.exists():
                 model = from_cache()
             if model is None:
-                model = _build(model_cls, cfg, files, plan, quant, dtype, device, tracker, entry, key, fields,
-                               layout, ckpt, cache)  # fmt: skip
+                model = _build(load, target, cache)
+    _place_work(model, load, dequant_threshold, cache)
+    return model, cache
 
-    if quant.embeddings_on_cpu and device.type != "cpu":
+
+def _place_work(model: nn.Module, load: QuantizedLoad, dequant_threshold: Any, cache: dict[str, Any]) -> None:
+    """Where each quantized layer's work runs: the CPU embedding table, dynamic dequantization, kernel warnings."""
+    device = load.device
+    if load.quant.embeddings_on_cpu and device.type != "cpu":
         offload_embeddings(model, device)
     threshold = resolve_dequant_threshold(dequant_threshold, device)
     set_dequant_threshold(model, threshold)
@@ -455,7 +395,6 @@ def load_quantized(
             counts[FALLBACK_CLASS],
             ", ".join(f"{k} x{v}" for k, v in counts.items()),
         )
-    return model, cache
 
 
 def _builder_lock(entry: Path | None) -> Any:
@@ -473,27 +412,11 @@ def _builder_lock(entry: Path | None) -> Any:
     return FileLock(str(locks / f"{entry.name}.lock"))
 
 
-def _build(
-    model_cls: Callable[[CogVLMConfig], nn.Module],
-    cfg: CogVLMConfig,
-    files: list[Path],
-    plan: dict[str, Any],
-    quant: QuantConfig,
-    dtype: torch.dtype,
-    device: torch.device,
-    tracker: LoadTracker,
-    entry: Path | None,
-    key: str | None,
-    fields: dict[str, Any] | None,
-    layout: Any,
-    ckpt: Path,
-    cache: dict[str, Any],
-) -> nn.Module:
+def _build(load: QuantizedLoad, target: CacheTarget | None, cache: dict[str, Any]) -> nn.Module:
     """Quantize while streaming the checkpoint, writing the cache entry on the way when there is one."""
-    writer = CacheWriter(entry, layout, key) if entry is not None else None
+    writer = CacheWriter(target.entry, load.layout, target.key) if target is not None else None
     try:
-        model = _quantize_from_checkpoint(model_cls, cfg, files, plan, dtype=dtype, device=device,
-                                          quant=quant, tracker=tracker, writer=writer)  # fmt: skip
+        model = _quantize_from_checkpoint(load, writer)
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -501,21 +424,21 @@ def _build(
     if writer is not None:
         sidecar = {
             "format": CACHE_FORMAT,
-            "key": key,
-            "key_fields": fields,
-            "source": str(ckpt.resolve()),  # not in the key: lets a later entry of this directory replace it
-            "quantization": quant.to_dict(),
-            "layers": plan_json(plan),
+            "key": target.key,
+            "key_fields": target.fields,
+            "source": str(load.ckpt.resolve()),  # not in the key: lets a later entry of this directory replace it
+            "quantization": load.quant.to_dict(),
+            "layers": plan_json(load.plan),
             "quantization_map": quantization_map(model),
-            "dtype": str(dtype).removeprefix("torch."),
-            "versions": fields["versions"],
+            "dtype": str(load.dtype).removeprefix("torch."),
+            "versions": target.fields["versions"],
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         t0 = time.perf_counter()
         ok = writer.commit(sidecar)
-        tracker.times["cache_write"] += time.perf_counter() - t0
+        load.tracker.times["cache_write"] += time.perf_counter() - t0
         if ok:
-            prune_cache(entry, sidecar)
+            prune_cache(target.entry, sidecar)
         if cache["cache_status"] == "disabled":
             cache["cache_status"] = "written" if ok else f"not written ({writer.failed})"
         elif not ok:

@@ -1,7 +1,7 @@
 """The quantized-weights cache: what an entry's key covers, where entries live, validation, cleanup.
 
 An entry is `<cache_dir>/quantized/<checkpoint>-<key[:16]>/` holding `model.safetensors` (quanto's
-portable layout, see `cache_file`) and `quant.json` (key, rules, group sizes, quantization map,
+portable layout, see `cachefile`) and `quant.json` (key, rules, group sizes, quantization map,
 versions, shapes and a checksum per tensor). The key is portable: `cogbatch quantize` on a bigger
 machine builds entries that hit on another one holding the same checkpoint files under any path.
 So it is computed from content, cheaply: config and index bytes, each shard's name, size and
@@ -27,16 +27,10 @@ from typing import Any
 
 import torch
 
-from cogbatch.model.cache_file import (
-    CACHE_SIDECAR,
-    CACHE_WEIGHTS,
-    ST_DTYPES,
-    CacheError,
-    Layout,
-    host_name,
-    parse_checksums,
-)
-from cogbatch.model.quant_plan import LayerPlan, QuantConfig
+from cogbatch.model.errors import CacheError
+from cogbatch.model.quant.cachefile import CACHE_SIDECAR, CACHE_WEIGHTS, ST_DTYPES, Layout, host_name, parse_checksums
+from cogbatch.model.quant.plan import LayerQuant
+from cogbatch.model.quant.spec import QuantConfig
 
 log = logging.getLogger("cogbatch.model.quantize")
 
@@ -98,16 +92,19 @@ def _public_version(version: str) -> str:
 
 
 def library_versions() -> dict[str, str]:
+    """The versions whose code decides the cached bytes (read from package metadata, nothing imported)."""
+    found = {"torch": torch.__version__, "optimum-quanto": _installed("optimum-quanto", "unknown"),
+             "cogbatch": _installed("cogbatch", "0.0.0+unknown")}  # fmt: skip
+    return {k: _public_version(v) for k, v in found.items()}
+
+
+def _installed(name: str, missing: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    import cogbatch
-
     try:
-        quanto = version("optimum-quanto")
-    except PackageNotFoundError:
-        quanto = "unknown"
-    found = {"torch": torch.__version__, "optimum-quanto": quanto, "cogbatch": cogbatch.__version__}
-    return {k: _public_version(v) for k, v in found.items()}
+        return version(name)
+    except PackageNotFoundError:  # a source tree that was not installed
+        return missing
 
 
 def cache_key(ckpt: Path, files: list[Path], quant: QuantConfig, dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
@@ -146,11 +143,11 @@ def cache_entry(cache_root: Path, ckpt: Path, key: str) -> Path:
     return preferred
 
 
-def plan_json(plan: Mapping[str, LayerPlan]) -> dict[str, Any]:
+def plan_json(plan: Mapping[str, LayerQuant]) -> dict[str, Any]:
     return {name: {"weights": lp.qtype, "group_size": lp.group_size} for name, lp in plan.items()}
 
 
-def read_cache_entry(entry: Path, key: str, layout: Layout, plan: Mapping[str, LayerPlan]) -> dict[str, Any]:
+def read_cache_entry(entry: Path, key: str, layout: Layout, plan: Mapping[str, LayerQuant]) -> dict[str, Any]:
     """The sidecar of a usable entry; raises CacheError naming what is wrong otherwise.
 
     Checks the key, the file size, and every tensor's name, shape and dtype in the safetensors header

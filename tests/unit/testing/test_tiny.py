@@ -1,4 +1,4 @@
-"""The tiny checkpoint maker writes the official layout, the golden init scheme, and a loadable tokenizer."""
+"""`cogbatch.testing.tiny`: the tiny checkpoint maker writes the official layout and the golden init scheme."""
 
 from __future__ import annotations
 
@@ -15,13 +15,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from cogbatch.model import tiny
 from cogbatch.model.config import CogVLMConfig, checkpoint_tensor_shapes
-from cogbatch.model.tiny import parse_size, write_tiny_checkpoint
+from cogbatch.testing import tiny
+from cogbatch.testing.tiny import write_tiny_checkpoint
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 SCRIPT = REPO_ROOT / "scripts" / "make_tiny_checkpoint.py"
-SENTENCE = "Describe the image in detail. What color is the small square? It is red, 100%."
 ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
 
@@ -32,13 +31,6 @@ def read_index(ckpt: Path) -> dict:
 def shard_contents(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
     """file name -> {tensor name: tensor} for every shard file on disk."""
     return {p.name: load_file(p) for p in sorted(ckpt.glob("model-*-of-*.safetensors"))}
-
-
-def load_tokenizer(ckpt: Path):
-    from transformers import AutoTokenizer
-
-    # config.json carries the real auto_map: without trust_remote_code=False transformers would prompt.
-    return AutoTokenizer.from_pretrained(str(ckpt), trust_remote_code=False, fix_mistral_regex=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,43 +192,6 @@ def test_config_defaults_follow_the_documented_rules(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# tokenizer
-
-
-def test_cogvlm1_tokenizer_loads_offline_like_vicuna(tiny_cogvlm1):
-    tok = load_tokenizer(tiny_cogvlm1)
-    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2, 0)
-    assert len(tok) <= CogVLMConfig.from_json(tiny_cogvlm1).vocab_size
-    assert tok.convert_tokens_to_ids(["<0x00>", "<0xFF>"]) == [3, 258]  # byte fallback, as SentencePiece
-    ids = tok(SENTENCE)["input_ids"]
-    assert ids[0] == 1 and tok.unk_token_id not in ids
-    assert len(ids) < len(SENTENCE) / 2  # real merges, not bytes
-    assert tok.decode(ids, skip_special_tokens=True) == SENTENCE
-    assert tok.decode(tok("naïve café — 日本")["input_ids"], skip_special_tokens=True) == "naïve café — 日本"
-
-
-def test_cogvlm2_tokenizer_has_the_llama3_special_ids(tiny_cogvlm2, golden_dir):
-    tok = load_tokenizer(tiny_cogvlm2)
-    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (128000, 128001, 128002)
-    assert tok.convert_tokens_to_ids(["<|eot_id|>", "<|reserved_special_token_0|>"]) == [128009, 128002]
-    assert len(tok) == CogVLMConfig.from_json(tiny_cogvlm2).vocab_size == 128256
-    golden = json.loads((golden_dir / "cogvlm2" / "dev" / "tokenizer_config.json").read_text())
-    golden_specials = {int(i): t["content"] for i, t in golden["added_tokens_decoder"].items()}
-    assert {i: tok.convert_ids_to_tokens(i) for i in range(128000, 128256)} == golden_specials
-    ids = tok(SENTENCE)["input_ids"]
-    assert ids[0] == 128000 and max(ids[1:]) < 1024  # trained pieces, never the filler
-    assert len(ids) < len(SENTENCE) / 2
-    assert tok.decode(ids, skip_special_tokens=True) == SENTENCE
-    assert tok.decode(tok("naïve café — 日本\n  x")["input_ids"], skip_special_tokens=True) == "naïve café — 日本\n  x"
-
-
-def test_cogvlm2_tokenizer_uses_the_llama3_pre_tokenizer(tiny_cogvlm2):
-    pre = json.loads((tiny_cogvlm2 / "tokenizer.json").read_text())["pre_tokenizer"]
-    assert pre["pretokenizers"][0]["pattern"]["Regex"] == tiny.LLAMA3_SPLIT_PATTERN
-    assert pre["pretokenizers"][1]["type"] == "ByteLevel"
-
-
-# --------------------------------------------------------------------------------------------
 # invalid arguments and the output folder
 
 
@@ -274,14 +229,6 @@ def test_non_empty_folder_needs_overwrite_which_clears_stale_shards(tmp_path):
     write_tiny_checkpoint(ckpt, overwrite=True)
     assert [p.name for p in ckpt.glob("model-*.safetensors")] == ["model-00001-of-00001.safetensors"]
     assert (ckpt / "notes.txt").read_text() == "keep me"
-
-
-@pytest.mark.parametrize(
-    ("size", "expected"),
-    [(1234, 1234), ("200MB", 200 * 10**6), ("2mb", 2 * 10**6), ("1GB", 10**9), ("64MiB", 64 * 2**20), ("1.5KB", 1500)],
-)
-def test_parse_size(size, expected):
-    assert parse_size(size) == expected
 
 
 # --------------------------------------------------------------------------------------------
