@@ -471,7 +471,7 @@ def quantize(model, out, quantization, rules, dtype, device, tokenizer, pipeline
             source,
             dtype=dtype,
             device=device,
-            quantization=spec.to_model_arg(),
+            quantization=spec,
             tokenizer=tokenizer or tokenizers.get(source),
             cache_dir=cache.expanduser(),
         )

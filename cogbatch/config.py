@@ -20,11 +20,12 @@ from typing import Any
 import yaml
 
 from cogbatch.errors import ConfigError
+from cogbatch.model.quant.spec import DEQUANT_DEVICES, QDTYPES, QuantConfig, QuantRule, split_qtype
+from cogbatch.model.settings import DTYPE_NAMES, SEED_LIMIT, GenerationConfig, parse_size
 
 TEMPLATES = ("base", "chat", "vqa")
-QUANT_DTYPES = ("int4", "int8", "none")
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16")
+DTYPES = ("auto", *DTYPE_NAMES)
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 # Placeholders every request can use, whatever the input.
 BUILTIN_PLACEHOLDERS = ("filename", "stem", "folder")
@@ -36,7 +37,8 @@ FOLDER_KEYS = ("recursive", "extensions")
 MANIFEST_KEYS = ("path_column", "bytes_column", "id_column")
 
 MAX_RETRIES = 16  # generation.retry_on_repetition: each retry is one more whole generation of the request
-SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 <= seed < 2**64
+# A job's generation defaults: the model's, except that a looping output ends early (finish_reason "repetition").
+JOB_GENERATION = GenerationConfig(stop_on_repetition=True)
 
 BUILTIN_PIPELINE: dict[str, Any] = {
     "models": {},
@@ -50,24 +52,10 @@ BUILTIN_PIPELINE: dict[str, Any] = {
 
 
 @dataclass(frozen=True)
-class GenerationSettings:
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int = 0
-    no_repeat_ngram_size: int = 0
-    stop_on_repetition: bool = True  # end a looping output early (finish_reason "repetition")
-    retry_on_repetition: int = 0  # then try again this many times with sampling
-
-
-@dataclass(frozen=True)
 class TaskConfig:
     name: str
     template: str
-    generation: GenerationSettings
+    generation: GenerationConfig
     prompt: str | None = None  # a template string with {placeholders}
     question_column: str | None = None  # or: the question comes from this manifest column
     strip_prefixes: tuple[str, ...] = ()
@@ -91,39 +79,6 @@ class InputConfig:
 
 
 @dataclass(frozen=True)
-class QuantRule:
-    pattern: str
-    dtype: str  # int4, int4-g32 / -g64 / -g128 (a group size of its own), int8 or none
-
-
-@dataclass(frozen=True)
-class QuantSettings:
-    default: str = "int4"
-    group_size: int = 128
-    rules: tuple[QuantRule, ...] = ()
-    embeddings_on_cpu: bool = False
-    # Rows above which a quantized layer multiplies by a transient dense weight: None = the device's
-    # default (`cogbatch.model.quant.linear.DEFAULT_DEQUANT_THRESHOLD`), math.inf = never, or per
-    # device type {cpu: rows, cuda: None (never)}. Placement of work, not weights: not in the cache key.
-    dequant_threshold: float | dict[str, float | None] | None = None
-
-    def describe(self) -> str:
-        """Short label for result rows: `int4-g128`, `int8`, `none`, with `+rules` when mixed."""
-        label = f"int4-g{self.group_size}" if self.default == "int4" else self.default
-        return label + ("+rules" if self.rules else "")
-
-    def to_model_arg(self) -> str | dict[str, Any] | None:
-        if self.default == "none" and not self.rules:
-            return None
-        return {
-            "default": self.default,
-            "group_size": self.group_size,
-            "rules": [asdict(r) for r in self.rules],
-            "embeddings_on_cpu": self.embeddings_on_cpu,
-        }
-
-
-@dataclass(frozen=True)
 class JobConfig:
     path: Path | None
     model: str  # resolved: hub id, local path, or tiny-random:<arch>
@@ -132,7 +87,7 @@ class JobConfig:
     input: InputConfig
     output: Path
     tasks: tuple[TaskConfig, ...]
-    quantization: QuantSettings
+    quantization: QuantConfig
     device: str = "auto"
     dtype: str = "auto"
     vram_ceiling: int = 11 * 2**30
@@ -150,12 +105,12 @@ class JobConfig:
         what = {
             "model": self.model,
             "tokenizer": self.tokenizer,
-            "quant": self.quantization.describe(),
-            "quant_rules": [asdict(r) for r in self.quantization.rules],
+            "quant": self.quantization.label(),
+            "quant_rules": self.quantization.rule_labels(),
             "dtype": resolved_dtype,
             "template": task.template,
             "prompt": task.prompt if task.prompt is not None else f"column:{task.question_column}",
-            "generation": asdict(task.generation),
+            "generation": task.generation.job_dict(),
             "strip_prefixes": list(task.strip_prefixes),
         }
         if self.quantization.dequant_threshold is not None:
@@ -168,10 +123,10 @@ class JobConfig:
         """The settings behind a fingerprint, for naming what changed between two runs."""
         return {
             "model": self.model,
-            "quantization": self.quantization.describe(),
+            "quantization": self.quantization.label(),
             "template": task.template,
             "prompt": task.prompt or f"column:{task.question_column}",
-            **asdict(task.generation),
+            **task.generation.job_dict(),
             "strip_prefixes": list(task.strip_prefixes),
         }
 
@@ -187,7 +142,11 @@ class JobConfig:
                 return [plain(v) for v in x]
             return x
 
-        return plain(asdict(self))
+        d = asdict(self)
+        d["quantization"] = self.quantization.job_dict()  # rules as a job file writes them (`int4-g64`)
+        for task, out in zip(self.tasks, d["tasks"], strict=True):
+            out["generation"] = task.generation.job_dict()
+        return plain(d)
 
 
 # -- parsing helpers -----------------------------------------------------------------------------
@@ -265,32 +224,16 @@ class _Section:
         return tuple(v)
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
-
-def parse_size(value: Any, key: str) -> int:
+def _size(value: Any, key: str) -> int:
     """`11GiB`, `10.5GB`, `512MiB` or a plain number of bytes."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    m = _SIZE.match(str(value)) if isinstance(value, str) else None
-    if not m:
-        raise ConfigError(f"{key}: must be a size such as 11GiB or 10GB (got {value!r})")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise ConfigError(f"{key}: must be a size such as 11GiB or 10GB (got {value!r})") from None
 
 
-def _generation(sec: _Section, base: GenerationSettings) -> GenerationSettings:
-    return GenerationSettings(
+def _generation(sec: _Section, base: GenerationConfig) -> GenerationConfig:
+    return GenerationConfig(
         max_new_tokens=sec.int_("max_new_tokens", base.max_new_tokens),
         do_sample=sec.bool_("do_sample", base.do_sample),
         temperature=sec.float_("temperature", base.temperature, 0.0),
@@ -304,7 +247,7 @@ def _generation(sec: _Section, base: GenerationSettings) -> GenerationSettings:
     )
 
 
-def _task(data: Any, path: str, defaults: GenerationSettings) -> TaskConfig:
+def _task(data: Any, path: str, defaults: GenerationConfig) -> TaskConfig:
     sec = _Section(data, path)
     name = sec.str_("name")
     if name is None:
@@ -363,20 +306,15 @@ def _input(data: Any, base_dir: Path) -> InputConfig:
     return cfg
 
 
-_QUANT_RE = re.compile(r"(int4)(?:-g(\d+))?|int8|none")
-_DEQUANT_DEVICES = ("cpu", "cuda")
-
-
 def _quant_dtype(value: Any, key: str) -> tuple[str, int | None]:
     """("int4", 64) for "int4-g64", ("int8", None) for "int8"; ConfigError naming `key` otherwise."""
-    m = _QUANT_RE.fullmatch(value) if isinstance(value, str) else None
-    if not m:
+    split = split_qtype(value)
+    if split is None:
         raise ConfigError(f"{key}: must be one of int4, int8, none (int4 with a group size: int4-g32, int4-g64, "
                           f"int4-g128) (got {value!r})")  # fmt: skip
-    group = int(m.group(2)) if m.group(2) else None
-    if group is not None and group not in (32, 64, 128):
+    if split[1] is not None and split[1] not in (32, 64, 128):
         raise ConfigError(f"{key}: group size must be 32, 64 or 128")
-    return ("int4" if m.group(1) else value), group
+    return split
 
 
 def _quant_rule(data: Any, key: str) -> QuantRule:
@@ -394,7 +332,7 @@ def _quant_rule(data: Any, key: str) -> QuantRule:
             raise ConfigError(f"{rs.key('group_size')}: must be 32, 64 or 128 (and agree with the dtype)")
         group = given
     rs.finish()
-    return QuantRule(pattern, f"int4-g{group}" if group is not None else dtype)
+    return QuantRule(pattern, dtype, group)
 
 
 def _dequant_threshold(sec: _Section) -> float | dict[str, float | None] | None:
@@ -407,7 +345,7 @@ def _dequant_threshold(sec: _Section) -> float | dict[str, float | None] | None:
         return math.inf
     if isinstance(value, dict):
         per_device = _Section(value, sec.key(name))
-        out = {d: per_device.int_(d, None, minimum=0) for d in _DEQUANT_DEVICES if per_device.has(d)}
+        out = {d: per_device.int_(d, None, minimum=0) for d in DEQUANT_DEVICES if per_device.has(d)}
         per_device.finish()
         return out
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -415,14 +353,14 @@ def _dequant_threshold(sec: _Section) -> float | dict[str, float | None] | None:
     return value
 
 
-def _quantization(value: Any, key: str = "quantization") -> QuantSettings:
+def _quantization(value: Any, key: str = "quantization") -> QuantConfig:
     if isinstance(value, str):
-        if not _QUANT_RE.fullmatch(value):
+        if split_qtype(value) is None:
             raise ConfigError(f"{key}: must be int4, int4-g32, int4-g64, int4-g128, int8, none or a mapping")
         dtype, group = _quant_dtype(value, key)
-        return QuantSettings(default=dtype, group_size=group or 128)
+        return QuantConfig(default=dtype, group_size=group or 128)
     sec = _Section(value, key)
-    default = sec.str_("default", "int4", QUANT_DTYPES)
+    default = sec.str_("default", "int4", QDTYPES)
     group = sec.int_("group_size", 128)
     if group not in (32, 64, 128):
         raise ConfigError(f"{sec.key('group_size')}: must be 32, 64 or 128")
@@ -433,7 +371,7 @@ def _quantization(value: Any, key: str = "quantization") -> QuantSettings:
     cpu_embed = sec.bool_("embeddings_on_cpu", False)
     threshold = _dequant_threshold(sec)
     sec.finish()
-    return QuantSettings(default, group, rules, cpu_embed, threshold)
+    return QuantConfig(default, group, rules, cpu_embed, threshold)
 
 
 def _input_override(path: Path, job_input: Any) -> dict[str, Any]:
@@ -532,7 +470,7 @@ def _override_value(sec: _Section, name: str) -> Any:
     if name == "device":
         return _device(sec)
     if name == "vram_ceiling":
-        return parse_size(sec.get("vram_ceiling"), "vram_ceiling")
+        return _size(sec.get("vram_ceiling"), "vram_ceiling")
     return sec.int_(name, None)  # limit, batch_size, workers
 
 
@@ -631,7 +569,7 @@ def _build(job: dict[str, Any], pipe: dict[str, Any], job_path: Path | None, pip
     inp = _input(sec.get("input"), base_dir)
     output = _output_dir(sec.str_("output"), base_dir)
     gen_sec = _Section(sec.get("generation", {}) or {}, "generation")
-    defaults = _generation(gen_sec, GenerationSettings())
+    defaults = _generation(gen_sec, JOB_GENERATION)
     gen_sec.finish()
     tasks_data = sec.get("tasks")
     if not isinstance(tasks_data, list) or not tasks_data:
@@ -656,7 +594,7 @@ def _build(job: dict[str, Any], pipe: dict[str, Any], job_path: Path | None, pip
         quantization=_quantization(sec.get("quantization", "int4")),
         device=_device(sec),
         dtype=sec.str_("dtype", "auto", DTYPES),
-        vram_ceiling=parse_size(sec.get("vram_ceiling", "11GiB"), "vram_ceiling"),
+        vram_ceiling=_size(sec.get("vram_ceiling", "11GiB"), "vram_ceiling"),
         batch_size=sec.int_("batch_size", None),
         limit=sec.int_("limit", None),
         workers=sec.int_("workers", None),

@@ -88,7 +88,7 @@ def run_record(
             "exit_code": code,
             "outcome": outcome_of(code),
             "model": cfg.model,
-            "quant": cfg.quantization.describe(),
+            "quant": cfg.quantization.label(),
             "versions": versions(),
             "host": socket.gethostname(),
             "pid": os.getpid(),

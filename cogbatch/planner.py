@@ -285,7 +285,6 @@ def job_plan(job: Any, max_text: int = 128) -> dict[str, Any]:
     import torch
 
     from cogbatch.model.quant.plan import predict_weight_bytes
-    from cogbatch.model.quant.spec import QuantConfig
     from cogbatch.worker import resolved_dtype
 
     cfg = model_config_for(job)
@@ -306,7 +305,7 @@ def job_plan(job: Any, max_text: int = 128) -> dict[str, Any]:
         dtype = getattr(torch, resolved_dtype(job))
     if job.device == "auto" and device.type == "cpu":
         notes.append("device auto on a machine without CUDA: planned for the CPU (--device cuda plans for a GPU)")
-    quant = QuantConfig.parse(job.quantization.to_model_arg())
+    quant = job.quantization.effective()
     weights = predict_weight_bytes(cfg, quant, dtype)
     max_new = max(t.generation.max_new_tokens for t in job.tasks)
     dense = planned_dense_copies(cfg, quant, device.type, dtype)
@@ -340,7 +339,7 @@ def job_plan(job: Any, max_text: int = 128) -> dict[str, Any]:
         "generation": cfg.generation,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
-        "quantization": job.quantization.describe(),
+        "quantization": job.quantization.label(),
         "vram_ceiling": job.vram_ceiling,
         "weights": weights,
         "per_request": {

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cogbatch.config import SEED_LIMIT, TINY_PREFIX, JobConfig
+from cogbatch.config import TINY_PREFIX, JobConfig
 from cogbatch.images import ImageError, decode_image, read_image_bytes
 from cogbatch.manifest import ImageEntry, ManifestBytes, Request, sha256_hex
+from cogbatch.model.settings import SEED_LIMIT
 from cogbatch.store import make_row
 
 log = logging.getLogger("cogbatch")
@@ -58,7 +59,7 @@ def load_model(cfg: JobConfig):
         source,
         dtype=resolved_dtype(cfg),
         device=None if cfg.device == "auto" else cfg.device,
-        quantization=cfg.quantization.to_model_arg(),
+        quantization=cfg.quantization.effective(),
         tokenizer=cfg.tokenizer,
         cache_dir=cfg.cache_dir,
         dequant_threshold=cfg.quantization.dequant_threshold,
@@ -72,7 +73,7 @@ def resolved_dtype(cfg: JobConfig) -> str:
     from cogbatch.model.cogvlm import resolve_dtype
 
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.dtype == "auto" and device == "cpu" and cfg.quantization.to_model_arg() is not None:
+    if cfg.dtype == "auto" and device == "cpu" and cfg.quantization.effective() is not None:
         return "bfloat16"  # quantized on CPU: bf16 is what gets the fused int4 kernel (TinyGemm)
     return str(resolve_dtype(cfg.dtype, torch.device(device))).removeprefix("torch.")
 
@@ -122,7 +123,7 @@ def error_row(req: Request, reason: str, cfg: JobConfig, run_id: str, img: Loade
         width=img.width if img else None,
         height=img.height if img else None,
         model=cfg.model,
-        quant=cfg.quantization.describe(),
+        quant=cfg.quantization.label(),
         fingerprint=req.fingerprint,
         run_id=run_id,
     )
@@ -425,7 +426,7 @@ class Worker:
                     width=img.width,
                     height=img.height,
                     model=self.cfg.model,
-                    quant=self.cfg.quantization.describe(),
+                    quant=self.cfg.quantization.label(),
                     fingerprint=req.fingerprint,
                     run_id=self.run_id,
                     attempts=result.attempts,
@@ -435,13 +436,9 @@ class Worker:
 
     @staticmethod
     def _generation_config(task, attempt: int):
-        from dataclasses import asdict, replace
+        from dataclasses import replace
 
-        from cogbatch.model.settings import GenerationConfig
-
-        g = asdict(task.generation)
-        g.pop("retry_on_repetition")
-        base = GenerationConfig(**g)
+        base = task.generation
         if attempt == 0:
             return base
         # A retry after a loop: sample, a little warmer, with a penalty on what was already said.

@@ -1,5 +1,8 @@
 """Model configuration for both CogVLM generations, read from the checkpoint's own `config.json`.
 
+Adapted from THUDM's `configuration_cogvlm.py` (cogvlm-chat-hf, cogvlm2-llama3-chat-19B), whose keys
+it reads; the constants the reference's `modeling_cogvlm.py` hard-codes are named here.
+
 The official checkpoints ship a `config.json` for remote code we never execute, so this module
 reads the same keys into a plain dataclass. The generation is recognised from the keys themselves:
 only CogVLM2 has `num_multi_query_heads` (grouped-query attention), and with it come the Llama-3

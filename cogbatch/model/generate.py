@@ -1,5 +1,8 @@
 """Batched generation: one prefill over the whole left-padded prompt, then token-by-token decode.
 
+Follows the greedy / sampling semantics of transformers' `generate()` that THUDM's `modeling_cogvlm.py`
+(cogvlm-chat-hf, cogvlm2-llama3-chat-19B) relies on, without its remote code.
+
 Decoding is deterministic per request: greedy picks the argmax, sampling draws from a generator
 seeded per sequence (not per batch), so a request gives the same text alone or in any batch.
 Sequences that finish are dropped from the batch (and from the KV cache) so they stop costing work.

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cogbatch.config import ConfigError, load_job, parse_size
+from cogbatch.config import ConfigError, load_job
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def test_job_keys_win_over_pipeline_defaults_and_aliases_resolve(tmp_path, base)
     cfg = load_job({**base, "batch_size": 5}, pipeline=pipe)
     assert cfg.model == "THUDM/cogvlm2-llama3-chat-19B" and cfg.model_alias == "cogvlm2"
     assert cfg.batch_size == 5
-    assert cfg.quantization.describe() == "int8"
+    assert cfg.quantization.label() == "int8"
     assert cfg.tasks[0].generation.max_new_tokens == 256
 
 
@@ -98,9 +98,9 @@ def test_quantization_mapping_with_rules(tmp_path, base):
                             "rules": [{"pattern": "lm_head", "dtype": "none"}, {"pattern": "*.vision_mlp.*",
                                                                                  "dtype": "int8"}]}  # fmt: skip
     q = load_job(base, pipeline=_pipeline(tmp_path)).quantization
-    assert q.describe() == "int4-g64+rules"
-    assert q.to_model_arg()["rules"] == [{"pattern": "lm_head", "dtype": "none"},
-                                         {"pattern": "*.vision_mlp.*", "dtype": "int8"}]  # fmt: skip
+    assert q.label() == "int4-g64+rules"
+    assert q.rule_labels() == [{"pattern": "lm_head", "dtype": "none"},
+                               {"pattern": "*.vision_mlp.*", "dtype": "int8"}]  # fmt: skip
     base["quantization"] = {"rules": [{"pattern": "x", "dtype": "int2"}]}
     with pytest.raises(ConfigError, match=r"quantization.rules\[0\].dtype: must be one of int4, int8, none"):
         load_job(base, pipeline=_pipeline(tmp_path))
@@ -114,12 +114,6 @@ def test_unknown_pipeline_key_is_reported(tmp_path, base):
 def test_cache_dir_env_wins(tmp_path, base, monkeypatch):
     monkeypatch.setenv("COGBATCH_CACHE_DIR", str(tmp_path / "cache"))
     assert load_job(base, pipeline=_pipeline(tmp_path, cache_dir="/elsewhere")).cache_dir == tmp_path / "cache"
-
-
-@pytest.mark.parametrize("text, expected", [("11GiB", 11 * 2**30), ("10GB", 10**10), ("512 MiB", 512 * 2**20),
-                                            (1024, 1024), ("1.5GiB", int(1.5 * 2**30))])  # fmt: skip
-def test_parse_size(text, expected):
-    assert parse_size(text, "k") == expected
 
 
 def test_prompt_with_stray_brace_is_a_config_error(tmp_path, base):
@@ -245,10 +239,11 @@ def test_seed_and_retries_are_bounded_where_the_run_could_not_go(tmp_path, base,
 def test_the_last_seed_still_seeds_its_retries():
     import torch
 
-    from cogbatch.config import GenerationSettings, TaskConfig
+    from cogbatch.config import TaskConfig
+    from cogbatch.model.settings import GenerationConfig
     from cogbatch.worker import Worker
 
-    task = TaskConfig("a", "chat", GenerationSettings(seed=2**64 - 1, do_sample=True, retry_on_repetition=2), "x")
+    task = TaskConfig("a", "chat", GenerationConfig(seed=2**64 - 1, do_sample=True, retry_on_repetition=2), "x")
     seeds = [Worker._generation_config(task, a).seed for a in range(3)]
     assert seeds == [2**64 - 1, 0, 1]
     for seed in seeds:

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 from click.testing import CliRunner
 
 from cogbatch.cli import cli
-from cogbatch.config import QuantSettings
 from cogbatch.history import (
     HISTORY_NAME,
     append_record,
@@ -22,11 +21,12 @@ from cogbatch.history import (
     read_history,
     run_record,
 )
+from cogbatch.model.quant.spec import QuantConfig
 from cogbatch.store import PartWriter, make_row
 
 
 def _cfg(output):
-    return SimpleNamespace(output=output, model="m", quantization=QuantSettings(default="none"), path=None)
+    return SimpleNamespace(output=output, model="m", quantization=QuantConfig(default="none"), path=None)
 
 
 def test_append_and_read_back(tmp_path):

@@ -72,9 +72,9 @@ def test_job_yaml_rules_take_a_group_size_of_their_own(tmp_path):
         ],
     }
     settings = job_with(tmp_path, spec).quantization
-    assert [r.dtype for r in settings.rules] == ["int4-g64", "int4-g32", "int8"]
-    assert settings.describe() == "int4-g128+rules"
-    q = QuantConfig.parse(settings.to_model_arg())
+    assert [r.label() for r in settings.rules] == ["int4-g64", "int4-g32", "int8"]
+    assert settings.label() == "int4-g128+rules"
+    q = QuantConfig.parse(settings)
     assert q.resolve("model.layers.0.mlp.language_mlp.up_proj") == ("int4", 64)
     assert q.resolve("lm_head") == ("int4", 32)
     assert q.resolve("model.layers.0.self_attn.language_expert_dense") == ("int4", 128)
