@@ -32,6 +32,8 @@ except ImportError:  # Windows: no flock; the sidecar alone guards, checked by p
     fcntl = None  # type: ignore[assignment]
 
 from cogbatch.errors import JobLocked, describe_holder
+from cogbatch.fsio import atomic_write
+from cogbatch.results import RunSummary
 
 log = logging.getLogger("cogbatch")
 
@@ -64,9 +66,7 @@ def _read_info(path: Path) -> dict[str, Any] | None:
 
 
 def _write_info(path: Path, info: dict[str, Any]) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(info, indent=1))
 
 
 def holder_info(command: str | None = None) -> dict[str, Any]:
@@ -157,11 +157,11 @@ def current_holder(output: str | os.PathLike[str]) -> dict[str, Any] | None:
     return info
 
 
-def run_exclusive(cfg: Any, body: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+def run_exclusive(cfg: Any, body: Callable[[dict[str, Any]], RunSummary]) -> RunSummary:
     """Run `body(holder)` (an engine's whole run, returning its summary) under `cfg.output`'s lock, and
     append the run's line to `<output>/runs.jsonl` however it ends (`cogbatch.history`).
 
-    Every engine (local runner, Ray) goes through here, so "one run per output" and the history do
+    Every engine (local, Ray) goes through here, so "one run per output" and the history do
     not depend on how a run was started. Raises JobLocked, before doing anything, when another run
     holds the output.
     """

@@ -14,7 +14,7 @@ before the next model), then for int4 and bf16:
     against the memory-bandwidth floor (bytes the step must read / measured device copy bandwidth;
     a text decode step reads only the language-expert path and the LM head, a prefill every weight
     but the embedding table);
-  * the pipeline's own path: `cogbatch.worker.Worker.process` over a batch of 4 images under an
+  * the pipeline's own path: `cogbatch.worker.worker.ModelWorker.process` over a batch of 4 images under an
     11 GiB ceiling (the planner picks resident or phase-swapped execution), with its peak reserved
     VRAM: the issue's goal is CogVLM2 int4 batch 4 under 11 GiB.
 
@@ -47,13 +47,11 @@ import math
 import os
 import platform
 import shutil
-import struct
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -147,87 +145,20 @@ def checkpoint_bytes(config: dict[str, Any]) -> int:
     return 2 * sum(math.prod(s) for s in checkpoint_tensor_shapes(CogVLMConfig.from_dict(config)).values())
 
 
-_ST_DTYPES = {"torch.bfloat16": "BF16", "torch.float16": "F16", "torch.float32": "F32"}
-
-
-def write_safetensors(path: Path, tensors: dict[str, Any]) -> None:
-    """A safetensors file written straight from the tensors' memory (safetensors' `save_file` copies each first).
-
-    Format: 8-byte little-endian header length, a JSON header padded with spaces to 8 bytes, then the
-    tensors' bytes back to back in header order.
-    """
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        header[name] = {
-            "dtype": _ST_DTYPES[str(t.dtype)],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    import torch
-
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for t in tensors.values():
-            if t.numel():
-                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    os.replace(tmp, path)
-
-
 def write_random_checkpoint(out: Path, config: dict[str, Any], device: str, seed: int = 0) -> dict[str, Any]:
-    """A bf16 checkpoint in the official layout, drawn on `device` with a seeded generator.
+    """A bf16 checkpoint in the official layout, drawn on `device` (`cogbatch.testing.tiny.write_checkpoint`).
 
-    torch's CPU sampler draws ~125 M normals per CPU-second (37 B parameters would take ~5 minutes);
-    on the GPU drawing is free and the time is the copy to the host plus the file writes, which two
-    threads do while the GPU draws the next shard. Scales follow cogbatch.testing.tiny's recipe
-    (weights / sqrt(fan_in), norms around 1), so activations stay finite through 32 layers.
+    On the GPU drawing is nearly free and the time is the copy to the host plus the file writes, which a
+    thread does while the GPU draws the next shard. Scales follow the tiny checkpoints' recipe (weights /
+    sqrt(fan_in), norms around 1), so activations stay finite through 32 layers.
     """
-    import torch
-
-    from cogbatch.model.config import CogVLMConfig, checkpoint_tensor_shapes
-    from cogbatch.testing.tiny import build_tokenizer, init_recipe, plan_shards, rotary_inv_freq
+    from cogbatch.testing.tiny import write_checkpoint
 
     t0 = time.perf_counter()
-    cfg = CogVLMConfig.from_dict(config)
-    tokenizer, tokenizer_config, special_tokens = build_tokenizer(cfg)
-    shapes = checkpoint_tensor_shapes(cfg)
-    shards = plan_shards(shapes, 2, SHARD_BYTES)
-    out.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    weight_map: dict[str, str] = {}
-    pending: list[Future] = []
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        for k, names in enumerate(shards, start=1):
-            filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {}
-            for name in names:
-                if name.endswith("rotary_emb.inv_freq"):
-                    tensors[name] = rotary_inv_freq(cfg).to(torch.bfloat16)
-                    continue
-                mul, div, add = init_recipe(name, shapes[name], cfg)
-                x = torch.randn(shapes[name], generator=gen, device=device, dtype=torch.float32)
-                tensors[name] = x.mul_(mul / div).add_(add).to(torch.bfloat16).cpu()
-                del x
-            while len(pending) >= 2:  # at most two shards waiting in host memory
-                pending.pop(0).result()
-            pending.append(pool.submit(write_safetensors, out / filename, tensors))
-            weight_map.update(dict.fromkeys(names, filename))
-        for f in pending:
-            f.result()
-    total = sum(math.prod(s) for s in shapes.values()) * 2
-    index = {"metadata": {"total_size": total}, "weight_map": {n: weight_map[n] for n in shapes}}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    tokenizer.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(special_tokens, indent=2) + "\n")
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")  # last: a config means complete
-    return {"bytes": total, "params": total // 2, "shards": len(shards), "write_s": round(time.perf_counter() - t0, 1)}
+    write_checkpoint(out, config, dtype="bf16", shard_size=SHARD_BYTES, seed=seed, device=device, overwrite=True)
+    total = checkpoint_bytes(config)
+    shards = len(list(out.glob("model-*-of-*.safetensors")))
+    return {"bytes": total, "params": total // 2, "shards": shards, "write_s": round(time.perf_counter() - t0, 1)}
 
 
 def mem_available_bytes() -> int | None:
@@ -530,12 +461,14 @@ def bench_worker(model: Any, dev: Device, quant: str, images: int, new_tokens: i
 
     import torch
 
-    from cogbatch.config import load_job
-    from cogbatch.manifest import ImageEntry, Request
-    from cogbatch.planner import DoesNotFit
-    from cogbatch.worker import LoadedImage, Worker
+    from cogbatch.errors import DoesNotFit
+    from cogbatch.inputs.entries import ImageEntry
+    from cogbatch.inputs.pending import Request
+    from cogbatch.job import load_job
+    from cogbatch.worker.loading import LoadedImage
+    from cogbatch.worker.worker import ModelWorker
 
-    class BenchWorker(Worker):
+    class BenchWorker(ModelWorker):
         def _generation_config(self, task, attempt):
             return replace(super()._generation_config(task, attempt), stop_token_ids=(), stop_on_repetition=False)
 
@@ -577,21 +510,21 @@ def bench_worker(model: Any, dev: Device, quant: str, images: int, new_tokens: i
         "oom": False,
         "ok_rows": sum(r["status"] == "ok" for r in rows),
         "errors": sorted({r["error"] for r in rows if r["status"] != "ok"})[:3],
-        "mode": stats["execution_mode"],
-        "planned_batch": stats["planned_batch"],
+        "mode": stats.execution_mode,
+        "planned_batch": stats.planned_batch,
         "planned_peak_gib": round(worker.plan.peak_bytes / GiB, 2),
         "ceiling_gib": ceiling_gib,
         "reserved_before_gib": before,
         "peak_reserved_gib": peak,
         "peak_allocated_gib": peaks.gib("allocated"),
         "seconds": round(seconds, 2),
-        "model_compute_s": stats.get("model_compute_s"),
-        "phase_swap_s": stats.get("phase_swap_s"),
+        "model_compute_s": stats.model_compute_s,
+        "phase_swap_s": stats.phase_swap_s,
         "images_per_s": round(images / seconds, 3),
-        "generated_tokens": int(worker.stats["generated_tokens"]),
-        "tokens_per_s": round(worker.stats["generated_tokens"] / seconds, 1),
-        "oom_splits": stats["oom_splits"],
-        "goal_met": None if peak is None else bool(peak < ceiling_gib and not stats["oom_splits"]),
+        "generated_tokens": int(worker.stats.generated_tokens),
+        "tokens_per_s": round(worker.stats.generated_tokens / seconds, 1),
+        "oom_splits": stats.oom_splits,
+        "goal_met": None if peak is None else bool(peak < ceiling_gib and not stats.oom_splits),
     }
 
 

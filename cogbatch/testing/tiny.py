@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -43,32 +44,20 @@ _AUTO_MAP = {
 }
 _RANDN_CHUNK = 1 << 22  # elements drawn per torch.randn call; must stay a multiple of 16 (see _random_tensor)
 
+
 def write_tiny_checkpoint(
     out_dir: str | Path,
     *,
-    arch: str = "cogvlm1",
-    hidden_size: int = 64,
-    layers: int = 2,
-    heads: int | None = None,
-    kv_heads: int | None = None,
-    intermediate_size: int | None = None,
-    vision_hidden_size: int = 32,
-    vision_layers: int = 2,
-    vision_heads: int | None = None,
-    vision_intermediate_size: int | None = None,
-    image_size: int | None = None,
-    patch_size: int = 14,
-    vocab_size: int | None = None,
     dtype: str = "fp32",
     shard_size: int | str = "200MB",
     seed: int = 0,
-    rms_norm_eps: float = 1e-5,
-    vision_layer_norm_eps: float = 1e-6,
     overwrite: bool = False,
+    **shape: Any,
 ) -> Path:
     """Write a random checkpoint in the official layout to `out_dir` and return its path.
 
-    Defaults, per `arch` ("cogvlm"/"cogvlm1" or "cogvlm2"):
+    `shape`: the sizes `tiny_config` takes (arch, hidden_size, layers, heads, kv_heads, ...). Defaults,
+    per `arch` ("cogvlm"/"cogvlm1" or "cogvlm2"):
       heads: hidden_size // 16 (head_dim 16) below 512, hidden_size // 128 from 512 up, as real
         Llama-family models use head_dim 128; the same rule gives vision_heads.
       kv_heads: heads for cogvlm1 (multi-head attention), max(1, heads // 2) for cogvlm2.
@@ -81,31 +70,35 @@ def write_tiny_checkpoint(
     directory must be empty or absent unless `overwrite`; `config.json` is written last, so a
     directory with a config is a complete checkpoint.
     """
-    torch_dtype, dtype_name = _resolve_dtype(dtype)
+    _, dtype_name = _resolve_dtype(dtype)
+    config = tiny_config(**shape, torch_dtype=dtype_name)
+    return write_checkpoint(out_dir, config, dtype=dtype, shard_size=shard_size, seed=seed, overwrite=overwrite)
+
+
+def write_checkpoint(
+    out_dir: str | Path,
+    config: dict[str, Any],
+    *,
+    dtype: str = "fp32",
+    shard_size: int | str = "200MB",
+    seed: int = 0,
+    device: str = "cpu",
+    overwrite: bool = False,
+) -> Path:
+    """A random checkpoint of any `config.json` dict (tiny, or a real model's shapes) in the official layout.
+
+    `device`: where the weights are drawn. On a GPU drawing is nearly free (torch's CPU sampler draws
+    ~125 M normals per CPU-second: a 19 B model would take minutes), and each shard is written by a
+    background thread while the next one is drawn; the values then differ from a CPU draw of the same seed.
+    Validated before anything is written, like `write_tiny_checkpoint`.
+    """
+    torch_dtype, _ = _resolve_dtype(dtype)
     max_shard_bytes = parse_size(shard_size)
-    config = tiny_config(
-        arch=arch,
-        hidden_size=hidden_size,
-        layers=layers,
-        heads=heads,
-        kv_heads=kv_heads,
-        intermediate_size=intermediate_size,
-        vision_hidden_size=vision_hidden_size,
-        vision_layers=vision_layers,
-        vision_heads=vision_heads,
-        vision_intermediate_size=vision_intermediate_size,
-        image_size=image_size,
-        patch_size=patch_size,
-        vocab_size=vocab_size,
-        torch_dtype=dtype_name,
-        rms_norm_eps=rms_norm_eps,
-        vision_layer_norm_eps=vision_layer_norm_eps,
-    )
     cfg = CogVLMConfig.from_dict(config)  # raises ConfigError (a ValueError) on inconsistent sizes
     tokenizer, tokenizer_config, special_tokens = build_tokenizer(cfg)  # may reject vocab_size, still nothing written
 
     out = _prepare_out_dir(Path(out_dir), overwrite)
-    write_weights(out, cfg, dtype=torch_dtype, max_shard_bytes=max_shard_bytes, seed=seed)
+    write_weights(out, cfg, dtype=torch_dtype, max_shard_bytes=max_shard_bytes, seed=seed, device=device)
     atomic_write(out / "tokenizer.json", tokenizer.to_str(pretty=True))
     _write_json(out / "tokenizer_config.json", tokenizer_config)
     _write_json(out / "special_tokens_map.json", special_tokens)
@@ -249,27 +242,46 @@ def _resolve_dtype(dtype: str) -> tuple[torch.dtype, str]:
 # weights
 
 
-def write_weights(out: Path, cfg: CogVLMConfig, *, dtype: torch.dtype, max_shard_bytes: int, seed: int) -> None:
-    """Draw and write the shards one at a time, then the index; never all weights in memory."""
+def write_weights(
+    out: Path, cfg: CogVLMConfig, *, dtype: torch.dtype, max_shard_bytes: int, seed: int, device: str = "cpu"
+) -> None:
+    """Draw and write the shards one at a time, then the index; never all weights in memory.
+
+    On the CPU a shard is written before the next is drawn (memory: about one shard plus one tensor);
+    on a GPU one shard is written by a background thread while the next is drawn.
+    """
     shapes = checkpoint_tensor_shapes(cfg)
     itemsize = dtype.itemsize
     shards = plan_shards(shapes, itemsize, max_shard_bytes)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     weight_map: dict[str, str] = {}
-    for k, names in enumerate(shards, start=1):
-        filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {name: _make_tensor(name, shapes[name], cfg, gen, dtype) for name in names}
-        tmp = temp_path(out / filename)
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        tmp.chmod(0o644)  # safetensors creates files owner-only
-        publish(tmp, out / filename)
-        del tensors
-        weight_map.update(dict.fromkeys(names, filename))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        writing: Future | None = None
+        for k, names in enumerate(shards, start=1):
+            filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {name: _make_tensor(name, shapes[name], cfg, gen, dtype) for name in names}
+            if writing is not None:
+                writing.result()
+            writing = pool.submit(write_shard, out / filename, tensors)
+            if gen.device.type == "cpu":
+                writing.result()
+            del tensors
+            weight_map.update(dict.fromkeys(names, filename))
+        if writing is not None:
+            writing.result()
     index = {
         "metadata": {"total_size": sum(math.prod(s) for s in shapes.values()) * itemsize},
         "weight_map": {name: weight_map[name] for name in shapes},  # reference state_dict order
     }
     _write_json(out / "model.safetensors.index.json", index)
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """One safetensors file, complete under its final name or absent (`fsio.publish`)."""
+    tmp = temp_path(path)
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.chmod(0o644)  # safetensors creates files owner-only
+    publish(tmp, path)
 
 
 def plan_shards(shapes: dict[str, tuple[int, ...]], itemsize: int, max_shard_bytes: int) -> list[list[str]]:
@@ -328,7 +340,12 @@ def _make_tensor(
 ) -> torch.Tensor:
     if name.endswith("rotary_emb.inv_freq"):
         return rotary_inv_freq(cfg).to(dtype)  # a buffer: computed, draws nothing from the generator
-    return _random_tensor(shape, init_recipe(name, shape, cfg), gen, dtype)
+    recipe = init_recipe(name, shape, cfg)
+    if gen.device.type == "cpu":
+        return _random_tensor(shape, recipe, gen, dtype)
+    mul, div, add = recipe  # on an accelerator: one draw of the whole tensor, the same arithmetic
+    x = torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32)
+    return x.mul_(mul).div_(div).add_(add).to(dtype).cpu()
 
 
 def _random_tensor(
@@ -338,7 +355,7 @@ def _random_tensor(
 
     torch's CPU normal sampler turns uniform draws into normals in blocks of 16, so chunks whose
     sizes are multiples of 16 (with a last chunk of at least 16) draw exactly the values of one
-    big `torch.randn(shape)` call (tests/unit/test_tiny.py checks it).
+    big `torch.randn(shape)` call (tests/unit/testing/test_tiny.py checks it).
     """
     mul, div, add = recipe
     out = torch.empty(shape, dtype=dtype)

@@ -22,6 +22,7 @@ from cogbatch.history import (
     run_record,
 )
 from cogbatch.model.quant.spec import QuantConfig
+from cogbatch.results import RunSummary
 from cogbatch.store import PartWriter, make_row
 
 
@@ -102,7 +103,7 @@ def test_concurrent_appenders_never_interleave(tmp_path):
 
 
 def test_record_of_a_finished_run(tmp_path):
-    summary = {"run_id": "r1", "exit_code": 0, "done": 4, "failed": 1, "skipped": 2, "pending": 5, "images": 3}
+    summary = RunSummary("r1", str(tmp_path), "m", "none", images=3, skipped=2, pending=5, done=4, failed=1)
     rec = run_record(_cfg(tmp_path), 1_700_000_000.0, summary, None)
     assert rec["run_id"] == "r1" and rec["exit_code"] == 0 and rec["outcome"] == "ok"
     assert rec["done"] == 4 and rec["failed"] == 1 and rec["skipped"] == 2

@@ -10,7 +10,7 @@ from optimum.quanto.nn import QModuleMixin
 from optimum.quanto.tensor import QTensor
 from torch import nn
 
-from cogbatch.config import JobConfig, load_job
+from cogbatch.job import JobConfig, load_job
 from cogbatch.model.cogvlm import CogVLM
 from cogbatch.model.config import CogVLMConfig
 from cogbatch.model.quant.linear import DequantQLinear

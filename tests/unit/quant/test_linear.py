@@ -115,12 +115,10 @@ def test_dequant_threshold_resolution():
     ],
 )
 def test_job_dequant_threshold_reaches_the_loaded_model(tmp_path, value, expected, on_cpu):
-    from cogbatch.worker import load_model
-
     spec = {"default": "int8"} if value == "absent" else {"default": "int8", "dequant_threshold": value}
     cfg = job_with(tmp_path, spec)
     assert cfg.quantization.dequant_threshold == expected
-    model = load_model(cfg)
+    model = cfg.source.load()
     assert model.load_report.dequant_threshold == on_cpu
     layers = [m for m in model.modules() if isinstance(m, DequantQLinear)]
     assert layers and all(m.dequant_threshold == on_cpu for m in layers)
@@ -130,7 +128,7 @@ def test_the_memory_model_counts_the_largest_dense_copy_of_a_quantized_weight(ck
     """The vision tower's group-64 layers dequantize their whole weight on every call (quanto's
     fallback), the TinyGemm layers only above `dequant_threshold` rows: the batch planner adds the
     largest such copy to each phase's peak (CogVLM2's lm_head would be 1 GiB on a pre-Ampere GPU)."""
-    from cogbatch.planner import memory_model_for
+    from cogbatch.planning.memory import memory_model_for
 
     model = load(ckpt, "int4", cache_dir)
     dense_bytes = QL._dense_dtype(torch.device("cpu"), torch.bfloat16).itemsize
@@ -146,5 +144,5 @@ def test_the_memory_model_counts_the_largest_dense_copy_of_a_quantized_weight(ck
     QL.set_dequant_threshold(model, None)  # TinyGemm for every call: no copies but the fallback's
     fused = memory_model_for(model)
     assert (fused.dense_language, fused.dense_vision) == (0, largest_fallback)
-    grown = with_threshold.engine_peak(2, 32, 8, True) - fused.engine_peak(2, 32, 8, True)
+    grown = with_threshold.decode_peak(2, 32, 8, True) - fused.decode_peak(2, 32, 8, True)
     assert grown == with_threshold.dense_language

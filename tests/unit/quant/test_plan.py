@@ -76,14 +76,14 @@ def test_plan_predicts_bytes_without_importing_quanto(tmp_path):
     config = next(p for p in REAL_CONFIGS if "cogvlm2" in p.parent.name)
     code = textwrap.dedent(f"""
         import sys
-        from cogbatch.config import load_job
-        from cogbatch.planner import job_plan
+        from cogbatch.job import load_job
+        from cogbatch.planning.report import plan_report
         job = {{"model": {str(config.parent)!r}, "input": {{"folder": {str(tmp_path)!r}}}, "device": "cpu",
                "output": {str(tmp_path / "out")!r}, "tasks": [{{"name": "c", "prompt": "Describe."}}]}}
-        report = job_plan(load_job(job, pipeline={str(tmp_path / "pipeline.yaml")!r}))
+        report = plan_report(load_job(job, pipeline={str(tmp_path / "pipeline.yaml")!r}))
         loaded = sorted(m for m in sys.modules if m.startswith("optimum"))
         assert not loaded, loaded
-        assert report["weights"]["by_dtype"]["int4"] > 0
+        assert report.weights["by_dtype"]["int4"] > 0
     """)
     (tmp_path / "pipeline.yaml").write_text("quantization: int4\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

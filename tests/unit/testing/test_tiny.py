@@ -191,6 +191,29 @@ def test_config_defaults_follow_the_documented_rules(tmp_path):
     assert tiny.tiny_config(arch="cogvlm2", hidden_size=32, heads=2)["num_multi_query_heads"] == 1
 
 
+def test_written_shards_read_back_exactly(tmp_path):
+    """Shards (also bench_gpu's full-size ones) hold every tensor's bytes as they were, empty tensors too."""
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.weight": torch.randn(5, 3, generator=g).to(torch.bfloat16),
+        "b.bias": torch.randn(7, generator=g).to(torch.float16),
+        "c.boi": torch.randn(1, 1, 4, generator=g),
+        "d.empty": torch.zeros(0, 4, dtype=torch.bfloat16),
+    }
+    path = tmp_path / "x.safetensors"
+    tiny.write_shard(path, tensors)
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert sorted(f.keys()) == sorted(tensors)
+        for name, t in tensors.items():
+            back = f.get_tensor(name)
+            assert back.dtype == t.dtype and back.shape == t.shape
+            assert torch.equal(back.view(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
 # --------------------------------------------------------------------------------------------
 # invalid arguments and the output folder
 

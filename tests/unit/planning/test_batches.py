@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from cogbatch.errors import DoesNotFit
 from cogbatch.model.config import CogVLMConfig
-from cogbatch.planner import REASONABLE_BATCH, DoesNotFit, GiB, MemoryModel, calibrate, plan_batches
+from cogbatch.planning.batches import REASONABLE_BATCH, plan_batches, plan_mode
+from cogbatch.planning.memory import GiB, MemoryModel, calibrate
 
 
 def _mm(golden_dir, name, vision_gib, language_gib, cuda=True):
@@ -52,7 +54,7 @@ def test_batch_cap_is_respected(golden_dir):
 def test_calibration_only_grows_the_estimates(golden_dir):
     mm = _mm(golden_dir, "cogvlm2-llama3-chat-19B", 2.4, 7.6)
     plan = plan_batches(mm, 16 * GiB, 32, 256)
-    work = mm.engine_work(plan.slots, 32, 256)
+    work = mm.decode_work(plan.slots, 32, 256)
     calibrate(mm, work, work // 2)
     assert mm.correction == 1.0
     calibrate(mm, work, work + 2 * GiB)
@@ -64,20 +66,18 @@ def test_calibration_compares_what_the_phase_added_to_its_resident_weights(golde
     """Swap mode: the language phase starts with only the language weights resident; a phase that
     used twice its predicted working memory doubles the estimates, whatever the weights."""
     mm = _mm(golden_dir, "cogvlm2-llama3-chat-19B", 2.4, 7.6)
-    work = mm.engine_work(4, 32, 256)
+    work = mm.decode_work(4, 32, 256)
     calibrate(mm, work, 2 * work)
     assert mm.correction == 2.0
 
 
 def test_every_weight_stays_resident_when_a_reasonable_batch_fits(golden_dir):
     """Resident needs no transfers per chunk: it wins over a larger swapped batch once it fits 4."""
-    from cogbatch.planner import _plan_mode
-
     mm = _mm(golden_dir, "cogvlm2-llama3-chat-19B", 2.4, 7.6)
     cases = set()
     for quarters in range(44, 100):  # ceilings 11 .. 24.75 GiB
         ceiling = quarters * GiB // 4
-        resident, swap = (_plan_mode(mm, ceiling, 32, 256, 64, None, m) for m in ("resident", "swap"))
+        resident, swap = (plan_mode(mm, ceiling, 32, 256, 64, None, m) for m in ("resident", "swap"))
         plan = plan_batches(mm, ceiling, 32, 256)
         if resident and resident.slots >= REASONABLE_BATCH:
             assert plan.mode == "resident" and plan.slots == resident.slots

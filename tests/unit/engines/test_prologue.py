@@ -1,4 +1,4 @@
-"""`cogbatch.runner`: checks made before any work, progress display, the stop flag."""
+"""`cogbatch.engines.prologue` and `progress`: checks made before any work, progress display, the stop flag."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import signal
 
 import pytest
 
-from cogbatch.config import ConfigError, load_job
-from cogbatch.errors import Interrupted
-from cogbatch.runner import _Progress, _StopFlag, check_device, check_output
+from cogbatch.engines.progress import Progress, StopFlag
+from cogbatch.engines.prologue import check_device, check_output
+from cogbatch.errors import ConfigError, Interrupted
+from cogbatch.job import load_job
 
 
 def _cfg(tmp_path, **keys):
@@ -38,7 +39,7 @@ def test_an_output_that_cannot_be_created_is_a_config_error(tmp_path):
 
 
 def test_progress_shows_images_and_errors_beside_the_requests():
-    progress = _Progress(total=6, quiet=True, images=3)
+    progress = Progress(total=6, quiet=True, images=3)
     progress.update(2, 1, images=1)
     progress.update(2, 0, images=1)
     assert (progress.done, progress.errors) == (4, 1)
@@ -47,7 +48,7 @@ def test_progress_shows_images_and_errors_beside_the_requests():
 
 
 def test_stop_flag_first_signal_asks_a_second_stops_at_once():
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         stop.check()  # nothing yet
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.signum == signal.SIGTERM

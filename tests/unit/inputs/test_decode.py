@@ -17,8 +17,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from cogbatch import images
-from cogbatch.images import DEFAULT_MAX_PIXELS, DecodedImage, ImageError, decode_image, load_image, read_image_bytes
+from cogbatch.inputs import decode as images
+from cogbatch.inputs.decode import (
+    DEFAULT_MAX_PIXELS,
+    DecodedImage,
+    ImageError,
+    decode_image,
+    load_image,
+    read_image_bytes,
+)
 from tests.corpus import (
     BLUE,
     EXIF_STORED_SIZE,

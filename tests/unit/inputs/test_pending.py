@@ -1,4 +1,4 @@
-"""Manifests, image ids, the hash cache and the pending computation."""
+"""`cogbatch.inputs`: manifests, image ids, the hash cache and the pending computation."""
 
 from __future__ import annotations
 
@@ -9,16 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cogbatch.config import ConfigError, load_job
-from cogbatch.manifest import (
-    HashCache,
-    ManifestBytes,
-    build_entries,
-    changed_settings,
-    expand_requests,
-    limit_images,
-    pending,
-)
+from cogbatch.errors import ConfigError
+from cogbatch.inputs.hashes import HashCache
+from cogbatch.inputs.manifest import ManifestBytes
+from cogbatch.inputs.pending import build_entries, changed_settings, expand_requests, limit_images, pending
+from cogbatch.job import load_job
 
 
 @pytest.fixture

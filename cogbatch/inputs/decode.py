@@ -2,7 +2,7 @@
 
 The loader threads call this for every image in a collection of millions, so one bad file must
 never stop a run (DESIGN.md: "No user input crashes a run"). Every failure the *data* can cause
-becomes `ImageError(reason)`; the runner writes `str(error)` into the row's `error` column.
+becomes `ImageError(reason)`; the worker writes `str(error)` into the row's `error` column.
 Programming errors (a wrong argument type) and resource exhaustion (MemoryError,
 KeyboardInterrupt, SystemExit) still propagate.
 

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cogbatch.config import ConfigError, load_job
+from cogbatch.errors import ConfigError
+from cogbatch.job import load_job
 
 
 @pytest.fixture
@@ -202,7 +203,7 @@ def test_format_specs_are_checked_against_the_column_types(tmp_path, base):
 
 
 def test_overrides_of_an_already_loaded_config_are_validated_and_applied(tmp_path, base):
-    from cogbatch.config import with_overrides
+    from cogbatch.job import with_overrides
 
     cfg = load_job(base, pipeline=None)
     manifest = tmp_path / "m.parquet"
@@ -239,12 +240,12 @@ def test_seed_and_retries_are_bounded_where_the_run_could_not_go(tmp_path, base,
 def test_the_last_seed_still_seeds_its_retries():
     import torch
 
-    from cogbatch.config import TaskConfig
+    from cogbatch.job import TaskConfig
     from cogbatch.model.settings import GenerationConfig
-    from cogbatch.worker import Worker
+    from cogbatch.worker.worker import ModelWorker
 
     task = TaskConfig("a", "chat", GenerationConfig(seed=2**64 - 1, do_sample=True, retry_on_repetition=2), "x")
-    seeds = [Worker._generation_config(task, a).seed for a in range(3)]
+    seeds = [ModelWorker._generation_config(task, a).seed for a in range(3)]
     assert seeds == [2**64 - 1, 0, 1]
     for seed in seeds:
         torch.Generator().manual_seed(seed)

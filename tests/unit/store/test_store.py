@@ -21,9 +21,10 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cogbatch import store
+import cogbatch.store.compaction as compaction
+import cogbatch.store.read as reading
 from cogbatch.cli import cli
-from cogbatch.errors import UserError
+from cogbatch.errors import ResultFileError, UserError
 from cogbatch.store import (
     RESULT_SCHEMA,
     PartWriter,
@@ -35,8 +36,9 @@ from cogbatch.store import (
     prepare_output,
     read_results,
 )
+from cogbatch.testing import faults
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
 
 
@@ -237,11 +239,11 @@ def test_prepare_output_removes_dead_temp_files_but_not_foreign_files(tmp_path):
     assert len(list_parts(out)) == 2
 
 
-@pytest.mark.skipif(store.fcntl is None, reason="needs flock")
+@pytest.mark.skipif(compaction.fcntl is None, reason="needs flock")
 def test_prepare_output_leaves_a_live_writers_temp_file(tmp_path):
     live = tmp_path / f".tmp-part-run1-00000.parquet.{'b' * 32}"
     with open(live, "wb") as f:
-        store.fcntl.flock(f.fileno(), store.fcntl.LOCK_EX)
+        compaction.fcntl.flock(f.fileno(), compaction.fcntl.LOCK_EX)
         prepare_output(tmp_path)
         assert live.exists()
     prepare_output(tmp_path)  # its writer is gone now
@@ -292,7 +294,7 @@ def _refused_everywhere(directory: Path, bad: Path, reason: str) -> None:
         lambda: done_keys(directory),
         lambda: compact(directory),
     ):
-        with pytest.raises(store.ResultFileError, match=message) as info:
+        with pytest.raises(ResultFileError, match=message) as info:
             read()
         assert "\n" not in str(info.value)  # one line on the terminal
         assert isinstance(info.value, UserError)  # exit 2 in the CLI (cogbatch.errors)
@@ -393,13 +395,13 @@ def test_latest_rows_and_done_keys_take_the_newest_row_per_key(tmp_path):
 def test_done_keys_reads_only_the_needed_columns(tmp_path, monkeypatch):
     write_parts(tmp_path, 3, flush_rows=1)
     seen = []
-    real = store.pq.ParquetFile.read
+    real = reading.pq.ParquetFile.read
 
     def spy(self, *args, **kwargs):
         seen.append(kwargs.get("columns"))
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(store.pq.ParquetFile, "read", spy)
+    monkeypatch.setattr(reading.pq.ParquetFile, "read", spy)
     assert len(done_keys(tmp_path)) == 3
     assert seen == [["image_id", "task", "fingerprint", "created_at", "status"]] * 3
 
@@ -441,7 +443,7 @@ def test_compaction_of_nothing(tmp_path):
 
 
 def test_compaction_writes_large_row_groups(tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "_COMPACT_ROW_GROUP", 10)
+    monkeypatch.setattr(compaction, "_COMPACT_ROW_GROUP", 10)
     write_parts(tmp_path, 25, flush_rows=2)
     compact(tmp_path)
     (part,) = list_parts(tmp_path)
@@ -470,7 +472,7 @@ def test_cli_compact_refuses_a_bad_part_and_an_unwritable_output_with_exit_2(tmp
 
 def run_until_killed(code: str, crash_at: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    env[store.CRASH_ENV] = crash_at
+    env[faults.ENV] = crash_at
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True)
     assert done.returncode == -signal.SIGKILL, done.stderr
 

@@ -1,22 +1,28 @@
-"""The worker's generation path: one vision pass per image, continuous batching, OOM splits, loops."""
+"""`cogbatch.worker`: one vision pass per image, continuous batching, OOM splits, loops, placement, rows."""
 
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import pytest
 import torch
 
 import cogbatch.model.decoding as decoding_module
-from cogbatch.config import load_job
-from cogbatch.manifest import build_entries, expand_requests
+from cogbatch.inputs.pending import build_entries, expand_requests
+from cogbatch.job import load_job
 from cogbatch.model.cogvlm import CogVLM
-from cogbatch.model.decoding import ContinuousDecoder, DecodeRequest, PrefixStore, encode_prefixes, prefill_prefixes
-from cogbatch.model.generate import looping_tail
+from cogbatch.model.decoding import ContinuousDecoder
 from cogbatch.model.kvcache import SlotKVCache
 from cogbatch.model.settings import GenerationConfig
-from cogbatch.worker import Worker, load_entry
+from cogbatch.worker.loading import load_entry
+from cogbatch.worker.rows import postprocess
+from cogbatch.worker.worker import ModelWorker
 from tests.e2e.conftest import make_images
+from tests.unit.model.helpers import stuck_on
+
+
+@pytest.fixture(scope="module")
+def model(tiny_cogvlm2):
+    return CogVLM.from_pretrained(tiny_cogvlm2, dtype="float32", device="cpu")
+
 
 TASKS = [
     {"name": "caption", "prompt": "Describe this image.", "template": "chat"},
@@ -24,11 +30,6 @@ TASKS = [
     {"name": "short", "prompt": "A short caption for {filename}, please.", "template": "base"},
     {"name": "count", "prompt": "How many shapes?", "template": "vqa"},
 ]
-
-
-@pytest.fixture(scope="module")
-def model(tiny_cogvlm2):
-    return CogVLM.from_pretrained(tiny_cogvlm2, dtype="float32", device="cpu")
 
 
 def _job(tmp_path, model_dir, n_images, **keys):
@@ -64,15 +65,15 @@ def _solo(model, req, pixels, max_new=6, **gen):
 @pytest.mark.slow
 def test_sixteen_images_four_tasks_encode_each_image_once(tmp_path, model, tiny_cogvlm2):
     cfg, requests = _job(tmp_path, tiny_cogvlm2, 16, batch_size=5, generation={"max_new_tokens": 4})
-    worker = Worker(cfg, "run-1", model=model)
+    worker = ModelWorker(cfg, "run-1", model=model)
     chunk = _chunk(cfg, requests, worker.image_size)
     rows = worker.process(chunk)
     stats = worker.summary_stats()
-    assert stats["vision_encodes"] == 16
-    assert stats["prefix_reuses"] == 16 * 3
-    assert stats["requests"] == 64 and len(rows) == 64
-    assert 1 < stats["mean_batch_size"] <= 5
-    assert stats["model_compute_s"] > 0
+    assert stats.vision_encodes == 16
+    assert stats.prefix_reuses == 16 * 3
+    assert stats.requests == 64 and len(rows) == 64
+    assert 1 < stats.mean_batch_size <= 5
+    assert stats.model_compute_s > 0
     assert {r["status"] for r in rows} == {"ok"}
     pixels = {img.entry.image_id: img.pixels for img, _ in chunk}
     by_key = {(r["image_id"], r["task"]): r for r in rows}
@@ -86,7 +87,7 @@ def test_sixteen_images_four_tasks_encode_each_image_once(tmp_path, model, tiny_
 
 def test_out_of_memory_splits_the_batch_and_loses_nothing(tmp_path, model, tiny_cogvlm2, monkeypatch):
     cfg, requests = _job(tmp_path, tiny_cogvlm2, 6, batch_size=6)
-    reference = Worker(cfg, "ref", model=model).process(_chunk(cfg, requests, model.config.vision.image_size))
+    reference = ModelWorker(cfg, "ref", model=model).process(_chunk(cfg, requests, model.config.vision.image_size))
 
     real_step, real_encode = ContinuousDecoder._step, model.encode_images
 
@@ -102,26 +103,26 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(tmp_path, model, tiny_
 
     monkeypatch.setattr(ContinuousDecoder, "_step", step)
     monkeypatch.setattr(model, "encode_images", encode)
-    worker = Worker(cfg, "oom", model=model)
+    worker = ModelWorker(cfg, "oom", model=model)
     assert worker.plan.slots == 6 and worker.plan.encode_batch == 6
     chunk = _chunk(cfg, requests, worker.image_size)
     rows = worker.process(chunk)
     stats = worker.summary_stats()
-    assert stats["oom_splits"] >= 2 and stats["vision_encodes"] == 6
-    assert stats["requests"] == 24  # each request once, however often it was retried
+    assert stats.oom_splits >= 2 and stats.vision_encodes == 6
+    assert stats.requests == 24  # each request once, however often it was retried
     key = lambda r: (r["image_id"], r["task"])  # noqa: E731
     assert len(rows) == len({key(r) for r in rows}) == 24
     assert {key(r): r["text"] for r in rows} == {key(r): r["text"] for r in reference}
     # The rest of the run is planned smaller: the same work again runs without a single failure.
-    assert worker.plan.slots <= 2 and worker.plan.encode_batch == 1 and stats["planned_batch"] <= 2
+    assert worker.plan.slots <= 2 and worker.plan.encode_batch == 1 and stats.planned_batch <= 2
     again = worker.process(chunk)
-    assert worker.summary_stats()["oom_splits"] == stats["oom_splits"]
+    assert worker.summary_stats().oom_splits == stats.oom_splits
     assert {key(r): r["text"] for r in again} == {key(r): r["text"] for r in reference}
 
 
 def test_out_of_memory_allocating_the_slot_cache_splits_and_loses_nothing(tmp_path, model, tiny_cogvlm2, monkeypatch):
     cfg, requests = _job(tmp_path, tiny_cogvlm2, 2, batch_size=4)
-    reference = Worker(cfg, "ref", model=model).process(_chunk(cfg, requests, model.config.vision.image_size))
+    reference = ModelWorker(cfg, "ref", model=model).process(_chunk(cfg, requests, model.config.vision.image_size))
 
     def cache(model_cfg, slots, *args):
         if slots > 1:
@@ -129,10 +130,10 @@ def test_out_of_memory_allocating_the_slot_cache_splits_and_loses_nothing(tmp_pa
         return SlotKVCache(model_cfg, slots, *args)
 
     monkeypatch.setattr(decoding_module, "SlotKVCache", cache)
-    worker = Worker(cfg, "oom", model=model)
+    worker = ModelWorker(cfg, "oom", model=model)
     rows = worker.process(_chunk(cfg, requests, worker.image_size))
     key = lambda r: (r["image_id"], r["task"])  # noqa: E731
-    assert worker.summary_stats()["oom_splits"] == 2  # 4 slots, then 2, then 1
+    assert worker.summary_stats().oom_splits == 2  # 4 slots, then 2, then 1
     assert len(rows) == len({key(r) for r in rows}) == 8
     assert {key(r): r["text"] for r in rows} == {key(r): r["text"] for r in reference}
 
@@ -144,7 +145,7 @@ def test_a_slot_cache_that_never_fits_gives_one_error_row_per_request(tmp_path, 
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
     monkeypatch.setattr(decoding_module, "SlotKVCache", cache)
-    rows = Worker(cfg, "oom", model=model).process(_chunk(cfg, requests, model.config.vision.image_size))
+    rows = ModelWorker(cfg, "oom", model=model).process(_chunk(cfg, requests, model.config.vision.image_size))
     wanted = sorted((r.image.image_id, r.task.name) for r in requests)
     assert sorted((r["image_id"], r["task"]) for r in rows) == wanted
     assert {r["status"] for r in rows} == {"error"} and all("GiB vram_ceiling" in r["error"] for r in rows)
@@ -162,7 +163,7 @@ def test_a_request_that_never_fits_becomes_an_error_row(tmp_path, model, tiny_co
         return real_prefill(self, start, stop)
 
     monkeypatch.setattr(ContinuousDecoder, "_prefill", prefill)
-    rows = Worker(cfg, "oom", model=model).process(_chunk(cfg, requests, model.config.vision.image_size))
+    rows = ModelWorker(cfg, "oom", model=model).process(_chunk(cfg, requests, model.config.vision.image_size))
     by_id = {r["image_id"]: r for r in rows}
     bad = by_id[requests[0].image.image_id]
     assert bad["status"] == "error" and "out of memory" in bad["error"] and "GiB vram_ceiling" in bad["error"]
@@ -170,178 +171,29 @@ def test_a_request_that_never_fits_becomes_an_error_row(tmp_path, model, tiny_co
     assert by_id[requests[1].image.image_id]["status"] == "ok"
 
 
-def test_continuous_refill_matches_each_request_alone(model, golden_dir):
-    """Sequences finishing at different times hand their slot to waiting requests."""
-    from PIL import Image
-
-    imgs = [Image.open(golden_dir / "images" / n) for n in ("img_a_rgb_150x97.png", "img_c_palette_57x33.png")]
-    prefixes = encode_prefixes(model, torch.stack([model.preprocess(i) for i in imgs]))
-    queries = ["Describe this image.", "What is in the picture?", "Colors?", "Write a caption, please.", "Shapes?"]
-    free = GenerationConfig(max_new_tokens=8, stop_token_ids=())
-    probe = [_plain(model, q, imgs[0], free).token_ids[0] for q in queries]
-    stop = probe[0][2]  # a token some sequences emit early and others late or never
-    cfg = GenerationConfig(max_new_tokens=8, stop_token_ids=(stop,))
-    reqs = [
-        DecodeRequest((i, q), prefixes[i], model.build_inputs(None, q).input_ids[1:])
-        for i in range(2)
-        for q in queries
-    ]
-    engine = ContinuousDecoder(model, cfg, slots=3, max_text=32)
-    results = {r.key: r for r in engine.run(reqs)}
-    lengths = set()
-    for (i, q), r in results.items():
-        alone = _plain(model, q, imgs[i], cfg)
-        assert r.token_ids == alone.token_ids[0] and r.finish_reason == alone.finish_reasons[0]
-        lengths.add(len(r.token_ids))
-    assert len(lengths) > 1  # really different lengths ...
-    assert engine.stats.admissions > len(reqs) / 3  # ... so slots were refilled mid-flight
-
-
-def _plain(model, query, image, cfg):
-    return model.generate(model.collate([model.build_inputs(None, query, image)]), cfg)
-
-
-@contextmanager
-def stuck_on(model, token):
-    """The model always prefers `token`: a model stuck in a loop. (monkeypatch would delete a submodule.)"""
-    original = model.lm_head
-    head = torch.nn.Linear(original.in_features, original.out_features, bias=True)
-    head.weight = original.weight
-    with torch.no_grad():
-        head.bias.zero_()
-        head.bias[token] = 1e4
-    model.lm_head = head
-    try:
-        yield
-    finally:
-        model.lm_head = original
-
-
 def test_loops_stop_early_and_are_retried(tmp_path, model, tiny_cogvlm2):
     task = {"name": "cap", "prompt": "Describe.", "max_new_tokens": 40, "retry_on_repetition": 2}
     cfg, requests = _job(tmp_path, tiny_cogvlm2, 1, tasks=[task])
-    worker = Worker(cfg, "loop", model=model)
+    worker = ModelWorker(cfg, "loop", model=model)
     with stuck_on(model, 1234):
         (row,) = worker.process(_chunk(cfg, requests, worker.image_size))
     assert row["finish_reason"] == "repetition"
     assert row["tokens_out"] == 16  # stopped at the first detectable loop, not after 40 tokens
-    assert row["attempts"] == 3 and worker.summary_stats()["repetition_retries"] == 2
-    assert worker.stats["prefix_prefills"] == 1  # the retries restart in their slot, from the same prefix
-
-
-def test_no_repeat_ngram_size_bans_repeats(model, golden_dir):
-    from PIL import Image
-
-    img = Image.open(golden_dir / "images" / "img_a_rgb_150x97.png")
-    cfg = GenerationConfig(max_new_tokens=6, no_repeat_ngram_size=1, stop_token_ids=())
-    with stuck_on(model, 1234):
-        out = _plain(model, "Describe.", img, cfg)
-    ids = out.token_ids[0]
-    assert ids[0] == 1234 and len(set(ids)) == len(ids)
-
-
-@pytest.mark.parametrize(
-    "tokens, loops",
-    [
-        ([7] * 16, True),
-        ([7] * 15, False),
-        ([1, 2, 3] * 6, True),
-        ([1, 2, 3] * 5, False),
-        (list(range(20)) + [5, 6, 7, 8, 9] * 4, True),
-        (list(range(40)), False),
-        ([1, 2] * 7 + [3], False),
-    ],
-)
-def test_looping_tail(tokens, loops):
-    assert looping_tail(tokens) is loops
-
-
-def test_int4_model_generates_batches_on_both_paths(tmp_path, golden_dir):
-    """Fused int4 kernels (TinyGemm) refuse strided activations: batches > 1 must still work."""
-    from PIL import Image
-
-    from cogbatch.testing.tiny import write_tiny_checkpoint
-
-    ckpt = write_tiny_checkpoint(
-        tmp_path / "ck", arch="cogvlm1", hidden_size=128, vision_hidden_size=128, image_size=56, dtype="bf16"
-    )
-    model = CogVLM.from_pretrained(ckpt, dtype="bf16", device="cpu", quantization="int4", cache_dir=False)
-    assert model.load_report.kernels.get("TinyGemmWeightQBitsTensor", 0) > 0
-    imgs = [Image.open(golden_dir / "images" / n) for n in ("img_a_rgb_150x97.png", "img_b_rgba_48x64.png")]
-    cfg = GenerationConfig(max_new_tokens=4, stop_token_ids=())
-    out = model.generate(model.collate([model.build_inputs(None, "Describe.", i) for i in imgs]), cfg)
-    assert [len(t) for t in out.token_ids] == [4, 4]
-    prefixes = encode_prefixes(model, torch.stack([model.preprocess(i) for i in imgs]))
-    ids = model.build_inputs(None, "Describe.").input_ids[1:]
-    results = ContinuousDecoder(model, cfg, slots=2, max_text=len(ids)).run(
-        [DecodeRequest(i, p, ids) for i, p in enumerate(prefixes)]
-    )
-    assert sorted(len(r.token_ids) for r in results) == [4, 4]
-
-
-# -- continuous refill, one prefix per image, poisoned memory --------------------------------------
-
-
-def _two_images(golden_dir):
-    from PIL import Image
-
-    return [Image.open(golden_dir / "images" / n) for n in ("img_a_rgb_150x97.png", "img_c_palette_57x33.png")]
-
-
-def test_uninitialised_slot_cache_memory_never_reaches_the_output(model, golden_dir, monkeypatch):
-    """A shorter slot's attention spans cache entries past its own length (masked out): whatever the
-    allocator left there (NaN here, as uninitialised memory may hold) must not change the output."""
-    imgs = _two_images(golden_dir)
-    prefixes = encode_prefixes(model, torch.stack([model.preprocess(i) for i in imgs]))
-    queries = ["Colors?", "Write a short caption for this photo, please mention the colors and the shapes."]
-    cfg = GenerationConfig(max_new_tokens=5, stop_token_ids=())
-    reqs = [
-        DecodeRequest((i, q), prefixes[i], model.build_inputs(None, q).input_ids[1:])
-        for i in range(2)
-        for q in queries
-    ]
-    real_empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    with monkeypatch.context() as m:
-        m.setattr(torch, "empty", poisoned)
-        engine = ContinuousDecoder(model, cfg, slots=4, max_text=32)
-    for r in engine.run(reqs):
-        i, q = r.key
-        assert r.token_ids == _plain(model, q, imgs[i], cfg).token_ids[0], r.key
-
-
-def test_prefixes_are_made_on_first_use_and_one_is_held_at_a_time(model, golden_dir):
-    """Requests taken image by image: each prefix is made once, and dropped when its last request entered."""
-    imgs = _two_images(golden_dir)
-    imgs.append(imgs[0].transpose(0))  # a third image
-    feats = model.encode_images(torch.stack([model.preprocess(i) for i in imgs]))
-    store = PrefixStore(lambda i: prefill_prefixes(model, feats[i : i + 1])[0])
-    queries = ["Describe this image.", "Colors?", "What is in the picture?"]
-    cfg = GenerationConfig(max_new_tokens=4, stop_token_ids=())
-    reqs = [DecodeRequest((i, q), i, model.build_inputs(None, q).input_ids[1:]) for i in range(3) for q in queries]
-    engine = ContinuousDecoder(model, cfg, slots=2, max_text=16, prefixes=store)
-    results = {r.key: r.token_ids for r in engine.run(reqs)}
-    assert store.prefills == 3 and store.reuses == 6 and store.most_live == 1 and not store.held
-    assert engine.stats.admissions == 5  # 2 + 2 + 2 + 2 + 1: every freed slot took the next request
-    for (i, q), ids in results.items():
-        assert ids == _plain(model, q, imgs[i], cfg).token_ids[0], (i, q)
+    assert row["attempts"] == 3 and worker.summary_stats().repetition_retries == 2
+    assert worker.stats.prefix_prefills == 1  # the retries restart in their slot, from the same prefix
 
 
 def test_a_chunk_holds_more_requests_than_slots_and_freed_slots_are_refilled(tmp_path, model, tiny_cogvlm2):
     """One task per image still refills: a chunk carries at least two requests per decode slot."""
     cfg, requests = _job(tmp_path, tiny_cogvlm2, 6, batch_size=2, tasks=TASKS[:1])
-    worker = Worker(cfg, "refill", model=model)
+    worker = ModelWorker(cfg, "refill", model=model)
     assert worker.plan.slots == 2 and worker.chunk_images >= 2 * worker.plan.slots
     chunk = _chunk(cfg, requests, worker.image_size)[: worker.chunk_images]  # what a runner hands over
     assert len(chunk) == 6
     rows = worker.process(chunk)
     stats = worker.summary_stats()
-    assert stats["requests"] == 6 and stats["vision_encodes"] == 6
-    assert stats["batches"] == 3 and stats["mean_batch_size"] == 2.0  # three admissions into two slots
+    assert stats.requests == 6 and stats.vision_encodes == 6
+    assert stats.batches == 3 and stats.mean_batch_size == 2.0  # three admissions into two slots
     pixels = {img.entry.image_id: img.pixels for img, _ in chunk}
     by_key = {(r["image_id"], r["task"]): r for r in rows}
     for req in requests:
@@ -355,11 +207,11 @@ def test_tasks_with_different_settings_share_one_engine_and_each_image_prefix(tm
         {**TASKS[1], "max_new_tokens": 7, "repetition_penalty": 1.3, "no_repeat_ngram_size": 2},
     ]
     cfg, requests = _job(tmp_path, tiny_cogvlm2, 3, batch_size=4, tasks=tasks)
-    worker = Worker(cfg, "mixed", model=model)
+    worker = ModelWorker(cfg, "mixed", model=model)
     chunk = _chunk(cfg, requests, worker.image_size)
     rows = worker.process(chunk)
     stats = worker.summary_stats()
-    assert stats["vision_encodes"] == 3 and stats["prefix_reuses"] == 3 and worker.stats["prefix_prefills"] == 3
+    assert stats.vision_encodes == 3 and stats.prefix_reuses == 3 and worker.stats.prefix_prefills == 3
     pixels = {img.entry.image_id: img.pixels for img, _ in chunk}
     by_key = {(r["image_id"], r["task"]): r for r in rows}
     gen = {"caption": {}, "colors": {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2}}
@@ -373,15 +225,12 @@ def test_tasks_with_different_settings_share_one_engine_and_each_image_prefix(tm
 def test_prompts_longer_than_assumed_are_planned_for(tmp_path, model, tiny_cogvlm2):
     long_prompt = "Describe " + "every shape and every color " * 40 + "in this image."
     cfg, requests = _job(tmp_path, tiny_cogvlm2, 1, tasks=[{"name": "long", "prompt": long_prompt}])
-    worker = Worker(cfg, "long", model=model)
+    worker = ModelWorker(cfg, "long", model=model)
     planned = worker.plan.max_text
     (row,) = worker.process(_chunk(cfg, requests, worker.image_size))
     assert row["status"] == "ok"
     prompt_tokens = row["tokens_in"] - model.config.vision_tokens - 2  # minus bos and the image tokens
     assert prompt_tokens > planned and worker.plan.max_text >= prompt_tokens
-
-
-# -- phase-swapped placement -------------------------------------------------------------------------
 
 
 def test_phase_swap_moves_exactly_the_idle_part_off_the_device(tmp_path, model, tiny_cogvlm2, monkeypatch):
@@ -392,7 +241,7 @@ def test_phase_swap_moves_exactly_the_idle_part_off_the_device(tmp_path, model, 
     import cogbatch.model.quant.linear as quant_linear
 
     cfg, _ = _job(tmp_path, tiny_cogvlm2, 1)
-    worker = Worker(cfg, "swap", model=model)
+    worker = ModelWorker(cfg, "swap", model=model)
     gpu, cpu = torch.device("meta"), torch.device("cpu")  # "meta": an accelerator that nothing reaches
     where = {id(p): cpu for p in model.parameters()}  # where each parameter would be
 
@@ -401,8 +250,8 @@ def test_phase_swap_moves_exactly_the_idle_part_off_the_device(tmp_path, model, 
             where[id(p)] = torch.device(device)
 
     monkeypatch.setattr(quant_linear, "move_module", move)
-    worker._device = gpu
-    worker._host_modules = {id(model.model.embed_tokens)}  # as with embeddings_on_cpu
+    worker.placement.device = gpu
+    worker.placement.host_modules = {id(model.model.embed_tokens)}  # as with embeddings_on_cpu
     worker.plan = dataclasses.replace(worker.plan, mode="swap")
     vision = {id(p) for p in model.model.vision.parameters()}
     on_host = {id(p) for p in model.model.embed_tokens.parameters()}
@@ -425,7 +274,7 @@ def test_phase_swap_moves_exactly_the_idle_part_off_the_device(tmp_path, model, 
 def test_the_first_chunk_calibrates_the_plan_from_each_phase(tmp_path, model, tiny_cogvlm2, monkeypatch):
     """What CUDA would report (faked here): the language phase used far more than predicted, so
     later chunks are planned smaller; peak statistics are measured (and reset) in the first chunk only."""
-    import cogbatch.worker as worker_module
+    import cogbatch.worker.worker as worker_module
 
     GiB = 2**30
     meters = []
@@ -439,14 +288,14 @@ def test_the_first_chunk_calibrates_the_plan_from_each_phase(tmp_path, model, ti
             measured = (30 * GiB if len(meters) % 2 == 0 else 1) if self.peak else None  # language, vision
             return 0.25, measured
 
-    monkeypatch.setattr(worker_module, "_DeviceMeter", Meter)
+    monkeypatch.setattr(worker_module, "DeviceMeter", Meter)
     cfg, requests = _job(tmp_path, tiny_cogvlm2, 2, batch_size=6)
-    worker = Worker(cfg, "calibrate", model=model)
+    worker = ModelWorker(cfg, "calibrate", model=model)
     before = worker.plan.slots
     chunk = _chunk(cfg, requests, worker.image_size)
     worker.process(chunk)
     assert worker.calibrated and worker.memory.correction > 1
-    assert worker.plan.slots < before and worker.summary_stats()["model_compute_s"] == 0.5
+    assert worker.plan.slots < before and worker.summary_stats().model_compute_s == 0.5
     worker.process(chunk)
     assert [m.peak for m in meters] == [True, True, False, False]
 
@@ -456,7 +305,39 @@ def test_max_new_tokens_past_the_models_context_is_warned_about(tmp_path, model,
     within, _ = _job(tmp_path / "a", tiny_cogvlm2, 1, generation={"max_new_tokens": 8})
     past, _ = _job(tmp_path / "b", tiny_cogvlm2, 1, generation={"max_new_tokens": context})
     with caplog.at_level("WARNING", logger="cogbatch"):
-        Worker(within, "ok", model=model)
+        ModelWorker(within, "ok", model=model)
         assert "context" not in caplog.text
-        Worker(past, "long", model=model)
+        ModelWorker(past, "long", model=model)
     assert f"max_new_tokens {context}: an image" in caplog.text and f"context of {context} tokens" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "text, prefixes, expected",
+    [
+        ("  The image shows a red square. ", ("The image shows",), "A red square."),
+        ("this image depicts: two dogs", ("The image shows", "This image depicts"), "Two dogs"),
+        ("A cat on a mat.", ("The image shows",), "A cat on a mat."),
+        ("\n trailing space \t", (), "trailing space"),
+    ],
+)
+def test_postprocess_strips_configured_openings_and_whitespace(text, prefixes, expected):
+    assert postprocess(text, prefixes) == expected
+
+def test_the_ceiling_is_lowered_to_what_the_gpu_can_still_give(monkeypatch, caplog):
+    """An 8 GiB card (or one shared with another process) under the default 11 GiB vram_ceiling: the
+    plan uses free + what cogbatch already holds, and says so; a ceiling within reach is kept."""
+    import torch
+
+    from cogbatch.worker.placement import usable_ceiling
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(1.5 * gib), 8 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 6 * gib)  # the weights
+    cuda = torch.device("cuda", 0)
+    with caplog.at_level("WARNING", logger="cogbatch"):
+        assert usable_ceiling(11 * gib, cuda) == int(7.5 * gib)
+    assert "vram_ceiling 11.00 GiB is more than this process can use on cuda:0 (7.50 GiB" in caplog.text
+    caplog.clear()
+    assert usable_ceiling(7 * gib, cuda) == 7 * gib
+    assert usable_ceiling(11 * gib, torch.device("cpu")) == 11 * gib
+    assert not caplog.text

@@ -43,8 +43,7 @@ FP16_MAX = torch.finfo(torch.float16).max
 )
 def test_auto_dtype_follows_compute_capability(tmp_path, monkeypatch, caplog, capability, expected, kernel):
     """bf16 only from sm80: `torch.cuda.is_bf16_supported()` is True on sm75/sm61 too (emulated bf16)."""
-    from cogbatch.config import load_job
-    from cogbatch.worker import resolved_dtype
+    from cogbatch.job import load_job
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
@@ -62,7 +61,7 @@ def test_auto_dtype_follows_compute_capability(tmp_path, monkeypatch, caplog, ca
            "tasks": [{"name": "caption", "prompt": "Describe the image."}]}  # fmt: skip
     for quantization in ("none", "int4"):
         cfg = load_job({**job, "quantization": quantization}, pipeline=tmp_path / "pipeline.yaml")
-        assert resolved_dtype(cfg) == name  # what enters the fingerprint
+        assert cfg.source.compute_dtype() == name  # what enters the fingerprint
 
 
 def test_auto_dtype_on_cpu_is_unchanged():
