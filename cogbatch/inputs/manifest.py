@@ -13,8 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pyarrow.parquet as pq
-
 from cogbatch.errors import ConfigError
 from cogbatch.inputs.entries import (
     BUILTIN_PLACEHOLDERS,
@@ -33,6 +31,8 @@ if TYPE_CHECKING:
 
 def manifest_entries(inp: InputConfig, cache: HashCache, check: Callable[[], None] = never_stop) -> list[ImageEntry]:
     """One entry per manifest row; paths resolve relative to the manifest's directory."""
+    import pyarrow.parquet as pq
+
     pf = pq.ParquetFile(inp.manifest)
     entries: list[ImageEntry] = []
     other = [c for c in pf.schema_arrow.names if c != inp.bytes_column]
@@ -75,6 +75,8 @@ class ManifestBytes:
     """Inline image bytes of a manifest, read one row group at a time (the loader threads share it)."""
 
     def __init__(self, manifest: Path, column: str) -> None:
+        import pyarrow.parquet as pq
+
         self.pf = pq.ParquetFile(manifest)
         self.column = column
         self.starts = []
