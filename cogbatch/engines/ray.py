@@ -76,6 +76,7 @@ INPUT_SCHEMA = pa.schema(
     ]
 )
 
+
 def run_ray(cfg: JobConfig, opts: RunOptions | None = None, workers: int | None = None) -> RunSummary:
     """Run a validated job on Ray and return the local engine's summary (`exit_code` says how it ended).
 

@@ -54,6 +54,7 @@ STATUS_SCHEMA = pa.schema(
     ]
 )
 
+
 class CaptionActor:
     """One model per actor; `__call__` is one batch of images through `ModelWorker.process` into one part file."""
 

@@ -34,6 +34,7 @@ _ACTOR_START_TIMEOUT_S = 3600
 # Deaths over an actor's whole life before Ray stops restarting it (the run then fails, resumable).
 MAX_ACTOR_RESTARTS = 10
 
+
 def plan_actors(cfg: JobConfig, nodes: list[dict[str, float]], workers: int | None) -> tuple[int, dict[str, Any]]:
     """(number of actors, Ray resources of each) for a cluster whose nodes have these resources.
 

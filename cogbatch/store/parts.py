@@ -96,6 +96,7 @@ class PartWriter:
         final = self.output_dir / f"part-{self.run_id}-{self._seq:05d}.parquet"
         if final.exists():  # only another writer with the same run id can get here: refuse, never overwrite
             raise FileExistsError(f"{final} exists; two writers share run_id {self.run_id!r}")
+
         def last_word() -> None:
             faults.point("part-temp-written")
             if before_rename is not None:

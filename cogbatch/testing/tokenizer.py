@@ -93,7 +93,6 @@ _CORPUS = (
 )
 
 
-
 def build_tokenizer(cfg: CogVLMConfig) -> tuple[Tokenizer, dict[str, Any], dict[str, str]]:
     """(tokenizer, tokenizer_config.json, special_tokens_map.json) for the config's generation."""
     if cfg.generation == "cogvlm2":

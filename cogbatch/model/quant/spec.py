@@ -179,4 +179,3 @@ def _parse_rule(r: Any, key: str) -> QuantRule:
         raise ConfigError(f"{key}: unknown key(s) {', '.join(sorted(extra))}")
     dtype, group = _parse_dtype(r["dtype"], f"{key}.dtype")
     return QuantRule(str(r["pattern"]), dtype, r.get("group_size", group))
-

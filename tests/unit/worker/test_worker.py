@@ -323,6 +323,7 @@ def test_max_new_tokens_past_the_models_context_is_warned_about(tmp_path, model,
 def test_postprocess_strips_configured_openings_and_whitespace(text, prefixes, expected):
     assert postprocess(text, prefixes) == expected
 
+
 def test_the_ceiling_is_lowered_to_what_the_gpu_can_still_give(monkeypatch, caplog):
     """An 8 GiB card (or one shared with another process) under the default 11 GiB vram_ceiling: the
     plan uses free + what cogbatch already holds, and says so; a ceiling within reach is kept."""
