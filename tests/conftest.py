@@ -55,7 +55,8 @@ def golden_dir() -> Path:
     try:
         return materialize(_SANDBOX / "golden")
     except GoldenError as e:
-        pytest.fail(str(e), pytrace=False)
+        message = str(e)
+    pytest.fail(message, pytrace=False)  # outside the except: the message alone, no chained traceback
 
 
 @pytest.fixture(scope="session")
