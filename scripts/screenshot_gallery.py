@@ -2,7 +2,7 @@
 """Build the demo gallery and photograph it with headless Chromium (Debian's `chromium` package).
 
     python scripts/screenshot_gallery.py                    # writes docs/gallery.png
-    python scripts/screenshot_gallery.py --out /tmp/g.png --keep /tmp/demo
+    python scripts/screenshot_gallery.py --out /tmp/g.png --workdir /tmp/demo
 
 The demo is `cogbatch demo`'s job (8 generated images, the tiny random model on the CPU, so its
 text is random tokens) plus one truncated file, so that the picture also shows how an error row and
@@ -89,14 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "gallery.png")
     parser.add_argument(
-        "--keep", type=Path, help="Build the demo in this folder and keep it (default: a temp folder)."
+        "--workdir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "cogbatch-gallery-demo",
+        help="Where the demo is built afresh (default: %(default)s); its path shows in the picture.",
     )
     parser.add_argument("--images", type=int, default=8)
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="cogbatch-gallery-demo-") as tmp:
-        workdir = args.keep or Path(tmp)
-        page = build_demo(workdir, args.images)
-        out = screenshot(page, args.out)
+    shutil.rmtree(args.workdir, ignore_errors=True)  # a fresh run: the page's dates are today's
+    page = build_demo(args.workdir, args.images)
+    out = screenshot(page, args.out)
     print(f"{out}: {out.stat().st_size / 1024:.0f} KiB (page {page})")
     return 0
 

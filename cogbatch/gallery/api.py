@@ -100,6 +100,7 @@ def build_gallery(
     page_path = Path(dest) if dest is not None else default_dest(cfg.output)
     if page_path.is_dir():
         raise GalleryError(f"--dest {page_path} is a directory; name the page's file, e.g. {page_path}/index.html")
+    _check_outside_input(cfg, page_path.parent / THUMBS_DIR)
     if not 1 <= page_size <= 10_000:
         raise GalleryError(f"page size must be 1 to 10000 images, got {page_size}")
     warnings: list[str] = []
@@ -127,6 +128,20 @@ def build_gallery(
         filters=page.filters.to_dict(),
         warnings=warnings,
     )
+
+
+def _check_outside_input(cfg: JobConfig, thumbs: Path) -> None:
+    """Thumbnails inside a folder the job scans would be captioned by its next run, as images of the input."""
+    folder = cfg.input.folder
+    if folder is None or not cfg.input.recursive:
+        return
+    inside = os.path.realpath(thumbs)
+    root = os.path.realpath(folder)
+    if inside == root or inside.startswith(root.rstrip(os.sep) + os.sep):
+        raise GalleryError(
+            f"--dest {thumbs.parent}: its thumbnails would go under the job's input folder {folder}, and the next "
+            "run would caption them; put the page outside it"
+        )
 
 
 def _thumbnails(cfg: JobConfig, cards: list[Card], cache: Any, workers: int | None) -> tuple[int, int, int]:

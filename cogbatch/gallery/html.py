@@ -26,20 +26,25 @@ import functools
 import hashlib
 import html
 import json
+import os
+import urllib.parse
 from importlib.resources import files
+from pathlib import PurePath
 from typing import IO, Any
 
 from cogbatch.gallery.build import Card, PageModel, TaskTotals
 
 PAGE_SIZES = (50, 100, 200, 500)
-_SCRIPT_SAFE = str.maketrans(
-    {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
-)
+_SCRIPT_SAFE = (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029"))
 
 
 def script_json(value: Any) -> str:
     """JSON that can sit inside a <script> element: no `<`, `>` or `&` outside of \\u escapes."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).translate(_SCRIPT_SAFE)
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    for char, escape in _SCRIPT_SAFE:  # str.replace is C speed; str.translate with a dict is 10x slower
+        if char in text:
+            text = text.replace(char, escape)
+    return text
 
 
 @functools.cache
@@ -58,6 +63,15 @@ def content_security_policy(css: str, js: str) -> str:
         f"default-src 'none'; script-src {_csp_hash(js)}; style-src {_csp_hash(css)}; "
         "img-src 'self' file: data:; base-uri 'none'; form-action 'none'"
     )
+
+
+def file_uri(path: str) -> str | None:
+    """`Path(path).as_uri()` for an absolute path, None for a relative one; without a Path on POSIX (50,000 of
+    them cost a second)."""
+    if os.name == "posix":
+        return "file://" + urllib.parse.quote_from_bytes(os.fsencode(path)) if path.startswith("/") else None
+    pure = PurePath(path)
+    return pure.as_uri() if pure.is_absolute() else None
 
 
 def _e(value: Any) -> str:
@@ -216,9 +230,7 @@ def _card_json(card: Card, tasks: dict[str, int], prompts: _Interner, variants: 
         if r.prompt is not None:
             row["q"] = prompts(r.prompt)
         rows.append(row)
-    src = None
-    if card.file is not None and card.file.is_absolute():
-        src = card.file.as_uri()
+    src = file_uri(card.file) if card.file is not None else None
     out: dict[str, Any] = {"id": card.image_id, "path": card.path, "rows": rows}
     for key, value in (("src", src), ("w", card.width), ("h", card.height), ("thumb", card.thumb),
                        ("why", card.thumb_error)):  # fmt: skip

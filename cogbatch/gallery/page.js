@@ -128,7 +128,9 @@
     meta.push("id " + c.id.slice(0, 12));
     const newest = c.rows.reduce((last, r) => (r.at > last ? r.at : last), "");
     if (newest) meta.push("made " + newest);
-    body.append(path, el("div", "meta", meta.join(" · ")));
+    const line = el("div", "meta");
+    meta.forEach((item, i) => line.append(...(i ? [" · "] : []), el("span", "", item)));
+    body.append(path, line);
     for (const r of rows) body.append(row(r));
     article.append(body);
     return article;
@@ -224,4 +226,6 @@
     }
   });
   restore();
+  // When the first page of cards was on screen (ms since navigation): read by tests and benchmarks.
+  document.documentElement.dataset.ready = String(Math.round(performance.now()));
 })();

@@ -176,7 +176,7 @@ class ThumbCache:
 # -- where the bytes come from -------------------------------------------------------------------
 
 
-def file_reader(path: Path) -> Callable[[], bytes]:
+def file_reader(path: str | os.PathLike[str]) -> Callable[[], bytes]:
     """Read a file the project's safe way (regular files only, size cap): ImageError with a reason."""
     return lambda: read_image_bytes(path)
 

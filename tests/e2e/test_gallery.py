@@ -47,6 +47,18 @@ def test_the_job_key_refreshes_it_too_and_a_failure_is_only_a_warning(tmp_path, 
     assert res.returncode == 2 and "gallery: must be true or false" in res.stderr
 
 
+def test_run_job_honours_the_job_key(tmp_path):
+    import cogbatch
+
+    make_images(tmp_path / "images", 2)
+    spec = {"model": "tiny-random:cogvlm2", "input": {"folder": str(tmp_path / "images")},
+            "output": str(tmp_path / "out"), "quantization": "none", "device": "cpu", "dtype": "fp32",
+            "gallery": True, "tasks": [{"name": "caption", "prompt": "Describe.", "max_new_tokens": 2}]}  # fmt: skip
+    summary = cogbatch.run_job(spec, quiet=True)
+    assert summary["exit_code"] == 0 and summary["gallery"]["images"] == 2
+    assert (tmp_path / "out.cogbatch" / "gallery" / "index.html").is_file()
+
+
 class Dom(HTMLParser):
     """The rendered DOM: tags with attributes, and the text of each element with a class."""
 
@@ -98,6 +110,39 @@ def test_chromium_renders_hostile_captions_as_text(tmp_path):
     expected = [HOSTILE[i] for i in range(len(HOSTILE_NAMES))] + [HOSTILE[-1 - i] for i in range(len(HOSTILE_NAMES))]
     assert sorted(texts) == sorted(t.replace("\r\n", "\n") for t in expected)  # the DOM keeps LF line ends
     assert sorted(dom.texts["base"]) == sorted(HOSTILE_NAMES)
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_chromium_pages_and_filters_as_the_url_says(tmp_path):
+    images = tmp_path / "images"
+    rows = []
+    for i in range(5):
+        data = png(images / f"img_{i}.png", color=(40 * i, 0, 0))
+        rows += [row(images / f"img_{i}.png", data, "caption", f"caption {i}" + (" Tom & Jerry" if i == 3 else "")),
+                 row(images / f"img_{i}.png", data, "colors", f"colors {i}")]  # fmt: skip
+    (images / "broken.png").write_bytes(b"not an image")
+    rows.append(row(images / "broken.png", b"not an image", "caption", None, status="error", error="not an image"))
+    write_rows(tmp_path / "out", rows)
+    page = build_gallery(job(tmp_path), page_size=2).page
+
+    def rendered(fragment: str) -> Dom:
+        res = screenshot_gallery.chromium(["--dump-dom", page.as_uri() + fragment], tmp_path / "profile")
+        assert "data-ready=" in res.stdout, res.stderr[-2000:]
+        return Dom(res.stdout)
+
+    def shown(dom: Dom) -> list[str]:
+        return dom.texts.get("base", [])
+
+    first = rendered("")
+    assert shown(first) == ["broken.png", "img_0.png"] and first.texts["pageinfo"] == ["Page 1 of 3"] * 2
+    assert shown(rendered("#page=3")) == ["img_3.png", "img_4.png"]
+    assert shown(rendered("#size=50")) == ["broken.png", *(f"img_{i}.png" for i in range(5))]
+    assert shown(rendered("#status=error")) == ["broken.png"]
+    assert shown(rendered("#q=tom%20JERRY")) == ["img_3.png"]  # words, any case, any order
+    colors = rendered("#task=colors&size=50")
+    assert shown(colors) == [f"img_{i}.png" for i in range(5)] and set(colors.texts["task"]) == {"colors"}
+    assert shown(rendered("#q=nothing-matches")) == [] and "No image matches" in rendered("#q=zzz").texts["nothing"][0]
 
 
 @pytest.mark.slow

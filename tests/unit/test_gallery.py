@@ -422,6 +422,9 @@ def test_refused_requests_exit_2_and_write_nothing(tmp_path, mixed):
         build_gallery(mixed, tmp_path / "a_file" / "index.html")
     with pytest.raises(GalleryError, match="is a directory"):
         build_gallery(mixed, tmp_path)
+    with pytest.raises(GalleryError, match=r"under the job's input folder .*the next run would caption them"):
+        build_gallery(mixed, mixed.input.folder / "review" / "index.html")
+    assert not (mixed.input.folder / "review").exists()
 
 
 def test_default_destination_is_beside_the_output(tmp_path, mixed):
@@ -480,3 +483,18 @@ def test_gallery_command_exit_codes(tmp_path, mixed, monkeypatch):
         res = runner.invoke(cli, ["gallery", str(job_file), *args])
         assert res.exit_code == 2, (args, res.output)
         assert message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_the_benchmark_synthesizes_distinct_decodable_images(tmp_path):
+    from cogbatch.images import load_image
+    from cogbatch.store import read_results
+    from tests.scripts import import_script
+
+    bench = import_script("bench_gallery")
+    cfg = load_job(bench.synthesize(tmp_path, rows=40, base_images=3))
+    table = read_results(cfg.output)
+    assert table.num_rows == 40 and len(set(table["image_id"].to_pylist())) == 20  # 3 base images, 20 distinct ids
+    for path, image_id in set(zip(table["path"].to_pylist(), table["image_id"].to_pylist(), strict=True)):
+        assert sha(Path(path).read_bytes()) == image_id and load_image(path).width == 400
+    result = build_gallery(cfg, limit=3)
+    assert (result.images, result.thumbnails_made, result.placeholders) == (3, 3, 0)
