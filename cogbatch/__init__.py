@@ -25,6 +25,7 @@ def run_job(
     `overrides` are the command-line overrides, validated like the job's own keys: `input`, `output`,
     `limit`, `device`, `vram_ceiling`, `batch_size`, `workers` (None = not given); any other keyword
     raises TypeError rather than being ignored. `engine="ray"` runs on Ray (`pip install 'cogbatch[ray]'`).
+    With the job key `gallery: true` the summary's "gallery" entry says where the refreshed page is.
 
         cogbatch.run_job("jobs/caption.yaml", input="photos/", limit=10)
     """
@@ -50,5 +51,11 @@ def run_job(
         from cogbatch.engines.ray import run_ray
 
         check_output(cfg)
-        return run_ray(cfg, options, workers=cfg.workers)
-    return run(cfg, options)
+        summary = run_ray(cfg, options, workers=cfg.workers)
+    else:
+        summary = run(cfg, options)
+    if cfg.gallery:  # the job key, as `cogbatch run` honours it
+        from cogbatch.gallery import refresh_after_run
+
+        summary["gallery"] = refresh_after_run(cfg, summary)
+    return summary

@@ -166,6 +166,12 @@ def exits_on_signals(command):
 @click.option(
     "--workers", type=click.IntRange(min=1), help="Ray actors, one model each (default: one per GPU, else 1-2)."
 )
+@click.option(
+    "--gallery",
+    "refresh_gallery",
+    is_flag=True,
+    help="Refresh the HTML gallery afterwards (as the job key gallery: true).",
+)
 @pipeline_option
 @json_option
 @quiet_option
@@ -183,6 +189,7 @@ def run(
     fail_on_error,
     engine,
     workers,
+    refresh_gallery,
     pipeline,
     as_json,
     quiet,
@@ -227,6 +234,10 @@ def run(
             summary = run_job(cfg, options)
     except Exception as e:
         _abort(e)
+    if refresh_gallery or cfg.gallery:  # a gallery problem is a warning: the run's exit code stands
+        from cogbatch.gallery import refresh_after_run
+
+        summary["gallery"] = refresh_after_run(cfg, summary)
     _emit(summary, as_json, _describe_run(summary), quiet)
     sys.exit(summary["exit_code"])
 
@@ -626,6 +637,47 @@ def export(job, fmt, task, dest, overwrite, output, pipeline, as_json) -> None:
     except ExportError as e:
         raise click.UsageError(str(e)) from None
     _emit(report.to_dict(), as_json, report.describe())
+
+
+@cli.command(short_help="Write an HTML page that shows each image beside its captions.")
+@click.argument("job", type=click.Path(dir_okay=False))
+@output_option
+@click.option(
+    "--dest",
+    type=click.Path(dir_okay=False),
+    help="The page to write (default: <output>.cogbatch/gallery/index.html); thumbnails go in thumbs/ beside it.",
+)
+@click.option("--task", help="Only this task's rows.")
+@click.option(
+    "--status",
+    type=click.Choice(["ok", "error", "all"]),
+    default="all",
+    show_default=True,
+    help="Only rows of this status.",
+)
+@click.option("--limit", type=click.IntRange(min=1), help="At most N images (in path order).")
+@pipeline_option
+@json_option
+@quiet_option
+def gallery(job, output, dest, task, status, limit, pipeline, as_json, quiet) -> None:
+    """Write a static HTML page of JOB's results: each image's thumbnail beside its text for every task.
+
+    The page opens from the local disk in any browser (no server, no network) and pages through
+    the images with filters by text, task, status and finish reason. Thumbnails are made once
+    per image and reused by later builds; an image that cannot be shown gets the reason instead.
+
+    Example: cogbatch gallery jobs/caption.yaml --status error
+    """
+    from cogbatch.config import ConfigError
+    from cogbatch.gallery import build_gallery
+
+    _setup_logging(quiet)
+    cfg = _load(job, {"output": output}, pipeline)
+    try:
+        result = build_gallery(cfg, dest, task=task, status=status, limit=limit)
+    except ConfigError as e:  # no results, an unknown task, an unwritable destination, a bad part file
+        raise ConfigFailure(str(e)) from None
+    _emit(result.to_dict(), as_json, result.describe(), quiet)
 
 
 @cli.command(short_help="Merge an output dataset's part files into fewer files.")

@@ -146,6 +146,7 @@ class JobConfig:
     flush_rows: int = 256
     flush_seconds: float = 30.0
     cache_dir: Path = field(default_factory=lambda: Path("~/.cache/cogbatch").expanduser())
+    gallery: bool = False  # refresh the HTML gallery (`cogbatch gallery`) after each run
 
     def fingerprint(self, task: TaskConfig, resolved_dtype: str) -> str:
         """Hash of everything that determines a task's text; a change means old rows are stale."""
@@ -667,6 +668,7 @@ def _build(job: dict[str, Any], pipe: dict[str, Any], job_path: Path | None, pip
         flush_rows=sec.int_("flush_rows", 256),
         flush_seconds=sec.float_("flush_seconds", 30.0, 0.0),
         cache_dir=cache_dir,
+        gallery=sec.bool_("gallery", False),
     )
     _finish_top_level(sec, job, pipe_path)
     _check_placeholders(cfg)
