@@ -14,12 +14,15 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from cogbatch.errors import ConfigError, UserError
 from cogbatch.job import JobConfig, load_job, with_overrides
 from cogbatch.job.config import OVERRIDE_KEYS
 from cogbatch.results import CompactReport, ExportReport, PlanReport, QuantizeReport, RunSummary, StatusReport
+
+if TYPE_CHECKING:
+    from cogbatch.gallery import GalleryResult
 
 ENGINES = ("local", "ray")
 
@@ -45,13 +48,15 @@ def run_job(
     retry_errors: bool = False,
     fail_on_error: bool = False,
     quiet: bool = False,
+    gallery: bool = False,
     pipeline: str | Path | None = None,
     **overrides: Any,
 ) -> RunSummary:
     """Run a job and return its summary (as `cogbatch run --json`); `exit_code` says how it ended.
 
     `overrides`: `input`, `output`, `limit`, `device`, `vram_ceiling`, `batch_size`, `workers`.
-    `engine="ray"` runs on Ray (`pip install 'cogbatch[ray]'`).
+    `engine="ray"` runs on Ray (`pip install 'cogbatch[ray]'`). `gallery=True` (or the job key
+    `gallery: true`) refreshes the job's gallery afterwards; `summary.gallery` says where it is.
 
         cogbatch.run_job("jobs/caption.yaml", input="photos/", limit=10)
     """
@@ -64,10 +69,16 @@ def run_job(
     if engine == "ray":
         from cogbatch.engines.ray import run_ray
 
-        return run_ray(cfg, options, workers=cfg.workers)  # the extra is checked before the output
-    from cogbatch.engines.local import run_local
+        summary = run_ray(cfg, options, workers=cfg.workers)  # the extra is checked before the output
+    else:
+        from cogbatch.engines.local import run_local
 
-    return run_local(cfg, options)
+        summary = run_local(cfg, options)
+    if gallery or cfg.gallery:  # a gallery problem is a warning: the run's exit code stands
+        from cogbatch.gallery import refresh_after_run
+
+        summary.gallery = refresh_after_run(cfg, summary)
+    return summary
 
 
 def plan_job(config_or_path: Any, *, pipeline: str | Path | None = None, **overrides: Any) -> PlanReport:
@@ -183,3 +194,20 @@ def _check_device(device: str) -> None:
         raise ConfigError(f"--device {device}: torch sees no CUDA device here (torch {torch.__version__}); use cpu")
     if int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
         raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def gallery_job(
+    config_or_path: Any,
+    dest: str | Path | None = None,
+    *,
+    task: str | None = None,
+    status: str = "all",
+    limit: int | None = None,
+    pipeline: str | Path | None = None,
+    **overrides: Any,
+) -> GalleryResult:
+    """Write the job's HTML gallery (default: `<output>.cogbatch/gallery/index.html`) with its thumbnails."""
+    from cogbatch.gallery import build_gallery
+
+    return build_gallery(_job(config_or_path, overrides, pipeline, "gallery_job"), dest, task=task, status=status,
+                         limit=limit)  # fmt: skip

@@ -9,6 +9,7 @@
         EngineError                       the engine cannot run as asked (missing extra, --workers)
         ResultFileError                   a file named like a part that is not one
         ExportError, DestinationError     an export that cannot be made as asked
+        GalleryError                      a gallery that cannot be made (no results, unknown task, DEST)
         CronError (ValueError)            an invalid cron expression
         UnsafePathError                   a path a crontab line cannot hold
       JobLocked                      75   another run holds the output (EX_TEMPFAIL: try again later)
@@ -46,6 +47,7 @@ __all__ = [
     "DoesNotFit",
     "EngineError",
     "ExportError",
+    "GalleryError",
     "ImageError",
     "Interrupted",
     "JobLocked",
@@ -99,6 +101,10 @@ class ExportError(UserError):
 class DestinationError(ExportError):
     """DEST cannot be created or written (read-only file system, a file in the way, disk full), with the path
     and the system's reason."""
+
+
+class GalleryError(UserError):
+    """A gallery that cannot be made as asked: no results, an unknown task, an unwritable destination."""
 
 
 class CronError(UserError, ValueError):

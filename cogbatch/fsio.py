@@ -50,6 +50,7 @@ def atomic_file(
     *,
     before_rename: Callable[[], None] | None = None,
     commit: Callable[[Path], bool] | None = None,
+    durable: bool = True,
     **open_kw: Any,
 ) -> Iterator[IO[Any]]:
     """Write `target` through the file this yields; it replaces `target` when the block ends without error.
@@ -57,6 +58,8 @@ def atomic_file(
     `before_rename` is the caller's last word before the file becomes visible (raising drops it);
     `commit(temp)` may look at the finished temp file and return False to drop it instead of renaming
     (an export that finds the same content already there). The temp file is removed whatever happens.
+    `durable=False` skips the fsyncs, for caches whose lost entries are simply made again (thumbnails):
+    the rename still guarantees that no reader ever sees half a file.
     """
     target = Path(target)
     temp = temp_path(target)
@@ -68,13 +71,14 @@ def atomic_file(
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
             if before_rename is not None:
                 before_rename()
             if commit is None or commit(temp):
                 os.replace(temp, target)
                 renamed = True
-        if renamed:
+        if renamed and durable:
             fsync_dir(target.parent)
     finally:
         if created:  # gone once renamed; never created when open failed

@@ -110,6 +110,7 @@ class RunSummary:
     peak_host_rss_bytes: int = 0
     exit_code: int = 0
     interrupted: bool = False
+    gallery: dict[str, Any] | None = None  # the refreshed gallery (`run --gallery`), or its error
 
     def to_dict(self) -> dict[str, Any]:
         """Flat, as `--json` has always printed it: the worker's stats inline, unset keys left out."""

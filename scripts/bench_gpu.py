@@ -2,9 +2,9 @@
 """Everything of issue 7 that needs CUDA, in one call that ends well inside 10 minutes on one H100 / H200.
 
 For each full-size model shape (CogVLM2-19B by default; CogVLM-17B with `--models cogvlm2,cogvlm1`;
-the real config.json files of tests/data/) it writes a random-weight bf16 checkpoint, filled on the
-GPU and written by background threads (~39 GB for CogVLM2, under /dev/shm when it has room, deleted
-before the next model), then for int4 and bf16:
+the real config.json files of tests/data/golden/real_configs/) it writes a random-weight bf16
+checkpoint, filled on the GPU and written by background threads (~39 GB for CogVLM2, under /dev/shm
+when it has room, deleted before the next model), then for int4 and bf16:
 
   * loads it through the streaming quantizing loader (`CogVLM.from_pretrained`, quantized-weights
     cache off: the cache is measured on CPU by scripts/bench.py), recording load time, weight bytes
@@ -59,8 +59,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # cogbatch from this checkout: on the device machine it is not installed
 
-CONFIGS = {"cogvlm2": REPO / "tests" / "data" / "cogvlm2-llama3-chat-19B" / "config.json",
-           "cogvlm1": REPO / "tests" / "data" / "cogvlm-chat-hf" / "config.json"}  # fmt: skip
+REAL_CONFIGS = REPO / "tests" / "data" / "golden" / "real_configs"
+CONFIGS = {"cogvlm2": REAL_CONFIGS / "cogvlm2-llama3-chat-19B" / "config.json",
+           "cogvlm1": REAL_CONFIGS / "cogvlm-chat-hf" / "config.json"}  # fmt: skip
 # --simulate: the same code path on shapes a 2-core CPU runs in seconds (int4 group 128 still applies)
 SIM_SHAPES = {
     "cogvlm2": {"arch": "cogvlm2", "hidden_size": 128, "layers": 2, "heads": 2, "kv_heads": 1,

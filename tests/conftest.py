@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.golden import golden_root
+from tests.golden import GoldenError, materialize
 
 _SANDBOX = Path(tempfile.mkdtemp(prefix="cogbatch-tests-"))
 os.environ.update(
@@ -48,18 +48,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    """The golden fixtures: $COGBATCH_GOLDEN_DIR, else ../shared/golden beside the repository.
+    """The reference fixtures of tests/data/golden, checked against SHA256SUMS and completed in the sandbox.
 
-    Missing fixtures fail the run instead of skipping it, so CI cannot pass by testing nothing.
+    A missing or changed fixture fails the run instead of skipping it, so CI cannot pass by testing nothing.
     """
-    path = golden_root()
-    if not (path / "README.md").is_file():
-        pytest.fail(
-            f"golden fixtures not found at {path} (set COGBATCH_GOLDEN_DIR to the folder that holds "
-            "README.md, cogvlm1/ and cogvlm2/)",
-            pytrace=False,
-        )
-    return path
+    try:
+        return materialize(_SANDBOX / "golden")
+    except GoldenError as e:
+        message = str(e)
+    pytest.fail(message, pytrace=False)  # outside the except: the message alone, no chained traceback
 
 
 @pytest.fixture(scope="session")

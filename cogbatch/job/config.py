@@ -83,6 +83,7 @@ class JobConfig:
     flush_rows: int = 256
     flush_seconds: float = 30.0
     cache_dir: Path = field(default_factory=lambda: Path("~/.cache/cogbatch").expanduser())
+    gallery: bool = False  # refresh the HTML gallery (`cogbatch gallery`) after each run
 
     @property
     def source(self) -> ModelSource:

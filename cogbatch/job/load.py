@@ -111,6 +111,7 @@ def _build(job: dict[str, Any], pipe: dict[str, Any], job_path: Path | None, pip
         flush_rows=sec.int_("flush_rows", 256),
         flush_seconds=sec.float_("flush_seconds", 30.0, 0.0),
         cache_dir=cache_dir,
+        gallery=sec.bool_("gallery", False),
     )
     _finish_top_level(sec, job, pipe_path)
     check_columns(cfg)

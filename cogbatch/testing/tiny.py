@@ -5,7 +5,7 @@ Tests and benchmarks need checkpoints that go through exactly the code path of t
 tokenizer that `AutoTokenizer` loads) without downloading 35 GB. This module writes such a
 checkpoint from a handful of sizes, deterministically:
 
-* weights are drawn as the golden harness drew them (its README, section 4): one
+* weights are drawn as the golden harness drew them (`tests/data/golden/README.md`, "Weights"): one
   seeded `torch.Generator`, tensors visited in sorted name order, so that the golden `dev` shapes
   with the golden seed reproduce the golden `dev` weights bit for bit. Shards are filled in that
   same order and flushed as soon as the next tensor would overflow them, so memory stays at about
@@ -306,7 +306,7 @@ def plan_shards(shapes: dict[str, tuple[int, ...]], itemsize: int, max_shard_byt
 
 
 def init_recipe(name: str, shape: tuple[int, ...], cfg: CogVLMConfig) -> tuple[float, float, float]:
-    """(mul, div, add) with value = randn * mul / div + add, the golden README section 4 scheme.
+    """(mul, div, add) with value = randn * mul / div + add, the golden README's "Weights" scheme.
 
     Kept as the golden harness computed them (lm_head multiplies by 2/sqrt(hidden), the other
     weights divide by sqrt(fan_in)): another grouping of the same factors rounds differently.

@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "cogbatch"
 MAX_LINES = 500
-MAX_CLI_LINES = 450
+MAX_CLI_MODULE_LINES = 200  # the CLI only parses, calls cogbatch.api and prints: no module of it grows long
 
 
 def _module_name(path: Path) -> str:
@@ -136,4 +136,6 @@ def test_one_class_per_settings_idea(name):
 def test_no_file_is_too_long():
     lengths = {m: len(p.read_text().splitlines()) for m, p in MODULES.items()}
     assert {m: n for m, n in lengths.items() if n > MAX_LINES} == {}
-    assert lengths["cogbatch.cli"] <= MAX_CLI_LINES
+    cli = {m: n for m, n in lengths.items() if m == "cogbatch.cli" or m.startswith("cogbatch.cli.")}
+    assert len(cli) > 1
+    assert {m: n for m, n in cli.items() if n > MAX_CLI_MODULE_LINES} == {}

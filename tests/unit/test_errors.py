@@ -24,6 +24,7 @@ EXPECTED = {
     "ResultFileError": 2,
     "ExportError": 2,
     "DestinationError": 2,
+    "GalleryError": 2,
     "CronError": 2,
     "UnsafePathError": 2,
     "ScheduleError": 1,

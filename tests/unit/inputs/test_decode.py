@@ -250,6 +250,16 @@ def test_max_pixels_is_honoured() -> None:
         decode_image(data, max_pixels=0)
 
 
+def test_draft_decodes_a_jpeg_smaller_but_checks_the_full_size() -> None:
+    data = _encode(Image.new("RGB", (2000, 1200), (10, 200, 30)), "JPEG")
+    small = decode_image(data, draft=(256, 256))
+    assert (small.width, small.height) == (500, 300)  # 1/4 scale: the smallest that still covers 256 x 256
+    assert small.image.mode == "RGB" and small.image.getpixel((10, 10))[1] > 150
+    assert decode_image(_encode(Image.new("RGB", (40, 20)), "PNG"), draft=(8, 8)).width == 40  # PNG: full size
+    with pytest.raises(ImageError, match=r"^image too large: 2400000 pixels > limit 1000000$"):
+        decode_image(data, max_pixels=1_000_000, draft=(256, 256))
+
+
 def test_bomb_is_rejected_quickly_without_allocating(corpus: tuple[Path, dict[str, str | None]]) -> None:
     data = read_image_bytes(corpus[0] / "bomb.png")
     resource = pytest.importorskip("resource")
@@ -295,7 +305,7 @@ def test_pillow_globals_are_left_alone(corpus: tuple[Path, dict[str, str | None]
 
 
 def test_unexpected_exceptions_become_image_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    def boom(data: bytes, max_pixels: int) -> DecodedImage:
+    def boom(data: bytes, max_pixels: int, draft: object = None) -> DecodedImage:
         raise RuntimeError("something odd")
 
     monkeypatch.setattr(images, "_decode", boom)
@@ -305,7 +315,7 @@ def test_unexpected_exceptions_become_image_errors(monkeypatch: pytest.MonkeyPat
 
 @pytest.mark.parametrize("exc", [MemoryError, KeyboardInterrupt, SystemExit])
 def test_fatal_exceptions_pass_through(monkeypatch: pytest.MonkeyPatch, exc: type[BaseException]) -> None:
-    def fatal(data: bytes, max_pixels: int) -> DecodedImage:
+    def fatal(data: bytes, max_pixels: int, draft: object = None) -> DecodedImage:
         raise exc()
 
     monkeypatch.setattr(images, "_decode", fatal)

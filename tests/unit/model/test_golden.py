@@ -1,6 +1,6 @@
-"""Parity with the official reference implementation, on the tiny checkpoints of `shared/golden/`.
+"""Parity with the official reference implementation, on the tiny checkpoints of `tests/data/golden/`.
 
-Every tensor here was computed by the reference code (see golden/README.md). Thresholds are the
+Every tensor here was computed by the reference code (see tests/data/golden/README.md). Thresholds are the
 README's: logits within 1e-4 of their largest magnitude, vision / hidden tensors within 1e-4
 absolute, token ids, positions and layouts exact.
 """
@@ -36,8 +36,9 @@ def golden(request, golden_dir):
     if request.param is None:
         pytest.fail(f"no golden checkpoints with cases.safetensors under {golden_dir}")
     torch.manual_seed(0)
-    model = CogVLM.from_pretrained(request.param, dtype="float32", device="cpu")
-    return model, load_file(request.param / "cases.safetensors")
+    path = golden_dir / request.param.relative_to(golden_root())  # the copy with its weights and rows restored
+    model = CogVLM.from_pretrained(path, dtype="float32", device="cpu")
+    return model, load_file(path / "cases.safetensors")
 
 
 def test_config_and_names_match_checkpoint(golden):

@@ -122,11 +122,11 @@ def test_plan_command_on_the_real_configs(tmp_path):
     import yaml
 
     from tests.e2e.conftest import cogbatch_cmd
-    from tests.golden import REPO
+    from tests.golden import golden_root
 
     (tmp_path / "images").mkdir()
     job = {
-        "model": str(REPO / "tests" / "data" / "cogvlm2-llama3-chat-19B"),
+        "model": str(golden_root() / "real_configs" / "cogvlm2-llama3-chat-19B"),
         "device": "cuda",
         "dtype": "bf16",
         "input": {"folder": str(tmp_path / "images")},
@@ -156,12 +156,12 @@ def test_plan_for_a_gpu_from_a_machine_without_one(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from cogbatch.cli import cli
-    from tests.golden import REPO
+    from tests.golden import golden_root
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     (tmp_path / "images").mkdir()
     job = {
-        "model": str(REPO / "tests" / "data" / "cogvlm2-llama3-chat-19B"),
+        "model": str(golden_root() / "real_configs" / "cogvlm2-llama3-chat-19B"),
         "input": {"folder": str(tmp_path / "images")},
         "output": str(tmp_path / "out"),
         "quantization": "int4",
@@ -195,14 +195,14 @@ def test_plan_counts_the_dense_copy_of_each_call_without_a_fused_int4_kernel(tmp
     from click.testing import CliRunner
 
     from cogbatch.cli import cli
-    from tests.golden import REPO
+    from tests.golden import golden_root
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     (tmp_path / "images").mkdir()
     reports = {}
     for dtype in ("fp16", "bf16"):
         job = {
-            "model": str(REPO / "tests" / "data" / "cogvlm2-llama3-chat-19B"),
+            "model": str(golden_root() / "real_configs" / "cogvlm2-llama3-chat-19B"),
             "device": "cuda",
             "dtype": dtype,
             "input": {"folder": str(tmp_path / "images")},
