@@ -7,7 +7,9 @@ import click
 from cogbatch.cli.app import (
     _emit,
     _reported,
+    _setup_logging,
     cli,
+    job_options,
     json_option,
     pipeline_option,
 )
@@ -17,9 +19,9 @@ from cogbatch.cli.app import (
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--vram-ceiling", help="Plan for this ceiling instead of the job's, e.g. 16GiB.")
 @click.option("--device", help="Plan for cpu, cuda or cuda:N instead of the job's device (no GPU needed here).")
-@pipeline_option
+@job_options
 @json_option
-def plan(job, vram_ceiling, device, pipeline, as_json) -> None:
+def plan(job, vram_ceiling, device, input_path, output, pipeline, as_json) -> None:
     """Predict device memory for JOB's model and quantization, and the batch size that fits.
 
     Reads only the checkpoint's config.json: weight bytes follow from the tensor shapes and the
@@ -30,8 +32,10 @@ def plan(job, vram_ceiling, device, pipeline, as_json) -> None:
     """
     from cogbatch.api import plan_job
 
+    _setup_logging(quiet=True)  # warnings only: the note of a followed input, never progress
     with _reported("plan failed"):
-        report = plan_job(job, pipeline=pipeline, vram_ceiling=vram_ceiling, device=device)
+        report = plan_job(job, pipeline=pipeline, vram_ceiling=vram_ceiling, device=device, input=input_path,
+                          output=output)  # fmt: skip
     _emit(report.to_dict(), report.describe(), as_json, human_on_stdout=True)
 
 

@@ -63,16 +63,18 @@ log = logging.getLogger("cogbatch")
 # A manifest becomes at most this many blocks; below it every block is one actor batch, so a small
 # manifest is spread over all actors and a retry redoes one batch.
 _MAX_BLOCKS = 2048
-# One row per image: its requests grouped, so that an actor decodes the image once for all its tasks.
+# One row per image: its requests grouped, so that an actor decodes the image once for all its tasks (and
+# items: byte-identical files asked other questions are requests of one image, each with its own path).
 INPUT_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
-        ("path", pa.string()),  # what result rows show
+        ("path", pa.string()),  # the first request's item: where its bytes are read for all of them
         ("file", pa.string()),  # where to read the bytes, or null for manifest bytes
         ("row", pa.int64()),  # manifest row holding inline bytes, or null
         ("tasks", pa.list_(pa.string())),
         ("prompts", pa.list_(pa.string())),
         ("fingerprints", pa.list_(pa.string())),
+        ("paths", pa.list_(pa.string())),  # each request's item: what its result row shows
     ]
 )
 
@@ -162,6 +164,7 @@ def input_blocks(requests: list[Request], batch: int) -> list[pa.Table]:
         cols["tasks"].append([r.task.name for r in reqs])
         cols["prompts"].append([r.prompt for r in reqs])
         cols["fingerprints"].append([r.fingerprint for r in reqs])
+        cols["paths"].append([r.image.path for r in reqs])
     table = pa.table(cols, schema=INPUT_SCHEMA)
     n_batches = math.ceil(table.num_rows / batch)
     rows_per_block = batch * max(1, math.ceil(n_batches / _MAX_BLOCKS))

@@ -59,6 +59,32 @@ def load_job(
     return _build(job_data, pipe_data, job_path, pipe_path)
 
 
+def peek(
+    job: str | Path | dict[str, Any], overrides: dict[str, Any] | None = None, pipeline: str | Path | None = None
+) -> tuple[Path | None, Path | None]:
+    """(output, input location) that a job names, after `overrides`, read without validating the job.
+
+    Commands look up the input a run recorded in the output's state before they load the job, whose own
+    input may not exist here. None for what cannot be read: `load_job` then says what is wrong.
+    """
+    try:
+        job_data = dict(job) if isinstance(job, dict) else read_yaml(Path(job), "job file")
+        pipe_path = Path(pipeline) if pipeline else find_pipeline_file(None if isinstance(job, dict) else Path(job))
+        merged = {**BUILTIN_PIPELINE, **(read_yaml(pipe_path, "pipeline file") if pipe_path else {}), **job_data}
+    except (ConfigError, OSError):
+        return None, None
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None and k in ("output", "input")})
+    output = merged.get("output")
+    inp = merged.get("input")
+    if isinstance(inp, dict):
+        inp = inp.get("folder") or inp.get("manifest")
+    base = Path.cwd()
+    return (
+        base / Path(output).expanduser() if isinstance(output, str) and output else None,
+        base / Path(inp).expanduser() if isinstance(inp, str | os.PathLike) and str(inp) else None,
+    )
+
+
 def _build(job: dict[str, Any], pipe: dict[str, Any], job_path: Path | None, pipe_path: Path | None) -> JobConfig:
     aliases = name_map(pipe, "models", pipe_path, "a hub id or a checkpoint path")
     tokenizers = name_map(pipe, "tokenizers", pipe_path, "a tokenizer's hub id or path")

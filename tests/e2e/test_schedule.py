@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from cogbatch.lock import INFO_NAME, LOCK_DIR
 from cogbatch.store import read_results
+from cogbatch.store.state import RUN_LOCK_INFO, state_file
 from tests.e2e.conftest import cogbatch_cmd, make_images, summary_of
 
 
@@ -103,7 +103,7 @@ def test_two_concurrent_runs_one_works_the_other_exits_75(tmp_path, job_factory)
                              stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 60
-        while not (out / LOCK_DIR / INFO_NAME).exists():  # the first run holds the lock
+        while not state_file(out, RUN_LOCK_INFO).exists():  # the first run holds the lock
             assert first.poll() is None, first.communicate()
             assert time.monotonic() < deadline
             time.sleep(0.05)
@@ -122,7 +122,7 @@ def test_two_concurrent_runs_one_works_the_other_exits_75(tmp_path, job_factory)
     assert _no_duplicates(out) == 24
     history = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     assert [h["exit_code"] for h in history] == [0]  # the refused run did no work and left no record
-    assert not (out / LOCK_DIR / INFO_NAME).exists()
+    assert not state_file(out, RUN_LOCK_INFO).exists()
 
 
 def test_run_refused_while_the_lock_is_held_and_a_stale_lock_is_taken_over(tmp_path, job_factory):
@@ -139,7 +139,7 @@ def test_run_refused_while_the_lock_is_held_and_a_stale_lock_is_taken_over(tmp_p
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = {"pid": dead.pid, "host": os.uname().nodename, "started": "2020-01-01T02:00:00Z", "command": "x"}
-    (out / LOCK_DIR / INFO_NAME).write_text(json.dumps(stale))
+    state_file(out, RUN_LOCK_INFO).write_text(json.dumps(stale))
     res = cogbatch_cmd("run", str(job), "--quiet")
     assert res.returncode == 0, res.stderr
     assert "did not finish cleanly" in res.stderr and f"pid {dead.pid}" in res.stderr
