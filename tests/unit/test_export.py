@@ -538,7 +538,8 @@ def test_cli_export_conflicts_exit_73_naming_the_kept_files(folder_job, tmp_path
     line = next(x for x in res.output.splitlines() if x.startswith("Error: "))
     assert f"1 file(s) exist with other content and were not replaced: {edited}" in line and "1 written" in line
     assert edited.read_text() == "my hand-corrected caption" and files["b"].with_suffix(".txt").is_file()
-    assert CliRunner().invoke(cli, ["export", job, "--format", "txt", "--task", "caption", "--overwrite"]).exit_code == 0
+    overwrite = ["export", job, "--format", "txt", "--task", "caption", "--overwrite"]
+    assert CliRunner().invoke(cli, overwrite).exit_code == 0
 
     dest = tmp_path / "rows"
     assert CliRunner().invoke(cli, ["export", job, "--format", "jsonl", "--dest", str(dest)]).exit_code == 0
