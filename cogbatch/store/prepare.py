@@ -44,6 +44,7 @@ from cogbatch.store.state import (
     legacy_file,
     state_dir,
 )
+from cogbatch.testing import faults
 
 try:
     import fcntl
@@ -198,6 +199,7 @@ def migrate_legacy(output: Path) -> bool:
         remove_dead_temps(output)
         for name in _MOVED:
             _move(legacy_file(output, name), state / name)
+            faults.point("state-moved", subjects=[name])
         shutil.rmtree(legacy_file(output, RAY), ignore_errors=True)  # notes of dead runs of the old layout
         for name in (*_DROPPED, RUN_LOCK):
             with contextlib.suppress(FileNotFoundError, IsADirectoryError):

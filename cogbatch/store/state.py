@@ -117,7 +117,11 @@ def part_temp_dir(output: str | os.PathLike[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tmp = ensure_state_dir(out) / TMP
     tmp.mkdir(exist_ok=True)
-    return tmp if os.stat(tmp).st_dev == os.stat(out).st_dev else out
+    return tmp if same_file_system(tmp, out) else out
+
+
+def same_file_system(a: Path, b: Path) -> bool:
+    return os.stat(a).st_dev == os.stat(b).st_dev
 
 
 # -- the recorded input --------------------------------------------------------------------------
