@@ -17,7 +17,8 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
-_API = ("run_job", "plan_job", "quantize_checkpoint", "export_job", "job_status", "compact_output", "gallery_job")
+_API = ("run_job", "plan_job", "quantize_checkpoint", "export_job", "job_status", "compact_output", "gallery_job",
+        "compare_job")
 __all__ = ["__version__", *_API]
 
 

@@ -22,6 +22,7 @@ from cogbatch.job.config import OVERRIDE_KEYS
 from cogbatch.results import CompactReport, ExportReport, PlanReport, QuantizeReport, RunSummary, StatusReport
 
 if TYPE_CHECKING:
+    from cogbatch.compare import CompareReport
     from cogbatch.gallery import GalleryResult
 
 ENGINES = ("local", "ray")
@@ -183,17 +184,17 @@ def quantize_checkpoint(
     return QuantizeReport(source, report)
 
 
-def _check_device(device: str) -> None:
+def _check_device(device: str, key: str = "--device") -> None:
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise ConfigError(f"--device: must be cpu, cuda or cuda:N (got {device!r})")
+        raise ConfigError(f"{key}: must be cpu, cuda or cuda:N (got {device!r})")
     if device == "cpu":
         return
     import torch
 
     if not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: torch sees no CUDA device here (torch {torch.__version__}); use cpu")
+        raise ConfigError(f"{key} {device}: torch sees no CUDA device here (torch {torch.__version__}); use cpu")
     if int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise ConfigError(f"{key} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def gallery_job(
@@ -211,3 +212,37 @@ def gallery_job(
 
     return build_gallery(_job(config_or_path, overrides, pipeline, "gallery_job"), dest, task=task, status=status,
                          limit=limit)  # fmt: skip
+
+
+def compare_job(
+    config_or_path: Any,
+    *,
+    sample: int = 16,
+    against: Any = "none",
+    seed: int = 0,
+    per_layer: bool = False,
+    pairs: str | Path | None = None,
+    against_device: str | None = None,
+    topk: int | None = 256,
+    pipeline: str | Path | None = None,
+    **overrides: Any,
+) -> CompareReport:
+    """How much the job's quantization changes its answers: `sample` of its images, against `against`.
+
+    Side a (`against`: none = the compute dtype, or int8, int4-g64, ...) and side b (the job's
+    quantization) answer every task greedily, one model loaded after the other; the report has exact
+    match, token agreement, teacher-forced KL and top-1, chrF and ROUGE-L per task, each side's load
+    memory and images/s, and with `per_layer` the layer group whose quantization moves the KL most.
+    The pairs go to `pairs` (default `<output>.cogbatch/compare-<time>.parquet`). `topk` reference
+    log-probabilities are kept per position (None: all of them, an exact KL).
+
+        report = cogbatch.compare_job("jobs/caption.yaml", sample=20)
+        print(report.describe()); report.to_dict()
+    """
+    from cogbatch.compare import compare
+
+    if against_device is not None:
+        _check_device(against_device, "--against-device")
+    cfg = _job(config_or_path, overrides, pipeline, "compare_job")
+    return compare(cfg, sample=sample, against=against, seed=seed, per_layer=per_layer, pairs=pairs,
+                   against_device=against_device, topk=topk)  # fmt: skip

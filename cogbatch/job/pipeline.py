@@ -134,8 +134,12 @@ class ModelSource:
             return DTYPE_NAMES.get(self.dtype, "bfloat16")  # what `auto` picks on an Ampere or newer GPU
         return str(resolve_dtype(self.dtype, device)).removeprefix("torch.")
 
-    def load(self) -> Any:
-        """The `CogVLM`, loaded with these settings (quantized through the cache under `cache_dir`)."""
+    def load(self, use_cache: bool = True) -> Any:
+        """The `CogVLM`, loaded with these settings (quantized through the cache under `cache_dir`).
+
+        `use_cache=False` quantizes without reading or writing the cache: a one-off load (`compare
+        --per-layer`) must not leave gigabytes of entries no run will read.
+        """
         from cogbatch.model.cogvlm import CogVLM
 
         return CogVLM.from_pretrained(
@@ -144,6 +148,6 @@ class ModelSource:
             device=None if self.device == "auto" else self.device,
             quantization=self.quantized,
             tokenizer=self.tokenizer,
-            cache_dir=self.cache_dir,
+            cache_dir=self.cache_dir if use_cache else False,
             dequant_threshold=None if self.quantization is None else self.quantization.dequant_threshold,
         )

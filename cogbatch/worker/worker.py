@@ -59,9 +59,12 @@ class ModelWorker:
     request, and lowers the plan for the rest of the run.
     """
 
-    def __init__(self, cfg: JobConfig, run_id: str, model: Any = None) -> None:
+    def __init__(self, cfg: JobConfig, run_id: str, model: Any = None, on_result: Any = None) -> None:
         self.cfg, self.run_id = cfg, run_id
         self.model = model if model is not None else cfg.source.load()
+        # Called with (request, DecodeResult) for every finished text: the token ids a row does not keep
+        # (`cogbatch compare` scores them).
+        self.on_result = on_result
         self.stats = WorkerCounters()
         self.memory = memory_model_for(self.model)
         self.max_new = max(t.generation.max_new_tokens for t in cfg.tasks)
@@ -214,6 +217,8 @@ class ModelWorker:
             self.stats.generated_tokens += len(result.token_ids)
             self.stats.repetition_retries += result.attempts - 1
             rows.append(ok_row(req, result, self.cfg, self.run_id, img))
+            if self.on_result is not None:
+                self.on_result(req, result)
         return rows
 
     @staticmethod
