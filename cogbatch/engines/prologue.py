@@ -1,6 +1,6 @@
 """The run every engine shares: checks before any work, the output's lock, the pending work, the summary.
 
-    summary = run_engine(cfg, options, execute, preflight=(check_output, check_device))
+    summary = run_engine(cfg, options, execute, preflight=(check_device, check_new_output_model, check_output))
 
 An engine only supplies `execute(run)`: the pending requests in, rows written, counts on `run.summary`.
 Everything else happens here, identically for the local and the Ray engine: one run per output at a
@@ -192,13 +192,26 @@ def _peak_rss_bytes() -> int:
 
 
 def check_output(cfg: JobConfig) -> None:
-    """The output directory must exist or be creatable, and be writable: else exit 2, not a crash later."""
+    """The output directory must exist or be creatable, and be writable: else exit 2, not a crash later.
+
+    It creates the output, so the engines run it after every other check (`check_new_output_model`
+    first): a run refused before any work leaves no new directory behind.
+    """
     try:
         cfg.output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"output: cannot create {cfg.output} ({e.strerror or e})") from None
     if not os.access(cfg.output, os.W_OK | os.X_OK):
         raise ConfigError(f"output: {cfg.output} is not writable")
+
+
+def check_new_output_model(cfg: JobConfig) -> None:
+    """Before a new output is created: the model must be readable, or the failed run leaves a directory behind.
+
+    An existing output is not held to it: a run with nothing pending needs no model (`check_model`).
+    """
+    if not cfg.output.exists():
+        check_model(cfg)
 
 
 def check_device(cfg: JobConfig) -> None:

@@ -188,8 +188,10 @@ class CogVLM(nn.Module):
         cache_dir: str | Path | bool | None = None,
         dequant_threshold: Any = None,
     ) -> CogVLM:
-        """Load an official checkpoint (local directory or hub id) with our implementation.
+        """Load an official checkpoint (local directory, hub id or `tiny-random:<arch>`) with our implementation.
 
+        `tiny-random:cogvlm2` (or `:cogvlm`) names a small random model, built once under the cache
+        directory (`model.sources`; for smoke runs: its text is meaningless).
         `tokenizer` names a tokenizer to use when the checkpoint has none (cogvlm-chat-hf).
         `quantization`: None/"none", "int4" (group 128), "int4-g32"/"-g64"/"-g128", "int8", or a
         dict / `QuantConfig` with per-module rules (see `cogbatch.model.quant.spec`). Quantized loads
@@ -205,7 +207,7 @@ class CogVLM(nn.Module):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = resolve_dtype(dtype, device)
         quant = QuantConfig.parse(quantization)
-        ckpt = resolve_checkpoint(path_or_id)
+        ckpt = resolve_checkpoint(path_or_id, cache_dir=Path(cache_dir) if isinstance(cache_dir, str | Path) else None)
         cfg = CogVLMConfig.from_json(ckpt)
         files = weight_files(ckpt)
         found = scan_tensors(files)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from cogbatch.errors import DoesNotFit
 from cogbatch.inputs.pending import Request
 from cogbatch.model.settings import SEED_LIMIT, GenerationConfig
-from cogbatch.planning.batches import plan_batches
+from cogbatch.planning.batches import DEFAULT_MAX_TEXT, plan_batches
 from cogbatch.planning.memory import calibrate, memory_model_for
 from cogbatch.results import WorkerCounters, WorkerStats
 from cogbatch.worker.loading import LoadedImage
@@ -25,8 +25,6 @@ if TYPE_CHECKING:
     from cogbatch.job.config import JobConfig, TaskConfig
 
 log = logging.getLogger("cogbatch")
-
-DEFAULT_MAX_TEXT = 128  # prompt tokens assumed when planning, before the prompts are seen
 
 
 def is_oom(e: BaseException) -> bool:
