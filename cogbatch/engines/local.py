@@ -12,7 +12,14 @@ from __future__ import annotations
 import logging
 import time
 
-from cogbatch.engines.prologue import Run, RunOptions, check_device, check_output, run_engine
+from cogbatch.engines.prologue import (
+    Run,
+    RunOptions,
+    check_device,
+    check_new_output_model,
+    check_output,
+    run_engine,
+)
 from cogbatch.inputs.pending import Request
 from cogbatch.job.config import JobConfig
 from cogbatch.results import RunSummary
@@ -31,7 +38,8 @@ def run_local(cfg: JobConfig, options: RunOptions | None = None) -> RunSummary:
     appends a line to `<output>/runs.jsonl`, also when it raises. A device or output that cannot work
     raises `ConfigError` before the lock is taken.
     """
-    return run_engine(cfg, options or RunOptions(), _execute, preflight=(check_output, check_device))
+    preflight = (check_device, check_new_output_model, check_output)  # check_output creates the output: last
+    return run_engine(cfg, options or RunOptions(), _execute, preflight=preflight)
 
 
 def _execute(run: Run) -> None:

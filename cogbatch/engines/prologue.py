@@ -1,6 +1,6 @@
 """The run every engine shares: checks before any work, the output's lock, the pending work, the summary.
 
-    summary = run_engine(cfg, options, execute, preflight=(check_output, check_device))
+    summary = run_engine(cfg, options, execute, preflight=(check_device, check_new_output_model, check_output))
 
 An engine only supplies `execute(run)`: the requests to generate in, rows written, counts on `run.summary`.
 Everything else happens here, identically for the local and the Ray engine: one run per output at a
@@ -225,7 +225,11 @@ def _peak_rss_bytes() -> int:
 
 def check_output(cfg: JobConfig) -> None:
     """The output directory and its state directory beside it must exist or be creatable, and be writable:
-    else exit 2, not a crash later."""
+    else exit 2, not a crash later.
+
+    It creates the output, so the engines run it after every other check (`check_new_output_model`
+    first): a run refused before any work leaves no new directory behind.
+    """
     for directory in (cfg.output, state_dir(cfg.output)):
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -233,6 +237,15 @@ def check_output(cfg: JobConfig) -> None:
             raise ConfigError(f"output: cannot create {directory} ({e.strerror or e})") from None
         if not os.access(directory, os.W_OK | os.X_OK):
             raise ConfigError(f"output: {directory} is not writable")
+
+
+def check_new_output_model(cfg: JobConfig) -> None:
+    """Before a new output is created: the model must be readable, or the failed run leaves a directory behind.
+
+    An existing output is not held to it: a run with nothing pending needs no model (`check_model`).
+    """
+    if not cfg.output.exists():
+        check_model(cfg)
 
 
 def check_device(cfg: JobConfig) -> None:

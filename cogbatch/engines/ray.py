@@ -41,7 +41,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cogbatch.engines.prologue import Run, RunOptions, check_output, run_engine
+from cogbatch.engines.prologue import Run, RunOptions, check_new_output_model, check_output, run_engine
 from cogbatch.engines.ray_actor import MAX_BATCH_CRASHES, CaptionActor, attempts_dir
 from cogbatch.engines.ray_cluster import (
     MAX_ACTOR_RESTARTS,
@@ -93,7 +93,7 @@ def run_ray(cfg: JobConfig, opts: RunOptions | None = None, workers: int | None 
     if workers is not None and workers < 1:
         raise EngineError(f"--workers must be at least 1, got {workers}")
     # A missing extra is a usage error found before the lock and the plan: nothing is done.
-    preflight = (lambda _cfg: check_ray_installed(), check_output)
+    preflight = (lambda _cfg: check_ray_installed(), check_new_output_model, check_output)
     return run_engine(cfg, opts or RunOptions(), lambda run: _execute(run, workers), preflight)
 
 

@@ -188,8 +188,10 @@ class CogVLM(nn.Module):
         cache_dir: str | Path | bool | None = None,
         dequant_threshold: Any = None,
     ) -> CogVLM:
-        """Load an official checkpoint (local directory or hub id) with our implementation.
+        """Load an official checkpoint (local directory, hub id or `tiny-random:<arch>`) with our implementation.
 
+        `tiny-random:cogvlm2` (or `:cogvlm`) names a small random model, built once under the cache
+        directory (`model.sources`; for smoke runs: its text is meaningless).
         `tokenizer` names a tokenizer to use when the checkpoint has none (cogvlm-chat-hf).
         `quantization`: None/"none", "int4" (group 128), "int4-g32"/"-g64"/"-g128", "int8", or a
         dict / `QuantConfig` with per-module rules (see `cogbatch.model.quant.spec`). Quantized loads
@@ -205,7 +207,7 @@ class CogVLM(nn.Module):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = resolve_dtype(dtype, device)
         quant = QuantConfig.parse(quantization)
-        ckpt = resolve_checkpoint(path_or_id)
+        ckpt = resolve_checkpoint(path_or_id, cache_dir=Path(cache_dir) if isinstance(cache_dir, str | Path) else None)
         cfg = CogVLMConfig.from_json(ckpt)
         files = weight_files(ckpt)
         found = scan_tensors(files)
@@ -292,15 +294,29 @@ class CogVLM(nn.Module):
         attention_mask: torch.Tensor,
         images: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        *,
+        image_features: torch.Tensor | None = None,
+        last: int | None = None,
     ) -> torch.Tensor:
-        """Full-sequence logits (B, L, V) in float32 for a left- or un-padded batch, without a cache."""
+        """Full-sequence logits (B, L, V) in float32 for a left- or un-padded batch, without a cache.
+
+        `image_features` (from `encode_images`) stand in for `images` when the vision tower ran
+        elsewhere (phase swapping). `last` keeps only the last `last` positions (B, last, V): scoring a
+        continuation needs those, not V logits for each of CogVLM2's 2,306 image positions.
+        """
+        if last is not None and last < 1:
+            raise ValueError(f"last must be at least 1, got {last}")
         dev = self.device
         input_ids, token_type_ids, attention_mask = input_ids.to(dev), token_type_ids.to(dev), attention_mask.to(dev)
-        feats = self.encode_images(images) if images is not None else None
+        feats = image_features
+        if feats is None and images is not None:
+            feats = self.encode_images(images)
         if position_ids is None:
             position_ids = padding_invariant_position_ids(token_type_ids, attention_mask)
         embeds = self.model.embed(input_ids, token_type_ids, feats)
         hidden = self.model(embeds, token_type_ids, position_ids.to(dev), attention_mask)
+        if last is not None:
+            hidden = hidden[:, -last:]
         return self.lm_head(hidden).float()
 
     def generate(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from cogbatch.errors import DoesNotFit
 from cogbatch.inputs.pending import Request
 from cogbatch.model.settings import SEED_LIMIT, GenerationConfig
-from cogbatch.planning.batches import plan_batches
+from cogbatch.planning.batches import DEFAULT_MAX_TEXT, plan_batches
 from cogbatch.planning.memory import calibrate, memory_model_for
 from cogbatch.results import WorkerCounters, WorkerStats
 from cogbatch.worker.loading import LoadedImage
@@ -25,8 +25,6 @@ if TYPE_CHECKING:
     from cogbatch.job.config import JobConfig, TaskConfig
 
 log = logging.getLogger("cogbatch")
-
-DEFAULT_MAX_TEXT = 128  # prompt tokens assumed when planning, before the prompts are seen
 
 
 def is_oom(e: BaseException) -> bool:
@@ -59,9 +57,12 @@ class ModelWorker:
     request, and lowers the plan for the rest of the run.
     """
 
-    def __init__(self, cfg: JobConfig, run_id: str, model: Any = None) -> None:
+    def __init__(self, cfg: JobConfig, run_id: str, model: Any = None, on_result: Any = None) -> None:
         self.cfg, self.run_id = cfg, run_id
         self.model = model if model is not None else cfg.source.load()
+        # Called with (request, DecodeResult) for every finished text: the token ids a row does not keep
+        # (`cogbatch compare` scores them).
+        self.on_result = on_result
         self.stats = WorkerCounters()
         self.memory = memory_model_for(self.model)
         self.max_new = max(t.generation.max_new_tokens for t in cfg.tasks)
@@ -214,6 +215,8 @@ class ModelWorker:
             self.stats.generated_tokens += len(result.token_ids)
             self.stats.repetition_retries += result.attempts - 1
             rows.append(ok_row(req, result, self.cfg, self.run_id, img))
+            if self.on_result is not None:
+                self.on_result(req, result)
         return rows
 
     @staticmethod

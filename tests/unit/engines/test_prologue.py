@@ -15,7 +15,7 @@ from cogbatch.job import load_job
 
 def _cfg(tmp_path, **keys):
     (tmp_path / "images").mkdir(exist_ok=True)
-    job = {"model": "m", "input": {"folder": str(tmp_path / "images")}, "output": str(tmp_path / "out"),
+    job = {"model": "test/m", "input": {"folder": str(tmp_path / "images")}, "output": str(tmp_path / "out"),
            "tasks": [{"name": "t", "prompt": "x"}], **keys}  # fmt: skip
     return load_job(job, pipeline=None)
 
