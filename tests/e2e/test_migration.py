@@ -23,8 +23,12 @@ def _to_old_layout(out: Path) -> dict[str, bytes]:
     """Put a run's state back where the old code kept it; returns the moved files' bytes by their old path."""
     state = state_dir(out)
     (out / ".cogbatch").mkdir()
-    for name, old in (("config.resolved.yaml", "config.resolved.yaml"), ("runs.jsonl", "runs.jsonl"),
-                      ("hashes.parquet", ".cogbatch/hashes.parquet"), ("settings.json", ".cogbatch/settings.json")):
+    for name, old in (
+        ("config.resolved.yaml", "config.resolved.yaml"),
+        ("runs.jsonl", "runs.jsonl"),
+        ("hashes.parquet", ".cogbatch/hashes.parquet"),
+        ("settings.json", ".cogbatch/settings.json"),
+    ):
         shutil.copyfile(state / name, out / old)  # fmt: skip
     shutil.rmtree(state)  # the old code had no state directory
     (out / "cogbatch.log").write_text('{"exit_code": 0, "done": 6}\n')

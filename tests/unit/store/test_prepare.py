@@ -91,10 +91,14 @@ def test_prepare_output_moves_the_state_out_and_leaves_only_the_parts(tmp_path):
     kept = old_layout(out)
     rows = read_results(out)
     prepare_output(out)
-    assert sorted(os.listdir(out)) == [p.name for p in list_parts(out)] == [
-        "part-20250101T000000Z-abcdef-00000.parquet",
-        "part-20250101T000000Z-abcdef-00001.parquet",
-    ]
+    assert (
+        sorted(os.listdir(out))
+        == [p.name for p in list_parts(out)]
+        == [
+            "part-20250101T000000Z-abcdef-00000.parquet",
+            "part-20250101T000000Z-abcdef-00001.parquet",
+        ]
+    )
     for old, name in MOVED.items():
         assert state_file(out, name).read_bytes() == kept[old], name  # byte for byte
     assert read_results(out).equals(rows)  # no row lost, none added, same order
