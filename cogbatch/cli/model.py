@@ -7,9 +7,11 @@ import click
 from cogbatch.cli.app import (
     _emit,
     _reported,
+    _setup_logging,
     cli,
     json_option,
     pipeline_option,
+    verbose_option,
 )
 
 
@@ -49,7 +51,8 @@ def plan(job, vram_ceiling, device, pipeline, as_json) -> None:
 @click.option("--tokenizer", help="Tokenizer to load when the checkpoint has none.")
 @pipeline_option
 @json_option
-def quantize(model, out, quantization, rules, dtype, device, tokenizer, pipeline, as_json) -> None:
+@verbose_option
+def quantize(model, out, quantization, rules, dtype, device, tokenizer, pipeline, as_json, verbose) -> None:
     """Quantize MODEL (alias, hub id or local checkpoint) into the cache, e.g. on a bigger machine.
 
     The next load with the same checkpoint, rules and dtype reads the cache instead of quantizing.
@@ -58,6 +61,7 @@ def quantize(model, out, quantization, rules, dtype, device, tokenizer, pipeline
     """
     from cogbatch.api import quantize_checkpoint
 
+    _setup_logging(False, verbose)
     with _reported("quantize failed"):
         report = quantize_checkpoint(model, out=out, quantization=quantization, rules=rules, dtype=dtype,
                                      device=device, tokenizer=tokenizer, pipeline=pipeline)  # fmt: skip

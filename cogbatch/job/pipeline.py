@@ -9,6 +9,7 @@ names the dtype that its model then computes in.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,8 +135,11 @@ class ModelSource:
             return DTYPE_NAMES.get(self.dtype, "bfloat16")  # what `auto` picks on an Ampere or newer GPU
         return str(resolve_dtype(self.dtype, device)).removeprefix("torch.")
 
-    def load(self) -> Any:
-        """The `CogVLM`, loaded with these settings (quantized through the cache under `cache_dir`)."""
+    def load(self, progress: Callable[[str, int, int], None] | None = None) -> Any:
+        """The `CogVLM`, loaded with these settings (quantized through the cache under `cache_dir`).
+
+        `progress(what, bytes done, bytes total)` is called as the weights are read (see `from_pretrained`).
+        """
         from cogbatch.model.cogvlm import CogVLM
 
         return CogVLM.from_pretrained(
@@ -146,4 +150,5 @@ class ModelSource:
             tokenizer=self.tokenizer,
             cache_dir=self.cache_dir,
             dequant_threshold=None if self.quantization is None else self.quantization.dequant_threshold,
+            progress=progress,
         )
