@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +187,7 @@ class CogVLM(nn.Module):
         tokenizer: str | Path | None = None,
         cache_dir: str | Path | bool | None = None,
         dequant_threshold: Any = None,
+        progress: Callable[[str, int, int], None] | None = None,
     ) -> CogVLM:
         """Load an official checkpoint (local directory, hub id or `tiny-random:<arch>`) with our implementation.
 
@@ -199,6 +200,9 @@ class CogVLM(nn.Module):
         (default `$COGBATCH_CACHE_DIR`, else `~/.cache/cogbatch`; False disables it).
         `dequant_threshold`: rows above which a quantized layer uses a transient dense weight
         (None = the device's default, `math.inf` = never, or a dict per device type).
+        `progress(what, bytes done, bytes total)` is called as weights are read, `what` naming the
+        source ("checkpoint", or "quantized-weights cache"): a caller's progress bar over the minutes a
+        large load takes.
         The load report is `model.load_report`.
         """
         from cogbatch.model.quant.report import LoadTracker, build_report
@@ -223,7 +227,7 @@ class CogVLM(nn.Module):
             from cogbatch.model.quant.loader import load_quantized
 
         cache: dict[str, Any] = {}
-        with LoadTracker(device) as tracker:
+        with LoadTracker(device, progress=progress) as tracker:
             if quant is None:
                 model = cls._load_unquantized(cfg, files, dtype, device, tracker)
             else:
@@ -247,10 +251,12 @@ class CogVLM(nn.Module):
 
         with init_empty_weights():  # parameters on meta; buffers (rotary) stay real
             model = cls(cfg)
+        tracker.reading("checkpoint", sum(f.stat().st_size for f in files))
         with tracker.phase("read"):
             for name, tensor in stream_tensors(files, device):
                 if not name.endswith(DERIVED_SUFFIXES):
                     set_module_tensor_to_device(model, name, device, value=tensor, dtype=dtype)
+                tracker.read(tensor.numel() * tensor.element_size())
             model.to(device)  # the rotary buffers
         return model
 

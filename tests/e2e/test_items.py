@@ -42,11 +42,9 @@ def abc(tmp_path) -> dict[str, Path]:
 
 def test_three_files_two_distinct_images_three_rows_per_task_two_generations(tmp_path, job_factory, abc):
     job = job_factory(tasks=TASKS)
-    res = cogbatch_cmd("run", str(job), "--json")
-    summary = summary_of(res)
-    assert (summary["items"], summary["distinct_images"]) == (3, 2)
-    assert (summary["done"], summary["failed"], summary["reused"]) == (6, 0, 2)
-    assert "3 files, 2 distinct images: 6 ok, 0 failed (2 reused)" in res.stderr
+    res = cogbatch_cmd("run", str(job))
+    assert res.returncode == 0, res.stderr
+    assert "3 files, 2 distinct images: 6 ok, 0 failed (2 reused)" in res.stdout  # the summary
 
     rows = read_results(tmp_path / "out").to_pylist()
     keys = Counter((r["path"], r["task"]) for r in rows)
