@@ -108,6 +108,15 @@ def _setup_logging(quiet: bool, verbose: bool = False) -> None:
     configure_logging(quiet, verbose)
 
 
+def _warnings_only() -> None:
+    """For commands that report data (`status`, `export`, `schedule`): no progress or notes, but warnings,
+    such as the one line saying that the input of the output's last run is followed."""
+    import logging
+
+    _setup_logging(quiet=False)
+    logging.getLogger("cogbatch").setLevel(logging.WARNING)
+
+
 def _emit(data: Any, human: str, as_json: bool, *, human_on_stdout: bool = False, quiet: bool = False) -> None:
     """The one output style: `--json` prints one line of JSON on stdout (a cron log of `--quiet --json` runs is
     one JSON line per run); the human text goes where the command keeps it (stdout, or stderr beside data)."""

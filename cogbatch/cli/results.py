@@ -9,6 +9,7 @@ from cogbatch.cli.app import (
     _emit,
     _reported,
     _setup_logging,
+    _warnings_only,
     cli,
     job_options,
     json_option,
@@ -31,7 +32,7 @@ def status(job, input_path, output, pipeline, history, as_json) -> None:
     """
     from cogbatch import api
 
-    _setup_logging(quiet=True)  # warnings only: the note of a followed input, never progress
+    _warnings_only()  # the note of a followed input, never progress
     if history:
         from cogbatch.history import format_table, read_history
 
@@ -86,7 +87,7 @@ def export(job, fmt, task, dest, overwrite, input_path, output, pipeline, as_jso
     from cogbatch.api import export_job
     from cogbatch.errors import DestinationError, ExportConflict, ExportError, UserError
 
-    _setup_logging(quiet=True)  # warnings only: the note of a followed input, never progress
+    _warnings_only()  # the note of a followed input, never progress
     if fmt != "txt" and dest is None and as_json:
         raise click.UsageError(f"--json needs --dest with --format {fmt} (the rows themselves go to stdout)")
     try:

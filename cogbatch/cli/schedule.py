@@ -10,7 +10,7 @@ import click
 from cogbatch.cli.app import (
     _emit,
     _reported,
-    _setup_logging,
+    _warnings_only,
     cli,
     job_options,
     json_option,
@@ -77,7 +77,7 @@ def schedule(job, cron_expr, install, remove, list_, input_path, output, pipelin
         from cogbatch.api import job_config
         from cogbatch.job.load import peek
 
-        _setup_logging(True)  # the note of a followed input
+        _warnings_only()  # the note of a followed input, never progress
         if run["workers"] is not None and run["engine"] != "ray":
             raise click.UsageError("--workers applies to --engine ray only")
         overrides = {k: run[k] for k in ("limit", "device", "vram_ceiling", "batch_size", "workers")}

@@ -101,7 +101,7 @@ def test_duckdb_read_parquet_of_the_globs(output, glob):
 
     con = duckdb.connect()
     source = f"read_parquet('{output}/{glob}')"
-    assert con.sql(f"SELECT count(*) FROM {source}").fetchone() == (12,)
+    assert con.sql(f"SELECT count(*) FROM {source}").fetchall() == [(12,)]
     star = con.sql(f"SELECT * FROM {source}")
     assert star.columns == RESULT_SCHEMA.names
     records = [dict(zip(star.columns, r, strict=True)) for r in star.fetchall()]

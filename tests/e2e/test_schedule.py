@@ -141,7 +141,7 @@ def test_run_refused_while_the_lock_is_held_and_a_stale_lock_is_taken_over(tmp_p
     dead.wait()
     stale = {"pid": dead.pid, "host": os.uname().nodename, "started": "2020-01-01T02:00:00Z", "command": "x"}
     state_file(out, RUN_LOCK_INFO).write_text(json.dumps(stale))
-    res = cogbatch_cmd("run", str(job), "--quiet")
+    res = cogbatch_cmd("run", str(job))  # not --quiet: that is errors only, and this is a warning
     assert res.returncode == 0, res.stderr
     assert "did not finish cleanly" in res.stderr and f"pid {dead.pid}" in res.stderr
     assert read_results(out).num_rows == 1
