@@ -171,8 +171,9 @@ class CaptionActor:
         if part is not None:
             self.seen_parts.add(part.name)
             for row in rows:
-                key = (row["path"], row["task"])
-                self.in_output[key] = (row["image_id"], row["status"], row["tokens_out"] or 0, part.name)
+                self.in_output[(row["path"], row["task"])] = (
+                    row["image_id"], row["status"], row["tokens_out"] or 0, part.name,
+                )  # fmt: skip
         if todo:
             self.attempts.finished(key)
         if part is not None:
