@@ -143,11 +143,13 @@ def quantize_checkpoint(
     device: str = "cpu",
     tokenizer: str | None = None,
     pipeline: str | Path | None = None,
+    verify: bool = False,
 ) -> QuantizeReport:
     """Quantize `model` (alias, hub id or local checkpoint) into the quantized-weights cache, ahead of the runs.
 
     `rules` are `PATTERN=DTYPE` strings (first match wins); the cache is `out`, else $COGBATCH_CACHE_DIR,
-    else the pipeline's `cache_dir`. Everything is checked before minutes of quantizing.
+    else the pipeline's `cache_dir`. Everything is checked before minutes of quantizing. `verify`: an
+    existing entry has every checksum checked (a damaged one is rebuilt); a new entry always is.
     """
     from cogbatch.job.pipeline import BUILTIN_PIPELINE, ModelSource, find_pipeline_file, name_map
     from cogbatch.job.reader import read_quantization, read_yaml
@@ -176,7 +178,9 @@ def quantize_checkpoint(
         raise ConfigError(f"cache directory {cache}: not writable")
     source = aliases.get(model, model)
     tok = tokenizer or tokenizers.get(source)
-    loaded = ModelSource(source, tok, cache.expanduser(), device, dtype, spec).load()
+    loaded = ModelSource(source, tok, cache.expanduser(), device, dtype, spec).load(
+        verify_cache=verify, wait_for_cache=True
+    )
     report = loaded.load_report
     if report.cache_status not in ("hit", "written"):  # writing the entry is this command's only job
         raise UserError(f"the quantized-weights cache was not written under {cache}: {report.cache_status}")

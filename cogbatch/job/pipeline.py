@@ -134,8 +134,9 @@ class ModelSource:
             return DTYPE_NAMES.get(self.dtype, "bfloat16")  # what `auto` picks on an Ampere or newer GPU
         return str(resolve_dtype(self.dtype, device)).removeprefix("torch.")
 
-    def load(self) -> Any:
-        """The `CogVLM`, loaded with these settings (quantized through the cache under `cache_dir`)."""
+    def load(self, **options: Any) -> Any:
+        """The `CogVLM`, loaded with these settings (quantized through the cache under `cache_dir`);
+        `options` go to `CogVLM.from_pretrained` (`verify_cache`, `wait_for_cache`)."""
         from cogbatch.model.cogvlm import CogVLM
 
         return CogVLM.from_pretrained(
@@ -146,4 +147,5 @@ class ModelSource:
             tokenizer=self.tokenizer,
             cache_dir=self.cache_dir,
             dequant_threshold=None if self.quantization is None else self.quantization.dequant_threshold,
+            **options,
         )

@@ -126,37 +126,6 @@ def stream_tensors(files: list[Path], device: torch.device | str = "cpu") -> Ite
                 yield name, h.get_tensor(name)
 
 
-class LazyTensor:
-    """A checkpoint tensor whose data is not read yet: its name, shape and dtype come from the header.
-
-    The quantizing loader reads a large Linear weight a block of rows at a time (`read_rows`), so
-    that a 128256-row `lm_head` never exists in full precision at once. Valid only while the
-    iteration of `stream_lazy_tensors` that yielded it has not moved on to the next file.
-    """
-
-    def __init__(self, handle, name: str) -> None:
-        self._handle = handle
-        self.name = name
-        sl = handle.get_slice(name)
-        self.shape: tuple[int, ...] = tuple(sl.get_shape())
-        self.dtype: str = sl.get_dtype()  # safetensors' name: F16, BF16, F32, ...
-
-    def read(self) -> torch.Tensor:
-        return self._handle.get_tensor(self.name)
-
-    def read_rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) along the first dimension; only those bytes are read from the shard."""
-        return self._handle.get_slice(self.name)[start:stop]
-
-
-def stream_lazy_tensors(files: list[Path]) -> Iterator[LazyTensor]:
-    """Yield every tensor of the shards, in the same order as `stream_tensors`, without reading it (CPU)."""
-    for f in files:
-        with safe_open(f, framework="pt", device="cpu") as h:
-            for name in h.keys():  # noqa: SIM118
-                yield LazyTensor(h, name)
-
-
 def has_tokenizer(ckpt: Path) -> bool:
     return any((ckpt / f).is_file() for f in TOKENIZER_FILES)
 
