@@ -182,7 +182,8 @@ def quantize_checkpoint(
         verify_cache=verify, wait_for_cache=True
     )
     report = loaded.load_report
-    if report.cache_status not in ("hit", "written"):  # writing the entry is this command's only job
+    written = report.cache_status in ("hit", "written") or report.cache_status.endswith("; rebuilt")  # a damaged one
+    if not written:  # writing the entry is this command's only job
         raise UserError(f"the quantized-weights cache was not written under {cache}: {report.cache_status}")
     return QuantizeReport(source, report)
 
