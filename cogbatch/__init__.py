@@ -10,15 +10,30 @@ stays light (no torch, no pyarrow):
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
+
+from cogbatch.model.sources import register_scheme
 
 try:
     __version__ = version("cogbatch")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
-_API = ("run_job", "plan_job", "quantize_checkpoint", "export_job", "job_status", "compact_output", "gallery_job")
+_API = ("run_job", "plan_job", "quantize_checkpoint", "export_job", "job_status", "compact_output", "gallery_job",
+        "compare_job")
 __all__ = ["__version__", *_API]
+
+
+def _tiny_checkpoint(name: str, cache_dir: Path | None) -> Path:
+    from cogbatch.job.names import tiny_checkpoint
+
+    return tiny_checkpoint(name, cache_dir)
+
+
+# The model package cannot build a `tiny-random:` model (it imports nothing outside itself): it is told how
+# here, before any of its modules can be imported, so `CogVLM.from_pretrained("tiny-random:cogvlm2")` works.
+register_scheme("tiny-random:", _tiny_checkpoint)
 
 
 def __getattr__(name: str) -> Any:

@@ -99,3 +99,22 @@ def atomic_write(target: Path, data: bytes | str, **kw: Any) -> None:
     """`target` holds exactly `data` (text as UTF-8) once this returns, and the old content until then."""
     with atomic_file(target, "wb", **kw) as f:
         f.write(data.encode() if isinstance(data, str) else data)
+
+
+@contextlib.contextmanager
+def made_dirs(directory: Path) -> Iterator[Path]:
+    """`directory`, created with its missing parents; if the block raises, what it created and left empty goes.
+
+    A command that fails must not leave empty folders behind (`quantize --out new/dir` with a model that
+    cannot be loaded). Files are never removed: only empty directories at or below those made here.
+    """
+    made = [p for p in (directory, *directory.parents) if not p.exists()]  # deepest first
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        yield directory
+    except BaseException:
+        if made:
+            for root, _, _ in os.walk(made[-1], topdown=False):
+                with contextlib.suppress(OSError):  # not empty: something in it was written
+                    os.rmdir(root)
+        raise

@@ -124,7 +124,7 @@ class RunSummary:
         return out
 
     def describe(self) -> str:
-        """The human summary (stderr): counts and rates, memory, the model that was loaded."""
+        """The human summary (what `cogbatch run` prints on stdout): counts and rates, memory, the model, Ray."""
         if self.message:
             if self.interrupted:
                 return f"{self.message}; run the same command again."
@@ -141,6 +141,9 @@ class RunSummary:
         lines = [line, memory]
         if self.model_load:
             lines.append(self._describe_model(self.model_load))
+        if self.engine == "ray":
+            startup = f"start-up {self.ray_startup_s:.1f} s" if self.ray_startup_s is not None else "joined a cluster"
+            lines.append(f"ray: {self.workers or '?'} actor(s), {startup}")
         return "\n".join(lines)
 
     def _describe_model(self, load: dict[str, Any]) -> str:
@@ -167,13 +170,19 @@ class PlanReport:
     device: str
     dtype: str
     quantization: str
-    vram_ceiling: int
+    vram_ceiling: int  # the memory planned for: the job's ceiling, or a named card's usable memory
     weights: dict[str, Any]  # bytes per component, per dtype, on the device and the host
     per_request: dict[str, int]
     dense_copy_bytes: dict[str, int]
     modes: dict[str, dict[str, Any]]  # resident / swap: peak of one request, whether it fits, largest batch
     plan: dict[str, Any]  # the batch plan a run would start with, or {"mode": None, "error": why}
     notes: list[str] = field(default_factory=list)
+    target: dict[str, Any] | None = None  # the card planned for (--gpu / --vram): memory, capability, reserve, usable
+    int4_kernel: str | None = None  # what int4 layers multiply with there (None: nothing quantized)
+    config_source: str | None = None  # where config.json came from when not from the checkpoint itself
+    prompt_tokens_source: str = ""  # how per_request["assumed_prompt_tokens"] was decided
+    embeddings_on_cpu: bool = False  # the job's setting (`variants` has both)
+    variants: list[dict[str, Any]] = field(default_factory=list)  # without / with embeddings_on_cpu: modes, plan
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,7 +191,25 @@ class PlanReport:
         w, r = self.weights, self.per_request
         lines = [
             f"{self.model} ({self.generation}), {self.quantization}, {self.dtype} on {self.device}, "
-            f"ceiling {self.vram_ceiling / GIB:.2f} GiB",
+            f"ceiling {self.vram_ceiling / GIB:.2f} GiB"
+        ]
+        if self.target:
+            t = self.target
+            cc = f", compute capability {t['capability']}" if t["capability"] else ""
+            lines.append(
+                f"card: {t['name']}, {t['memory_bytes'] / GIB:.2f} GiB{cc}; usable {t['usable_bytes'] / GIB:.2f} GiB "
+                f"(minus {t['reserve_bytes'] / GIB:.2f} GiB for the CUDA context and workspaces)"
+            )
+        if self.int4_kernel:
+            lines.append(f"int4 kernel: {self.int4_kernel}")
+        if self.config_source:
+            lines.append(f"config: {self.config_source}")
+        lines.append(
+            f"prompt: {r['assumed_prompt_tokens']} tokens ({self.prompt_tokens_source}); "
+            f"up to {r['max_new_tokens']} new tokens"
+        )
+        lines += self._describe_variants()
+        lines += [
             f"weights on the device: {w['device'] / GIB:.2f} GiB (vision {w['vision'] / GIB:.2f}, language "
             f"{w['language'] / GIB:.2f}, embeddings {w['embeddings'] / GIB:.2f}, lm_head {w['lm_head'] / GIB:.2f})",
             "  by dtype: " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in sorted(w["by_dtype"].items())),
@@ -197,6 +224,23 @@ class PlanReport:
         lines.append(f"plan: {p['mode']} mode, batch {p['slots']}" if p.get("mode") else f"plan: {p['error']}")
         lines += [f"  note: {note}" for note in (*p.get("notes", ()), *self.notes)]
         return "\n".join(lines)
+
+    def _describe_variants(self) -> list[str]:
+        """What fits under the ceiling with and without embeddings_on_cpu: one row each (* = the job's setting)."""
+        if not self.variants:
+            return []
+        rows = []
+        for v in self.variants:
+            label = self.quantization + (" + embeddings_on_cpu" if v["embeddings_on_cpu"] else "")
+            cells = [f"batch {m['largest_batch']}" if m["fits"] else "does not fit" for m in v["modes"].values()]
+            p = v["plan"]
+            pick = f"{'phase-swapped' if p['mode'] == 'swap' else p['mode']}, batch {p['slots']}" if p["mode"] else "-"
+            mark = "*" if v["embeddings_on_cpu"] == self.embeddings_on_cpu else " "
+            rows.append((f"{mark} {label}", f"{v['weights_device_bytes'] / GIB:.2f} GiB", *cells, pick))
+        fits = f"what fits in {self.vram_ceiling / GIB:.2f} GiB"
+        header = (fits, "weights", "resident", "phase-swapped", "a run uses")
+        widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+        return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in (header, *rows)]
 
 
 @dataclass

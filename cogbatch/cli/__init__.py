@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from cogbatch.cli import model, results, run, schedule  # noqa: F401  (each registers its commands)
+from cogbatch.cli import compare, model, results, run, schedule  # noqa: F401  (each registers its commands)
 from cogbatch.cli.app import _PROGRAM, _emit, cli
 
 __all__ = ["_PROGRAM", "_emit", "cli", "main"]

@@ -7,31 +7,46 @@ import click
 from cogbatch.cli.app import (
     _emit,
     _reported,
+    _setup_logging,
     cli,
     json_option,
     pipeline_option,
+    verbose_option,
 )
 
 
-@cli.command(short_help="Predict memory use and the largest batch that fits, without loading weights.")
-@click.argument("job", type=click.Path(dir_okay=False))
-@click.option("--vram-ceiling", help="Plan for this ceiling instead of the job's, e.g. 16GiB.")
+@cli.command(short_help="What fits a GPU (this one or one named), before any download.")
+@click.argument("job", type=click.Path(dir_okay=False), required=False)
+@click.option("--model", help="Plan for this model (alias, hub id, path, tiny-random:<arch>); without JOB: "
+              "with pipeline.yaml's defaults.")
+@click.option("--gpu", help='Plan for this card, e.g. "RTX 3060 12GB", 3090, T4, "A100 80GB".')
+@click.option("--vram", help="Plan for a card with this much memory, e.g. 12GiB (with --capability).")
+@click.option("--capability", help="The card's compute capability, e.g. 8.6 (with --vram): sets dtype and kernel.")
+@click.option("--vram-ceiling", help="Plan for this ceiling instead of the job's (or the card's), e.g. 16GiB.")
 @click.option("--device", help="Plan for cpu, cuda or cuda:N instead of the job's device (no GPU needed here).")
 @pipeline_option
 @json_option
-def plan(job, vram_ceiling, device, pipeline, as_json) -> None:
-    """Predict device memory for JOB's model and quantization, and the batch size that fits.
+def plan(job, model, gpu, vram, capability, vram_ceiling, device, pipeline, as_json) -> None:
+    """Predict device memory for JOB's model (or --model's) and the batch size that fits.
 
-    Reads only the checkpoint's config.json: weight bytes follow from the tensor shapes and the
-    quantization rules. Both execution modes are shown: all weights resident, and phase-swapped
-    (vision tower and language model take turns on the device).
+    Reads only config.json and downloads nothing: a local checkpoint's, the hub cache's, else the one
+    cogbatch ships for the official CogVLM / CogVLM2 checkpoints. No image is read. Both execution
+    modes are shown (all weights resident; phase-swapped: vision tower and language model take turns
+    on the device), with and without embeddings_on_cpu.
 
-    Example: cogbatch plan jobs/caption.yaml --vram-ceiling 11GiB --device cuda
+    \b
+    Examples:
+      cogbatch plan jobs/caption.yaml --device cuda
+      cogbatch plan --model cogvlm2 --gpu "RTX 3060 12GB"
+      cogbatch plan --model cogvlm --vram 16GiB --capability 7.5 --json
     """
     from cogbatch.api import plan_job
 
+    if job is None and model is None:
+        raise click.UsageError("give a JOB file or --model NAME (e.g. cogbatch plan --model cogvlm2 --gpu 3090)")
     with _reported("plan failed"):
-        report = plan_job(job, pipeline=pipeline, vram_ceiling=vram_ceiling, device=device)
+        report = plan_job(job, model=model, gpu=gpu, vram=vram, capability=capability, pipeline=pipeline,
+                          vram_ceiling=vram_ceiling, device=device)  # fmt: skip
     _emit(report.to_dict(), report.describe(), as_json, human_on_stdout=True)
 
 
@@ -50,7 +65,8 @@ def plan(job, vram_ceiling, device, pipeline, as_json) -> None:
 @click.option("--verify", is_flag=True, help="Check every checksum of an existing entry (rebuilt if damaged).")
 @pipeline_option
 @json_option
-def quantize(model, out, quantization, rules, dtype, device, tokenizer, verify, pipeline, as_json) -> None:
+@verbose_option
+def quantize(model, out, quantization, rules, dtype, device, tokenizer, verify, pipeline, as_json, verbose) -> None:
     """Quantize MODEL (alias, hub id or local checkpoint) into the cache, e.g. on a bigger machine.
 
     The next load with the same checkpoint, rules and dtype reads the cache instead of quantizing.
@@ -59,6 +75,7 @@ def quantize(model, out, quantization, rules, dtype, device, tokenizer, verify, 
     """
     from cogbatch.api import quantize_checkpoint
 
+    _setup_logging(False, verbose)
     with _reported("quantize failed"):
         report = quantize_checkpoint(model, out=out, quantization=quantization, rules=rules, dtype=dtype,
                                      device=device, tokenizer=tokenizer, pipeline=pipeline,

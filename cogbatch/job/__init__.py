@@ -4,6 +4,7 @@
     load      load_job, with_overrides: a job file (or mapping) merged over pipeline.yaml, validated
     reader    the validation reader: key paths in every message
     pipeline  pipeline.yaml lookup and aliases; ModelSource, where the model and its dtype are resolved
+    names     what a `model:` name may be (alias, hub id, path, tiny-random:<arch>), read for every command
 """
 
 from __future__ import annotations

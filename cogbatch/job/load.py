@@ -27,7 +27,8 @@ from cogbatch.job.config import (
     InputConfig,
     JobConfig,
 )
-from cogbatch.job.pipeline import BUILTIN_PIPELINE, TINY_PREFIX, find_pipeline_file, name_map, resolve_model
+from cogbatch.job.names import TINY_PREFIX, resolve_model_name
+from cogbatch.job.pipeline import BUILTIN_PIPELINE, find_pipeline_file, name_map
 from cogbatch.job.reader import (
     Section,
     read_generation,
@@ -43,12 +44,16 @@ def load_job(
     job: str | Path | dict[str, Any],
     overrides: dict[str, Any] | None = None,
     pipeline: str | Path | None = None,
+    *,
+    inputs: bool = True,
 ) -> JobConfig:
-    """Read, merge and validate a job. `overrides` are command-line values (None = not given)."""
+    """Read, merge and validate a job. `overrides` are command-line values (None = not given).
+
+    `inputs=False` leaves the input folder or manifest unchecked (`cogbatch plan` reads no image).
+    """
     job_path = None if isinstance(job, dict) else Path(job)
     job_data = dict(job) if isinstance(job, dict) else read_yaml(job_path, "job file")
-    pipe_path = Path(pipeline) if pipeline else find_pipeline_file(job_path)
-    pipe_data = {**BUILTIN_PIPELINE, **(read_yaml(pipe_path, "pipeline file") if pipe_path else {})}
+    pipe_data, pipe_path = read_pipeline(pipeline, job_path)
     for k, v in (overrides or {}).items():
         if v is None:
             continue
@@ -56,10 +61,18 @@ def load_job(
             job_data["input"] = _input_override(Path(v), job_data.get("input"))
         else:
             job_data[k] = v
-    return _build(job_data, pipe_data, job_path, pipe_path)
+    return _build(job_data, pipe_data, job_path, pipe_path, inputs)
 
 
-def _build(job: dict[str, Any], pipe: dict[str, Any], job_path: Path | None, pipe_path: Path | None) -> JobConfig:
+def read_pipeline(pipeline: str | Path | None, job_path: Path | None) -> tuple[dict[str, Any], Path | None]:
+    """The pipeline file's keys over the built-in defaults, and its path (None: no pipeline.yaml found)."""
+    pipe_path = Path(pipeline) if pipeline else find_pipeline_file(job_path)
+    return {**BUILTIN_PIPELINE, **(read_yaml(pipe_path, "pipeline file") if pipe_path else {})}, pipe_path
+
+
+def _build(
+    job: dict[str, Any], pipe: dict[str, Any], job_path: Path | None, pipe_path: Path | None, inputs: bool = True
+) -> JobConfig:
     aliases = name_map(pipe, "models", pipe_path, "a hub id or a checkpoint path")
     tokenizers = name_map(pipe, "tokenizers", pipe_path, "a tokenizer's hub id or path")
     # Job keys win over pipeline defaults; keys of either that nobody reads are unknown.
@@ -69,12 +82,12 @@ def _build(job: dict[str, Any], pipe: dict[str, Any], job_path: Path | None, pip
     model_name = sec.str_("model")
     if model_name is None:
         raise ConfigError("model: required (an alias from pipeline.yaml, a hub id or a local checkpoint path)")
-    model = resolve_model(model_name, aliases)
+    model = resolve_model_name(model_name, aliases, pipe_path, job_path)
     tokenizer = sec.str_("tokenizer") or tokenizers.get(model)
     if sec.get("input") is None:
         raise ConfigError("input: required (folder: DIR or manifest: FILE.parquet)")
     base_dir = Path.cwd()
-    inp = read_input(sec.get("input"), base_dir)
+    inp = read_input(sec.get("input"), base_dir, check=inputs)
     output = _output_dir(sec.str_("output"), base_dir)
     gen_sec = Section(sec.get("generation", {}) or {}, "generation")
     defaults = read_generation(gen_sec, JOB_GENERATION)
@@ -114,7 +127,8 @@ def _build(job: dict[str, Any], pipe: dict[str, Any], job_path: Path | None, pip
         gallery=sec.bool_("gallery", False),
     )
     _finish_top_level(sec, job, pipe_path)
-    check_columns(cfg)
+    if inputs:
+        check_columns(cfg)
     return cfg
 
 

@@ -9,11 +9,13 @@ names the dtype that its model then computes in.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cogbatch.errors import ConfigError
+from cogbatch.job.names import TINY_PREFIX, tiny_checkpoint
 from cogbatch.model.quant.spec import QuantConfig
 from cogbatch.model.settings import DTYPE_NAMES
 
@@ -26,10 +28,6 @@ BUILTIN_PIPELINE: dict[str, Any] = {
     "quantization": "int4",
     "vram_ceiling": "11GiB",
 }
-
-
-TINY_PREFIX = "tiny-random:"  # a random model built on the fly (demo / smoke runs)
-TINY_ARCHES = ("", "cogvlm", "cogvlm1", "cogvlm2")  # what may follow the prefix ("" = cogvlm2)
 
 
 def find_pipeline_file(job_path: Path | None) -> Path | None:
@@ -52,15 +50,6 @@ def name_map(pipe: dict[str, Any], name: str, pipe_path: Path | None, what: str)
         if not isinstance(v, str) or not v.strip():
             raise ConfigError(f"pipeline.{name}.{k}: must be a non-empty string ({what}), got {v!r}{where}")
     return value
-
-
-def resolve_model(name: str, aliases: dict[str, str]) -> str:
-    model = aliases.get(name, name)
-    if model.startswith(TINY_PREFIX) and model[len(TINY_PREFIX) :] not in TINY_ARCHES:
-        raise ConfigError(
-            f"model: {model!r} is not a tiny random model (use tiny-random:cogvlm or tiny-random:cogvlm2)"
-        )
-    return model
 
 
 @dataclass(frozen=True)
@@ -89,18 +78,7 @@ class ModelSource:
 
     def tiny_dir(self) -> Path:
         """Build (once) the random model that `tiny-random:<arch>` names; its text is meaningless."""
-        from filelock import FileLock
-
-        from cogbatch.testing.tiny import write_tiny_checkpoint
-
-        arch = self.model[len(TINY_PREFIX) :] or "cogvlm2"
-        target = self.cache_dir / "tiny-random" / arch
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(target) + ".lock"):
-            if not (target / "config.json").is_file():
-                sizes = {"hidden_size": 32, "heads": 4, "kv_heads": 2} if arch == "cogvlm2" else {}
-                write_tiny_checkpoint(target, arch=arch, seed=0, overwrite=True, **sizes)
-        return target
+        return tiny_checkpoint(self.model, self.cache_dir)
 
     def config(self) -> Any:
         """The model's `CogVLMConfig` from its config.json alone; ConfigError naming the model when it cannot work."""
@@ -134,9 +112,16 @@ class ModelSource:
             return DTYPE_NAMES.get(self.dtype, "bfloat16")  # what `auto` picks on an Ampere or newer GPU
         return str(resolve_dtype(self.dtype, device)).removeprefix("torch.")
 
-    def load(self, **options: Any) -> Any:
-        """The `CogVLM`, loaded with these settings (quantized through the cache under `cache_dir`);
-        `options` go to `CogVLM.from_pretrained` (`verify_cache`, `wait_for_cache`)."""
+    def load(
+        self, use_cache: bool = True, progress: Callable[[str, int, int], None] | None = None, **options: Any
+    ) -> Any:
+        """The `CogVLM`, loaded with these settings (quantized through the cache under `cache_dir`).
+
+        `use_cache=False` quantizes without reading or writing the cache: a one-off load (`compare
+        --per-layer`) must not leave gigabytes of entries no run will read. `progress(what, bytes done,
+        bytes total)` is called as the weights are read (see `from_pretrained`). `options` go to
+        `CogVLM.from_pretrained` (`verify_cache`, `wait_for_cache`).
+        """
         from cogbatch.model.cogvlm import CogVLM
 
         return CogVLM.from_pretrained(
@@ -145,7 +130,8 @@ class ModelSource:
             device=None if self.device == "auto" else self.device,
             quantization=self.quantized,
             tokenizer=self.tokenizer,
-            cache_dir=self.cache_dir,
+            cache_dir=self.cache_dir if use_cache else False,
             dequant_threshold=None if self.quantization is None else self.quantization.dequant_threshold,
+            progress=progress,
             **options,
         )

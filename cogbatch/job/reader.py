@@ -149,7 +149,8 @@ def read_task(data: Any, path: str, defaults: GenerationConfig) -> TaskConfig:
     return task
 
 
-def read_input(data: Any, base_dir: Path) -> InputConfig:
+def read_input(data: Any, base_dir: Path, check: bool = True) -> InputConfig:
+    """The `input:` section; `check=False` leaves the folder or manifest unread (`cogbatch plan`)."""
     sec = Section(data, "input")
     folder, manifest = sec.str_("folder"), sec.str_("manifest")
     if (folder is None) == (manifest is None):
@@ -169,16 +170,17 @@ def read_input(data: Any, base_dir: Path) -> InputConfig:
         id_column=sec.str_("id_column"),
     )
     sec.finish()
-    if cfg.folder is not None:
-        if not cfg.folder.is_dir():
-            raise ConfigError(f"input.folder: {cfg.folder} is not a directory")
-    else:
+    if cfg.manifest is not None and (cfg.path_column is None) == (cfg.bytes_column is None):
+        raise ConfigError("input: a manifest needs exactly one of path_column or bytes_column")
+    if not check:
+        return cfg
+    if cfg.folder is not None and not cfg.folder.is_dir():
+        raise ConfigError(f"input.folder: {cfg.folder} is not a directory")
+    if cfg.manifest is not None:
         if cfg.manifest.is_dir():
             raise ConfigError(f"input.manifest: {cfg.manifest} is a directory (a manifest is one Parquet file)")
         if not cfg.manifest.is_file():
             raise ConfigError(f"input.manifest: {cfg.manifest} does not exist")
-        if (cfg.path_column is None) == (cfg.bytes_column is None):
-            raise ConfigError("input: a manifest needs exactly one of path_column or bytes_column")
     return cfg
 
 

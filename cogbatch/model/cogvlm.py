@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -189,9 +189,12 @@ class CogVLM(nn.Module):
         dequant_threshold: Any = None,
         verify_cache: bool = False,
         wait_for_cache: bool = False,
+        progress: Callable[[str, int, int], None] | None = None,
     ) -> CogVLM:
-        """Load an official checkpoint (local directory or hub id) with our implementation.
+        """Load an official checkpoint (local directory, hub id or `tiny-random:<arch>`) with our implementation.
 
+        `tiny-random:cogvlm2` (or `:cogvlm`) names a small random model, built once under the cache
+        directory (`model.sources`; for smoke runs: its text is meaningless).
         `tokenizer` names a tokenizer to use when the checkpoint has none (cogvlm-chat-hf).
         `quantization`: None/"none", "int4" (group 128), "int4-g32"/"-g64"/"-g128", "int8", or a
         dict / `QuantConfig` with per-module rules (see `cogbatch.model.quant.spec`). Quantized loads
@@ -202,6 +205,9 @@ class CogVLM(nn.Module):
         `verify_cache`: check the checksum of every cached tensor (by default only an entry's first use does).
         `wait_for_cache`: return only once a new cache entry is written (by default it is written in the
         background while the model is used).
+        `progress(what, bytes done, bytes total)` is called as weights are read, `what` naming the
+        source ("checkpoint", or "quantized-weights cache"): a caller's progress bar over the minutes a
+        large load takes.
         The load report is `model.load_report`.
         """
         from cogbatch.model.quant.report import LoadTracker, build_report
@@ -210,7 +216,7 @@ class CogVLM(nn.Module):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = resolve_dtype(dtype, device)
         quant = QuantConfig.parse(quantization)
-        ckpt = resolve_checkpoint(path_or_id)
+        ckpt = resolve_checkpoint(path_or_id, cache_dir=Path(cache_dir) if isinstance(cache_dir, str | Path) else None)
         cfg = CogVLMConfig.from_json(ckpt)
         files = weight_files(ckpt)
         found = scan_tensors(files)
@@ -226,7 +232,7 @@ class CogVLM(nn.Module):
             from cogbatch.model.quant.loader import load_quantized
 
         cache: dict[str, Any] = {}
-        with LoadTracker(device) as tracker:
+        with LoadTracker(device, progress=progress) as tracker:
             if quant is None:
                 model = cls._load_unquantized(cfg, files, dtype, device, tracker)
             else:
@@ -251,10 +257,12 @@ class CogVLM(nn.Module):
 
         with init_empty_weights():  # parameters on meta; buffers (rotary) stay real
             model = cls(cfg)
+        tracker.reading("checkpoint", sum(f.stat().st_size for f in files))
         with tracker.phase("read"):
             for name, tensor in stream_tensors(files, device):
                 if not name.endswith(DERIVED_SUFFIXES):
                     set_module_tensor_to_device(model, name, device, value=tensor, dtype=dtype)
+                tracker.read(tensor.numel() * tensor.element_size())
             model.to(device)  # the rotary buffers
         return model
 
@@ -298,15 +306,29 @@ class CogVLM(nn.Module):
         attention_mask: torch.Tensor,
         images: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        *,
+        image_features: torch.Tensor | None = None,
+        last: int | None = None,
     ) -> torch.Tensor:
-        """Full-sequence logits (B, L, V) in float32 for a left- or un-padded batch, without a cache."""
+        """Full-sequence logits (B, L, V) in float32 for a left- or un-padded batch, without a cache.
+
+        `image_features` (from `encode_images`) stand in for `images` when the vision tower ran
+        elsewhere (phase swapping). `last` keeps only the last `last` positions (B, last, V): scoring a
+        continuation needs those, not V logits for each of CogVLM2's 2,306 image positions.
+        """
+        if last is not None and last < 1:
+            raise ValueError(f"last must be at least 1, got {last}")
         dev = self.device
         input_ids, token_type_ids, attention_mask = input_ids.to(dev), token_type_ids.to(dev), attention_mask.to(dev)
-        feats = self.encode_images(images) if images is not None else None
+        feats = image_features
+        if feats is None and images is not None:
+            feats = self.encode_images(images)
         if position_ids is None:
             position_ids = padding_invariant_position_ids(token_type_ids, attention_mask)
         embeds = self.model.embed(input_ids, token_type_ids, feats)
         hidden = self.model(embeds, token_type_ids, position_ids.to(dev), attention_mask)
+        if last is not None:
+            hidden = hidden[:, -last:]
         return self.lm_head(hidden).float()
 
     def generate(

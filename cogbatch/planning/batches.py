@@ -12,6 +12,7 @@ from typing import Any
 from cogbatch.errors import DoesNotFit
 from cogbatch.planning.memory import GiB, MemoryModel
 
+DEFAULT_MAX_TEXT = 128  # prompt tokens a run plans for until it sees longer prompts (also `cogbatch plan`'s)
 REASONABLE_BATCH = 4  # resident mode is kept when it decodes this many sequences together
 MAX_CHUNK_IMAGES = 64  # host memory per chunk: decoded pixels and features, ~40 MB per CogVLM2 image
 
@@ -25,7 +26,7 @@ class BatchPlan:
     peak_bytes: int
     ceiling: int
     per_request_bytes: int  # KV cache of one sequence (prefix + prompt + max_new_tokens)
-    max_text: int = 128  # prompt tokens planned for
+    max_text: int = DEFAULT_MAX_TEXT  # prompt tokens planned for
     max_new: int = 256  # new tokens planned for
     notes: list[str] = field(default_factory=list)
 

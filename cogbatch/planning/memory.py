@@ -149,12 +149,15 @@ def memory_model_for(model: Any) -> MemoryModel:
     )
 
 
-def planned_dense_copies(cfg: CogVLMConfig, quant: Any, device_type: str, dtype: Any) -> dict[str, int]:
+def planned_dense_copies(
+    cfg: CogVLMConfig, quant: Any, device_type: str, dtype: Any, capability: tuple[int, int] | None = None
+) -> dict[str, int]:
     """`largest_dense_copy` per phase predicted from the rules alone (for `cogbatch plan`, no model).
 
-    CUDA: int8 layers (dequantize + matmul), and int4 layers other than bf16 with group 128 (the
-    fallback before sm80; fp16 on sm80+ gets the fused AWQ kernel, counted anyway as the GPU is
-    unknown here). CPU: every quantized layer (dynamic dequantization, into fp32 at worst).
+    CUDA: int8 layers (dequantize + matmul), and int4 layers other than bf16 with group 128 on sm80+
+    (TinyGemm; `capability` None = not known, planned as sm80+). fp16 on sm80+ may get quanto's
+    fused AWQ kernel, but only after a JIT CUDA build: it is planned as the fallback. CPU: every
+    quantized layer (dynamic dequantization, into fp32 at worst).
     """
     import torch
 
@@ -164,7 +167,8 @@ def planned_dense_copies(cfg: CogVLMConfig, quant: Any, device_type: str, dtype:
     shapes = linear_layers(cfg)
     for name, lp in plan_layers(cfg, quant).items():
         if device_type == "cuda":
-            if lp.qtype == "int4" and dtype == torch.bfloat16 and lp.group_size == 128:
+            fused = capability is None or capability >= (8, 0)
+            if lp.qtype == "int4" and dtype == torch.bfloat16 and lp.group_size == 128 and fused:
                 continue
             nbytes = dtype.itemsize
         else:

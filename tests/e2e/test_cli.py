@@ -9,7 +9,7 @@ import sys
 
 import cogbatch
 
-COMMANDS = ["compact", "demo", "export", "gallery", "plan", "quantize", "run", "schedule", "status"]
+COMMANDS = ["compact", "compare", "demo", "export", "gallery", "plan", "quantize", "run", "schedule", "status"]
 
 
 def cogbatch_cmd(*args: str) -> subprocess.CompletedProcess:

@@ -147,6 +147,7 @@ def _load_from_cache(load: QuantizedLoad, entry: Path, sidecar: dict[str, Any], 
     tracker, device = load.tracker, load.device
     with tracker.phase("cache_read"):
         weights = open_weights(entry, sidecar)
+        tracker.reading("quantized-weights cache", weights.size)
         weights.will_need()  # a cold file is read ahead while the skeleton is built
     if full_check or not (sidecar.get("verified") or {}).get("on_first_use"):
         with tracker.phase("verify"):
@@ -159,6 +160,7 @@ def _load_from_cache(load: QuantizedLoad, entry: Path, sidecar: dict[str, Any], 
 
         def get(name: str, target: torch.device = device) -> torch.Tensor:
             t = weights.tensor(name)
+            tracker.read(t.numel() * t.element_size())  # mapped on CPU: its pages come as the model uses them
             return t if target.type == "cpu" else t.to(target)
 
         structure = sidecar["structure"]

@@ -68,15 +68,18 @@ def stream_quantize(load: QuantizedLoad, model: nn.Module) -> dict[str, float]:
             timings.append(times)
         builder.fill(src, a, b, times)
 
-    pending: deque[tuple[Callable[[], None], list[Future]]] = deque()
+    pending: deque[tuple[Callable[[], None], list[Future], int]] = deque()
+    load.tracker.reading("checkpoint", sum(f.stat().st_size for f in load.files))
 
     def finish_done(block: bool) -> None:
-        """Hand finished tensors to the model in file order; with `block`, wait for all of them."""
+        """Hand finished tensors to the model in file order, counting their bytes as read (the caller's
+        progress, on this thread); with `block`, wait for all of them."""
         while pending and (block or all(f.done() for f in pending[0][1])):
-            done, futures = pending.popleft()
+            done, futures, nbytes = pending.popleft()
             for f in futures:
                 f.result()  # a worker's exception surfaces here
             done()
+            load.tracker.read(nbytes)
 
     # the workers' scratch buffers are thread-local: they go when the pool's threads end with the load
     with _single_threaded_ops(load.device.type == "cpu"), ThreadPoolExecutor(workers, "cogbatch-quantize") as pool:
@@ -84,11 +87,11 @@ def stream_quantize(load: QuantizedLoad, model: nn.Module) -> dict[str, float]:
             for name, src in _checkpoint_tensors(load):
                 builder, done = _builder_for(load, model, name, tuple(src.shape))
                 futures = [pool.submit(run, builder, src, a, b) for a, b in builder.blocks()]
-                pending.append((done, futures))
+                pending.append((done, futures, src.numel() * src.element_size()))
                 finish_done(block=False)
             finish_done(block=True)
         except BaseException:
-            for _, futures in pending:
+            for _, futures, _ in pending:
                 for f in futures:
                     f.cancel()
             raise

@@ -29,7 +29,7 @@ def folder(tmp_path):
 
 def _job(tmp_path, **keys):
     tasks = [{"name": "t1", "prompt": "{stem} in {folder}"}, {"name": "t2", "prompt": "x"}]
-    job = {"model": "m", "output": str(tmp_path / "out"), "tasks": tasks, **keys}
+    job = {"model": "test/m", "output": str(tmp_path / "out"), "tasks": tasks, **keys}
     return load_job(job, pipeline=None)
 
 
