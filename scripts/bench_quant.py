@@ -22,9 +22,9 @@ write), INT4 from the cache (the entry's first use, which checks every checksum)
 later use: size and header checks only), `CogVLM.from_pretrained` timed inside a fresh process each with
 torch, optimum-quanto and cogbatch imported before the clock starts, best of 3, interleaved, files
 in the page cache, torch's default thread count. The first load returns before its background cache
-write ends: both the load and the time until the entry is written are given. `--cogbatch-src DIR`
-times another revision's package instead (a `git archive <rev> cogbatch` unpacked in DIR): the
-"before" column of docs/performance.md.
+write ends: both the load and the time until the entry is written are given. `--baseline-src DIR`
+also times another revision's package (`git archive <rev> cogbatch | tar -x -C DIR`), interleaved
+round by round with this checkout's: the "before" column of docs/performance.md.
 
 Times are the minimum over repeats (the median is in the JSON): shared machines are noisy and the
 minimum is the least disturbed run. Results go to outputs/bench/quant_<device>.json.
@@ -229,43 +229,54 @@ ISSUE_LOADS = {"bf16 unquantized": "bf16", "int4 first load": "int4", "int4 from
                "int4 from cache, later use": "int4"}  # fmt: skip
 
 
-def bench_issue_loads(ckpt: Path, repeats: int, src: Path | None) -> dict:
-    """Best of `repeats` fresh processes per load, interleaved (a noisy minute disturbs every mode alike);
-    each round's first INT4 load starts from an empty cache dir, and its cached load reads that entry."""
-    runs: dict[str, list[dict]] = {k: [] for k in ISSUE_LOADS}
+def bench_issue_loads(ckpt: Path, repeats: int, sources: dict[str, Path | None]) -> dict:
+    """{revision: results}: best of `repeats` fresh processes per load and revision, interleaved (each round
+    runs every load of every revision, so a noisy minute disturbs all alike). Each round's first INT4 load
+    starts from an empty cache dir, and the cached loads read that entry. `sources`: revision label ->
+    directory holding its `cogbatch` package (None: the installed one)."""
+    runs = {rev: {k: [] for k in ISSUE_LOADS} for rev in sources}
     load_avg = []
     with tempfile.TemporaryDirectory(prefix="cogbatch-bench-loads-") as tmp:
         for i in range(repeats):
-            cache = Path(tmp) / f"run{i}"
-            for label, mode in ISSUE_LOADS.items():
-                load_avg.append(os.getloadavg()[0])
-                out = subprocess.run(
-                    [sys.executable, "-c", _LOADS_CHILD, str(src or ""), mode, str(ckpt), str(cache)],
-                    env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, check=True,
-                )  # fmt: skip
-                runs[label].append(json.loads(out.stdout.strip().splitlines()[-1]))
-                print(f"  round {i + 1} {label}: {runs[label][-1]['load_s']:.2f} s", file=sys.stderr, flush=True)
-    best = {k: min(v, key=lambda r: r["load_s"]) for k, v in runs.items()}
-    return {"best": best, "runs": runs, "load_average_1min": load_avg}
+            for rev, src in sources.items():
+                cache = Path(tmp) / f"{rev}-run{i}"
+                for label, mode in ISSUE_LOADS.items():
+                    load_avg.append(os.getloadavg()[0])
+                    out = subprocess.run(
+                        [sys.executable, "-c", _LOADS_CHILD, str(src or ""), mode, str(ckpt), str(cache)],
+                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, check=True,
+                    )  # fmt: skip
+                    runs[rev][label].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                    took = runs[rev][label][-1]["load_s"]
+                    print(f"  round {i + 1} {rev} {label}: {took:.2f} s", file=sys.stderr, flush=True)
+    return {
+        "load_average_1min": load_avg,
+        "revisions": {
+            rev: {"best": {k: min(v, key=lambda r: r["load_s"]) for k, v in by_label.items()}, "runs": by_label}
+            for rev, by_label in runs.items()
+        },
+    }
 
 
 def print_issue_table(report: dict) -> None:
     loads = report["issue_loads"]
-    best, plain = loads["best"], loads["best"]["bf16 unquantized"]["load_s"]
     avg = loads["load_average_1min"]
     print(
         f"\nLoad of {report['checkpoint']} ({report['checkpoint_mib']:.0f} MiB fp16), CPU, page cache warm, "
         f"best of {report['load_repeats']} fresh processes, interleaved; 1-min load average "
         f"{min(avg):.2f}-{max(avg):.2f} during the runs"
     )
-    print("| load | seconds | vs unquantized | until the cache entry is written |")
-    print("|---|---:|---:|---:|")
-    for label, r in best.items():
-        tail = f"{r['until_cached_s']:.2f} s" if label == "int4 first load" else ""
-        print(f"| {label} | {r['load_s']:.2f} | {r['load_s'] / plain:.2f}x | {tail} |")
-    print("\nphases of the best runs (s; read/quantize/pack summed over the worker threads):")
-    for label, r in best.items():
-        print(f"  {label}: " + ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in r["phases"].items() if v))
+    for rev, results in loads["revisions"].items():
+        best = results["best"]
+        plain = best["bf16 unquantized"]["load_s"]
+        print(f"\n{rev}\n| load | seconds | vs unquantized | until the cache entry is written |")
+        print("|---|---:|---:|---:|")
+        for label, r in best.items():
+            tail = f"{r['until_cached_s']:.2f} s" if label == "int4 first load" else ""
+            print(f"| {label} | {r['load_s']:.2f} | {r['load_s'] / plain:.2f}x | {tail} |")
+        print("phases of the best runs (s; read/quantize/pack summed over the worker threads):")
+        for label, r in best.items():
+            print(f"  {label}: " + ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in r["phases"].items() if v))
 
 
 def load_once(mode: str, ckpt: Path, cache: Path, threads: int) -> dict:
@@ -380,7 +391,8 @@ def main() -> None:
                     help="default: outputs/bench/cogvlm2-quant-ckpt; --loads: .../cogvlm-0.8b-ckpt")  # fmt: skip
     ap.add_argument("--json", type=Path, default=None, help="default: outputs/bench/quant_cpu.json")
     ap.add_argument("--loads", action="store_true", help="only the load table of issue 17 (see above)")
-    ap.add_argument("--cogbatch-src", type=Path, default=None, help="with --loads: time the cogbatch package in DIR")
+    ap.add_argument("--baseline-src", type=Path, default=None,
+                    help="with --loads: also time the cogbatch package in DIR, interleaved")  # fmt: skip
     args = ap.parse_args()
     if args.loads:
         main_loads(args)
@@ -435,9 +447,11 @@ def main_loads(args: argparse.Namespace) -> None:
         "checkpoint": str(path),
         "checkpoint_mib": sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20,
         "load_repeats": args.load_repeats or 3,
-        "cogbatch_src": None if args.cogbatch_src is None else str(args.cogbatch_src),
     }
-    report["issue_loads"] = bench_issue_loads(path, report["load_repeats"], args.cogbatch_src)
+    sources: dict[str, Path | None] = {"this checkout": None}
+    if args.baseline_src is not None:
+        sources = {"baseline": args.baseline_src, **sources}
+    report["issue_loads"] = bench_issue_loads(path, report["load_repeats"], sources)
     print_issue_table(report)
     out = args.json or REPO / "outputs" / "bench" / "quant_loads_cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
