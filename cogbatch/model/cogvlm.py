@@ -203,8 +203,8 @@ class CogVLM(nn.Module):
         `dequant_threshold`: rows above which a quantized layer uses a transient dense weight
         (None = the device's default, `math.inf` = never, or a dict per device type).
         `verify_cache`: check the checksum of every cached tensor (by default only an entry's first use does).
-        `wait_for_cache`: return only once a new cache entry is written (by default it is written in the
-        background while the model is used).
+        `wait_for_cache`: return only once a new cache entry is written (by default, on CPU, it is written
+        in the background while the model is used; a GPU load always waits for it).
         `progress(what, bytes done, bytes total)` is called as weights are read, `what` naming the
         source ("checkpoint", or "quantized-weights cache"): a caller's progress bar over the minutes a
         large load takes.

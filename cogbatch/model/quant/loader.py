@@ -16,8 +16,9 @@ timings in docs/performance.md):
   therefore mapping one file and assigning views of it (on CPU the weights stay in the page cache,
   shared by every process using the entry): no repacking, no quanto `requantize()` (it materialises
   the whole float model on the device first).
-* **The run does not wait for the cache.** A first load returns once the model is built; the entry
-  is written from the model's tensors by a background thread (`writeback`).
+* **The run does not wait for the cache** on CPU. A first load returns once the model is built; the
+  entry is written from the model's tensors by a background thread (`writeback`). On a GPU the load
+  waits for it: the writer keeps device tensors alive until written, which phase swapping must free.
 * **Integrity at a small fraction of the read.** Every load checks the sidecar, the file size and the
   safetensors header; the CRC-32 of every tensor is checked when the entry is written and on its first
   use, and on every load with `verify_cache` (`cogbatch quantize --verify`). Any doubt about an entry
@@ -260,7 +261,9 @@ def load_quantized(
                 lock.release()
         if writer is not None:
             writer.start()
-            if wait_for_cache:
+            # On a GPU the writer holds the device tensors it has not written yet: phase swapping could not
+            # free them, so the load waits there (on CPU the model's tensors are the ones written, no copy).
+            if wait_for_cache or device.type != "cpu":
                 writer.wait()
             cache["cache_status"] = writer.report_status()
             cache["cache_writer"] = writer

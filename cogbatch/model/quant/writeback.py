@@ -1,7 +1,8 @@
 """The cache entry of a freshly quantized model, written by a background thread while the run goes on.
 
 The model's own tensors are written as they are (no copy on CPU, one tensor at a time to the host
-from a GPU), so the run waits for none of it: the load returns as soon as the model is built. The
+from a GPU), so on CPU the run waits for none of it: the load returns as soon as the model is built
+(on a GPU the loader waits: the writer keeps device tensors alive that phase swapping must free). The
 writer holds the entry's builder lock until the entry is published, so a second process loading the
 same model at the same time waits and then reads the entry instead of quantizing again. The thread
 is not a daemon: at exit, the interpreter lets it finish (a killed process leaves a temp dir that the
