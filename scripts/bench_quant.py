@@ -22,7 +22,8 @@ write), INT4 from the cache (the entry's first use, which checks every checksum)
 later use: size and header checks only), `CogVLM.from_pretrained` timed inside a fresh process each with
 torch, optimum-quanto and cogbatch imported before the clock starts, best of 3, interleaved, files
 in the page cache, torch's default thread count. The first load returns before its background cache
-write ends: both the load and the time until the entry is written are given. `--baseline-src DIR`
+write ends: both the load and the time until the entry is written are given. `--page-cache cold`
+drops the files' pages before every load (default with --loads: warm). `--baseline-src DIR`
 also times another revision's package (`git archive <rev> cogbatch | tar -x -C DIR`), interleaved
 round by round with this checkout's: the "before" column of docs/performance.md.
 
@@ -212,6 +213,23 @@ if mode == "int4":
 t0 = time.perf_counter()
 model = CogVLM.from_pretrained(path, **kw)
 load_s = time.perf_counter() - t0
+
+
+def leaves(t):
+    t = t.data if isinstance(t, torch.nn.Parameter) else t
+    if type(t) is torch.Tensor:
+        yield t
+    else:  # a quantized weight: its inner tensors
+        for name in t.__tensor_flatten__()[0]:
+            yield from leaves(getattr(t, name))
+
+
+t1 = time.perf_counter()  # every page of every weight touched, as the first forward pass does: a mapped
+for t in list(model.parameters()) + list(model.buffers()):  # cache file is read here when not in memory
+    for x in leaves(t):
+        if x.numel() and x.device.type == "cpu":
+            x.detach().contiguous().reshape(-1).view(torch.uint8)[::4096].sum()
+touch_s = time.perf_counter() - t1
 r = model.load_report
 import threading
 for t in threading.enumerate():  # the background cache write (it updates the report when it ends)
@@ -219,7 +237,7 @@ for t in threading.enumerate():  # the background cache write (it updates the re
         t.join()
 cached_s = time.perf_counter() - t0
 fields = {k: v for k, v in vars(r).items() if k.endswith("_s") and isinstance(v, float)}
-print(json.dumps({"load_s": load_s, "until_cached_s": cached_s, "cache": r.cache_status,
+print(json.dumps({"load_s": load_s, "touch_s": touch_s, "until_cached_s": cached_s, "cache": r.cache_status,
                   "phases": fields, "workers": getattr(r, "workers", 1), "kernels": r.kernels,
                   "peak_anon": r.peak_host_anon_bytes, "baseline_anon": r.baseline_host_anon_bytes,
                   "weight_bytes": r.total_weight_bytes}))
@@ -229,11 +247,12 @@ ISSUE_LOADS = {"bf16 unquantized": "bf16", "int4 first load": "int4", "int4 from
                "int4 from cache, later use": "int4"}  # fmt: skip
 
 
-def bench_issue_loads(ckpt: Path, repeats: int, sources: dict[str, Path | None]) -> dict:
+def bench_issue_loads(ckpt: Path, repeats: int, sources: dict[str, Path | None], cold: bool = False) -> dict:
     """{revision: results}: best of `repeats` fresh processes per load and revision, interleaved (each round
     runs every load of every revision, so a noisy minute disturbs all alike). Each round's first INT4 load
     starts from an empty cache dir, and the cached loads read that entry. `sources`: revision label ->
-    directory holding its `cogbatch` package (None: the installed one)."""
+    directory holding its `cogbatch` package (None: the installed one). `cold`: the checkpoint's and the
+    cache's pages are dropped before every load (a model not in memory: the disk's speed shows)."""
     runs = {rev: {k: [] for k in ISSUE_LOADS} for rev in sources}
     load_avg = []
     with tempfile.TemporaryDirectory(prefix="cogbatch-bench-loads-") as tmp:
@@ -241,6 +260,8 @@ def bench_issue_loads(ckpt: Path, repeats: int, sources: dict[str, Path | None])
             for rev, src in sources.items():
                 cache = Path(tmp) / f"{rev}-run{i}"
                 for label, mode in ISSUE_LOADS.items():
+                    if cold:
+                        drop_page_cache([f for d in (ckpt, cache) if d.is_dir() for f in d.rglob("*") if f.is_file()])
                     load_avg.append(os.getloadavg()[0])
                     out = subprocess.run(
                         [sys.executable, "-c", _LOADS_CHILD, str(src or ""), mode, str(ckpt), str(cache)],
@@ -262,18 +283,20 @@ def print_issue_table(report: dict) -> None:
     loads = report["issue_loads"]
     avg = loads["load_average_1min"]
     print(
-        f"\nLoad of {report['checkpoint']} ({report['checkpoint_mib']:.0f} MiB fp16), CPU, page cache warm, "
+        f"\nLoad of {report['checkpoint']} ({report['checkpoint_mib']:.0f} MiB fp16), CPU, page cache "
+        f"{report['page_cache']}, "
         f"best of {report['load_repeats']} fresh processes, interleaved; 1-min load average "
         f"{min(avg):.2f}-{max(avg):.2f} during the runs"
     )
     for rev, results in loads["revisions"].items():
         best = results["best"]
         plain = best["bf16 unquantized"]["load_s"]
-        print(f"\n{rev}\n| load | seconds | vs unquantized | until the cache entry is written |")
-        print("|---|---:|---:|---:|")
+        print(f"\n{rev}\n| load | seconds | vs unquantized | + touching every weight page | until cached |")
+        print("|---|---:|---:|---:|---:|")
         for label, r in best.items():
             tail = f"{r['until_cached_s']:.2f} s" if label == "int4 first load" else ""
-            print(f"| {label} | {r['load_s']:.2f} | {r['load_s'] / plain:.2f}x | {tail} |")
+            touch = f"{r['touch_s']:.2f} s" if "touch_s" in r else ""
+            print(f"| {label} | {r['load_s']:.2f} | {r['load_s'] / plain:.2f}x | {touch} | {tail} |")
         print("phases of the best runs (s; read/quantize/pack summed over the worker threads):")
         for label, r in best.items():
             print(f"  {label}: " + ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in r["phases"].items() if v))
@@ -451,7 +474,8 @@ def main_loads(args: argparse.Namespace) -> None:
     sources: dict[str, Path | None] = {"this checkout": None}
     if args.baseline_src is not None:
         sources = {"baseline": args.baseline_src, **sources}
-    report["issue_loads"] = bench_issue_loads(path, report["load_repeats"], sources)
+    report["page_cache"] = "cold" if args.page_cache == "cold" else "warm"
+    report["issue_loads"] = bench_issue_loads(path, report["load_repeats"], sources, report["page_cache"] == "cold")
     print_issue_table(report)
     out = args.json or REPO / "outputs" / "bench" / "quant_loads_cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
