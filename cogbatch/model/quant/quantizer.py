@@ -2,7 +2,7 @@
 
 quanto's int4 recipe (`MaxOptimizer` + `quantize_affine`, in the compute dtype) is, per group of
 `g` input columns: scale = (max - min) / 15, shift = -min, code = clamp(round((w + shift) / scale), 0, 15).
-Run through quanto it costs ~30 ms per 4.7 M weights on one core (measured, docs/performance.md):
+Run through quanto it costs ~40 ms per 6.3 M weights on one core, this ~11 ms (docs/performance.md):
 reductions in bf16, fresh temporaries on every call, and a float -> uint8 conversion. This computes
 the same bits with fewer and cheaper passes:
 

@@ -5,11 +5,12 @@ int8, or a plain cast) whose row blocks go, in file order, to a pool of threads.
 its block straight from the memory-mapped shard (the page cache, or the disk behind it) and
 quantizes it with its own scratch buffers; torch ops release the GIL, so reading one block overlaps
 quantizing another and every core is busy. Measured on the 2-core machine (docs/performance.md): a
-dedicated reader thread would idle, since reading and casting is ~15 % of a block's work.
+dedicated reader thread would idle, since reading and casting is about a fifth of a block's work.
 
 Workers run their ops single-threaded (`torch.set_num_threads(1)` for the duration): the pool is the
-parallelism, and nested OpenMP teams on a busy machine spin (the same block measured 4x slower with two
-threads on a loaded 2-core VM). On CUDA one worker feeds the GPU, which quantizes as tensors arrive.
+parallelism, and nested OpenMP teams on a busy machine spin (quanto's quantization of one weight
+measured 6x slower with two threads than with one on the loaded 2-core VM). On CUDA one worker feeds
+the GPU, which quantizes as tensors arrive.
 
 Peak memory stays the finished model plus a few MB per worker: builders allocate only final tensors,
 and a block's temporaries live in the worker's scratch space.
