@@ -1,8 +1,8 @@
 """Quantized weights as bytes: quanto's portable packing, TinyGemm's CPU layout, the compiler-free unpack.
 
 Everything here turns codes into the layout a kernel consumes, or one quanto layout into another, a
-block of rows at a time and bit-identical to what quanto computes for the whole tensor (QUANTO_NOTES:
-its own repack converts a whole layer to int32 codes first; converting TinyGemm back costs an
+block of rows at a time and bit-identical to what quanto computes for the whole tensor (quanto's
+own repack converts a whole layer to int32 codes first; converting TinyGemm back costs an
 O(K^2 N) identity matmul). Importing it also registers a pure-PyTorch `unpack` in place of quanto's
 JIT-compiled C++/CUDA ones, so that loading never needs a compiler.
 """

@@ -2,7 +2,7 @@
 
 `cogbatch plan` predicts device memory from `config.json` without reading weights, so this module
 must not import optimum-quanto (a test checks it): it only knows quanto's behaviour as facts
-(QUANTO_NOTES): which Linear gets which dtype and group size, how many bytes quanto's portable
+(measured on quanto 0.2.7): which Linear gets which dtype and group size, how many bytes quanto's portable
 layout holds for it, and which kernel class quanto's `WeightQBitsTensor.create` will choose.
 """
 
@@ -150,7 +150,7 @@ def predict_weight_bytes(
 
 
 # --------------------------------------------------------------------------------------------
-# which kernel quanto will pick (QUANTO_NOTES section 1.1)
+# which kernel quanto will pick
 
 
 def describe_int4_kernel(device: torch.device, dtype: torch.dtype, group_size: int | None) -> tuple[str, bool]:
@@ -200,7 +200,7 @@ def layer_kernel(
     """The kernel quanto will run for one quantized Linear, hence the layout its weight is kept in:
     `tinygemm-cpu`, `tinygemm-cuda`, `awq`, `fallback` (quanto's portable int4, dequantized per call) or `int8`.
 
-    quanto's `WeightQBitsTensor.create` decides (QUANTO_NOTES 1.1), plus our CPU packer's N % 16;
+    quanto's `WeightQBitsTensor.create` decides, plus our CPU packer's N % 16;
     `awq`: quanto's CUDA extension is registered.
     """
     if lp.qtype == "int8":
