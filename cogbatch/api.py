@@ -5,13 +5,16 @@
     print(summary.describe()); summary.to_dict()   # what `cogbatch run --json` prints
 
 A job is a job file, a job mapping, or a `JobConfig` (from `cogbatch.job.load_job`); overrides are the
-command line's (None = not given), validated like the job's own keys. User mistakes raise `UserError`
-subclasses (`cogbatch.errors`), which the CLI turns into one line and exit 2.
+command line's (None = not given), validated like the job's own keys. Every function that reads a job
+takes the same overrides with the same meaning, and follows the input the output's last run recorded
+when no `input` is given (`_job`). User mistakes raise `UserError` subclasses (`cogbatch.errors`), which
+the CLI turns into one line and their exit code (2, or 66 / 73 where a script must tell them apart).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from pathlib import Path
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
     from cogbatch.gallery import GalleryResult
 
 ENGINES = ("local", "ray")
+log = logging.getLogger("cogbatch")
 
 
 def _job(
@@ -46,13 +50,60 @@ def _job(
     if unknown:
         known = ", ".join(OVERRIDE_KEYS)
         raise TypeError(f"{what}() got unknown override(s) {', '.join(unknown)}; overrides are {known}")
+    if isinstance(config_or_path, JobConfig) and pipeline is not None:
+        raise TypeError(f"{what}() pipeline= applies to a job file, not to a JobConfig (it is already merged)")
+    if isinstance(config_or_path, JobConfig) and model is not None:
+        raise TypeError(f"{what}() model= applies to a job file or to no job, not to a JobConfig")
+    if inputs:  # a command that reads no input (plan) has no input to follow
+        overrides = _follow_recorded_input(config_or_path, overrides, pipeline)
     if isinstance(config_or_path, JobConfig):
-        if pipeline is not None:
-            raise TypeError(f"{what}() pipeline= applies to a job file, not to a JobConfig (it is already merged)")
-        if model is not None:
-            raise TypeError(f"{what}() model= applies to a job file or to no job, not to a JobConfig")
         return with_overrides(config_or_path, overrides)
     return load_job(config_or_path, {**overrides, "model": model}, pipeline, inputs=inputs)
+
+
+def _follow_recorded_input(job: Any, overrides: dict[str, Any], pipeline: str | Path | None) -> dict[str, Any]:
+    """`overrides` with the input the output's last run used, when none is given and the job names another.
+
+    After `run JOB --input ~/Pictures`, `status JOB`, `export JOB`, `schedule JOB` (and a later `run JOB`)
+    act on ~/Pictures, not on the job's own folder, and say so on stderr: the output holds the rows of that
+    input. Give --input to switch the output to another one.
+    """
+    if overrides.get("input") is not None:
+        return overrides
+    from cogbatch.job.load import peek
+    from cogbatch.store.state import recorded_input, state_dir
+
+    if isinstance(job, JobConfig):
+        output = with_overrides(job, {"output": overrides.get("output")}).output
+        own: Path | None = job.input.folder or job.input.manifest
+    else:
+        output, own = peek(job, overrides, pipeline)
+    recorded = recorded_input(output) if output is not None else None
+    if recorded is None or (own is not None and os.path.abspath(own) == os.path.abspath(recorded)):
+        return overrides
+    where = f"{_shown(state_dir(output))}{os.sep}"
+    if not recorded.exists():
+        raise ConfigError(f"the input of the last run of {_shown(output)}, {_shown(recorded)} (recorded in {where}), "
+                          "is not there any more: give --input")  # fmt: skip
+    log.warning("using the input of the last run: %s (recorded in %s)", _shown(recorded), where)
+    return {**overrides, "input": str(recorded)}
+
+
+def _shown(path: Path) -> str:
+    """A path as a person would type it: relative to the current directory when under it, else with ~."""
+    path = Path(os.path.abspath(path))
+    for base, prefix in ((Path.cwd(), ""), (Path.home(), "~" + os.sep)):
+        try:
+            rel = path.relative_to(base)
+        except ValueError:
+            continue
+        return prefix + str(rel) if str(rel) != "." else (prefix.rstrip(os.sep) or ".")
+    return str(path)
+
+
+def job_config(config_or_path: Any, *, pipeline: str | Path | None = None, **overrides: Any) -> JobConfig:
+    """The job as every command sees it: `overrides` (as `run_job`'s) applied, the recorded input followed."""
+    return _job(config_or_path, overrides, pipeline, "job_config")
 
 
 def run_job(
@@ -170,9 +221,17 @@ def export_job(
 
 
 def compact_output(output: str | Path) -> CompactReport:
-    """Merge an output dataset's part files into fewer, without changing its rows (crash-safe)."""
-    from cogbatch.store import compact, prepare_output
+    """Merge an output dataset's part files into fewer, without changing its rows (crash-safe).
 
+    NotAnOutput (exit 2) for a directory that holds no cogbatch output (a folder of images): nothing is
+    written there.
+    """
+    from cogbatch.errors import NotAnOutput
+    from cogbatch.store import compact, is_output, prepare_output
+
+    if not is_output(Path(output)):
+        raise NotAnOutput(f"{output} is not a cogbatch output (no part-*.parquet files, no {Path(output).name}"
+                          ".cogbatch/ beside it): nothing to compact")  # fmt: skip
     try:
         prepare_output(Path(output))
         before, after = compact(Path(output))

@@ -12,11 +12,18 @@
         GalleryError                      a gallery that cannot be made (no results, unknown task, DEST)
         CronError (ValueError)            an invalid cron expression
         UnsafePathError                   a path a crontab line cannot hold
+        NotAnOutput                       `compact` on a directory that holds no cogbatch output
+        NoInput                      66   an input without images: an empty folder, no file with the job's
+                                          extensions, a manifest without rows (EX_NOINPUT)
+        ExportConflict               73   an export that left files it should have written as they were:
+                                          they exist with other content (EX_CANTCREAT; --overwrite)
       JobLocked                      75   another run holds the output (EX_TEMPFAIL: try again later)
       ScheduleError                   1   crontab or flock missing or failing
       RayRunFailed (RuntimeError)     1   the Ray job failed (an actor out of restarts)
       ImageError, CacheError              never leave the process: a row's reason, a cache rebuilt
     Interrupted (KeyboardInterrupt) 130 / 143   a signal (SIGINT / SIGTERM) stopped the process
+    `run --fail-on-error`             3   the output holds current error rows for the job's input (a run
+                                          outcome, not an error: the run did its work)
 
 The base classes live in `cogbatch.model.errors` (the model package is the leaf every package may import).
 The code is a class attribute, `exit_code`, so the CLI and the run history (`history.run_record`) ask the
@@ -33,8 +40,10 @@ from cogbatch.model.errors import CacheError, CheckpointError, CogbatchError, Co
 
 __all__ = [
     "EXIT_ABORTED",
+    "EXIT_CANTCREAT",
     "EXIT_CONFIG",
     "EXIT_LOCKED",
+    "EXIT_NOINPUT",
     "EXIT_OK",
     "EXIT_ROW_ERRORS",
     "EXIT_SIGNAL",
@@ -46,11 +55,14 @@ __all__ = [
     "DestinationError",
     "DoesNotFit",
     "EngineError",
+    "ExportConflict",
     "ExportError",
     "GalleryError",
     "ImageError",
     "Interrupted",
     "JobLocked",
+    "NoInput",
+    "NotAnOutput",
     "RayRunFailed",
     "ResultFileError",
     "ScheduleError",
@@ -64,7 +76,9 @@ __all__ = [
 EXIT_OK = 0
 EXIT_ABORTED = CogbatchError.exit_code  # 1
 EXIT_CONFIG = UserError.exit_code  # 2: configuration or usage error, nothing was done
-EXIT_ROW_ERRORS = 3  # --fail-on-error and some rows are errors
+EXIT_ROW_ERRORS = 3  # --fail-on-error and the output holds current error rows
+EXIT_NOINPUT = 66  # EX_NOINPUT: the input has no images
+EXIT_CANTCREAT = 73  # EX_CANTCREAT: an export could not write some of its files
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another run holds the output
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as shells report it
 
@@ -105,6 +119,35 @@ class DestinationError(ExportError):
 
 class GalleryError(UserError):
     """A gallery that cannot be made as asked: no results, an unknown task, an unwritable destination."""
+
+
+class ExportConflict(ExportError):
+    """Files an export should write exist with other content and were kept (a hand-corrected caption, an
+    export of other rows): the export is not what was asked, so a script must not go on as if it were."""
+
+    exit_code = EXIT_CANTCREAT
+
+    def __init__(self, conflicts: list[dict[str, str]], written: int) -> None:
+        targets = [c.get("target") or c.get("path", "?") for c in conflicts]
+        shown = ", ".join(targets[:3]) + (f" and {len(targets) - 3} more" if len(targets) > 3 else "")
+        super().__init__(
+            f"{len(targets)} file(s) exist with other content and were not replaced: {shown} "
+            f"({written} written; --overwrite replaces them)"
+        )
+        self.conflicts = conflicts
+
+
+class NotAnOutput(UserError):
+    """A directory given as an output that holds no cogbatch results (no part files, no state beside it)."""
+
+
+class NoInput(UserError):
+    """The input has no images: an empty folder, no file with the job's extensions, a manifest without rows.
+
+    Not a finished run: a typo in a path or an extension would otherwise exit 0 night after night.
+    """
+
+    exit_code = EXIT_NOINPUT
 
 
 class CronError(UserError, ValueError):

@@ -1,25 +1,28 @@
 """Exports of a job's results for tools that do not read Parquet.
 
-Which row is exported, one rule for every format: per (path, task), the newest row for the bytes the
-image at that path holds *now* (looked up through the hash cache). After an edit that is the new
-bytes' row once the job has run again; after an image was reverted to bytes it had before, it is the
-row of those bytes again, not the newer row of the bytes it no longer holds. A path whose current
-bytes have no row (gone from the input, or edited and not run yet) falls back to its newest row.
+Which row is exported, one rule for every format: per (path, task) (every file of a folder and every
+manifest row has its own rows, byte-identical ones included), the newest row for the bytes the image at
+that path holds *now* (looked up through the hash cache). After an edit that is the new bytes' row once
+the job has run again; after an image was reverted to bytes it had before, it is the row of those bytes
+again, not the newer row of the bytes it no longer holds. A path whose current bytes have no row (gone
+from the input, or edited and not run yet) falls back to its newest row.
 
 - `txt`: one `<image stem>.txt` per image of the input now holding one task's text, beside the image
   (what LoRA trainers such as kohya's sd-scripts read) or mirrored under a destination folder. An
   image whose current bytes have no row is left out until it is redone; a renamed or copied image
   (no row under its own path) gets the newest row of its bytes. Images that are bytes inside a
   manifest are named by their `id_column` label, or `<manifest stem>-<row:06d>.txt` without one.
-- `jsonl` / `csv`: every column of the chosen row per (path, task), to `DEST/<output name>.<format>`,
-  or stdout.
+- `jsonl` / `csv`: every column of the chosen row per (path, task), to stdout, or with a destination one
+  file per task: `DEST/<output name>.<task>.<format>` (so tasks exported one at a time do not collide).
 
 Safety: an existing file with other content is never replaced without `overwrite` (a hand-corrected
 caption survives a re-export; an identical one is reported as unchanged), and an input image is
 never replaced at all (a manifest may name an image `photo.txt`). Under a destination, every file
 must land inside it whatever the manifest says: absolute paths, `..` and symlinked directories that
 lead out are reported and skipped. Files are written to a temp name and renamed, so a reader never
-sees half a caption. An output without results is an error, and nothing is created for it.
+sees half a caption. An output without results is an error, and nothing is created for it. Files kept
+because they exist with other content are the report's `conflicts`: the CLI then exits 73
+(`errors.ExportConflict`), after writing every other file.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import datetime as dt
 import filecmp
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +48,10 @@ from cogbatch.inputs.entries import ImageEntry
 from cogbatch.inputs.pending import build_entries
 from cogbatch.job.config import JobConfig
 from cogbatch.results import ExportReport
-from cogbatch.store import RESULT_SCHEMA, latest_rows, list_parts, read_results
+from cogbatch.store import RESULT_SCHEMA, list_parts, read_results
 
 FORMATS = ("txt", "jsonl", "csv")
+_TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # what a job accepts as a task name
 _TXT_COLUMNS = ["image_id", "path", "task", "text", "status", "error", "created_at"]
 
 
@@ -58,9 +63,9 @@ def latest_by_path(table: pa.Table, current: dict[str, str] | None = None) -> pa
     among the rows for the bytes the path holds now (`current`: path -> image_id), else among all of
     the path's rows.
 
-    An edited image keeps its path but gets a new image_id, so `latest_rows` would keep both its old
-    and its new row; per path, only what the image holds now counts. Newest alone would be wrong after
-    a revert: the image holds its old bytes again and the newer row describes bytes it no longer has.
+    `store.latest_rows` is the newest row per (path, task) whatever bytes it describes; per path, only what
+    the image holds now counts. Newest alone would be wrong after a revert not yet run again: the image
+    holds its old bytes again and the newer row describes bytes it no longer has.
     Rows without a path (never made by cogbatch, but possible) are keyed by image_id.
     """
     if table.num_rows == 0:
@@ -159,7 +164,7 @@ def export_txt(cfg: JobConfig, task: str | None, dest: Path | None, overwrite: b
     entries = build_entries(cfg)
     rows = read_results(cfg.output, _TXT_COLUMNS).filter(pc.equal(pc.field("task"), task))
     chosen = {r["path"]: r for r in latest_by_path(rows, current_images(entries)).to_pylist() if r["path"]}
-    by_bytes = {r["image_id"]: r for r in latest_rows(rows).to_pylist()}
+    by_bytes = _newest_by_bytes(rows)
     earlier: dict[str, set[str]] = {}  # path -> texts of its older rows, to name a stale caption as such
     for path, text in zip(rows["path"].to_pylist(), rows["text"].to_pylist(), strict=True):
         if path is not None and text is not None:
@@ -190,6 +195,14 @@ def export_txt(cfg: JobConfig, task: str | None, dest: Path | None, overwrite: b
             continue
         _write_one(target, claim.content, label, overwrite, report, earlier.get(label, set()), images)
     return report
+
+
+def _newest_by_bytes(rows: pa.Table) -> dict[str, dict[str, Any]]:
+    """image_id -> its newest row (ties: the last in file order), for an image with no row under its own path."""
+    if rows.num_rows == 0:
+        return {}
+    order = pc.sort_indices(rows, sort_keys=[("created_at", "ascending")])  # stable
+    return {r["image_id"]: r for r in rows.take(order).to_pylist()}
 
 
 @dataclass(frozen=True)
@@ -335,8 +348,8 @@ def export_rows(
     overwrite: bool = False,
     stdout: IO[str] | None = None,
 ) -> ExportReport:
-    """The row per (path, task) that `latest_by_path` chooses, every column, as JSONL or CSV to
-    DEST/<output name>.<fmt> or stdout."""
+    """The row per (path, task) that `latest_by_path` chooses, every column, as JSONL or CSV to stdout, or
+    one file per task to DEST/<output name>.<task>.<fmt>."""
     if fmt not in ("jsonl", "csv"):
         raise ExportError(f"unknown row format {fmt!r}")
     _check_task(cfg, task)
@@ -353,11 +366,28 @@ def export_rows(
         report.rows = _write_rows(table, fmt, stdout or sys.stdout)
         return report
     _make_dest(dest)
-    target = dest / f"{cfg.output.name}.{fmt}"
+    for name in _tasks_to_files(cfg, task, table):
+        target = dest / f"{cfg.output.name}.{name}.{fmt}"
+        report.rows += _write_file(target, table.filter(pc.equal(table["task"], name)), fmt, overwrite, report)
+        report.files.append(str(target))
+    return report
+
+
+def _tasks_to_files(cfg: JobConfig, task: str | None, table: pa.Table) -> list[str]:
+    """One file per task: the one asked for, else the job's tasks and any other task the output holds."""
+    if task is not None:
+        return [task]
+    names = [t.name for t in cfg.tasks]
+    found = set(table["task"].unique().to_pylist()) - set(names)
+    return names + sorted(n for n in found if _TASK_NAME.fullmatch(n))  # a name that is a safe file name part
+
+
+def _write_file(target: Path, table: pa.Table, fmt: str, overwrite: bool, report: ExportReport) -> int:
+    """`table` as `target`, replaced only when that is safe and changes something; the report says what
+    happened. Returns the rows written to the file (also when it was left as it was)."""
     label = str(target)
 
     def commit(temp: Path) -> bool:
-        """Replace `target` only when that is safe and changes something; the report says what happened."""
         if target.is_symlink():
             report.skipped.append({"path": label, "reason": "is a symlink (not followed)"})
         elif target.exists() and filecmp.cmp(temp, target, shallow=False):
@@ -373,7 +403,6 @@ def export_rows(
 
     try:
         with atomic_file(target, "w", commit=commit, encoding="utf-8", newline="") as f:
-            report.rows = _write_rows(table, fmt, f)
+            return _write_rows(table, fmt, f)
     except OSError as e:  # read-only file system, disk full, a directory named like the target…
         raise DestinationError(f"cannot write {target}: {e.strerror or e}") from None
-    return report

@@ -1,10 +1,11 @@
 """Atomic file writes: every file cogbatch writes is either absent or complete, never half written.
 
-Temp name beside the target, fsync, rename over the target, fsync the directory (datatrove's completions,
-img2dataset's stats written last): a crash or a power cut leaves the old file or the new one. The temp
-file is flocked while written, so a cleanup in another process (`store.prepare_output`) can tell a live
-writer's temp file from a dead one's. Temp names end in random hex, never in `.parquet`, so no glob of
-complete files ever picks one up.
+Temp name beside the target (or in a directory of the same file system: result parts are written in the
+output's state directory, so that the output holds nothing but complete parts), fsync, rename over the
+target, fsync the directory (datatrove's completions, img2dataset's stats written last): a crash or a power
+cut leaves the old file or the new one. The temp file is flocked while written, so a cleanup in another
+process (`store.prepare_output`) can tell a live writer's temp file from a dead one's. Temp names end in
+random hex, never in `.parquet`, so no glob of complete files ever picks one up.
 
 The model package keeps its own small fsync of a directory: it is the leaf and imports nothing from here.
 """
@@ -27,9 +28,9 @@ except ImportError:  # Windows: no advisory locks
 TEMP_PATTERN = re.compile(r"^\.tmp-.+\.[0-9a-f]{32}$")
 
 
-def temp_path(target: Path) -> Path:
-    """`.tmp-<name>.<32 hex>` beside `target`."""
-    return target.with_name(f".tmp-{target.name}.{uuid.uuid4().hex}")
+def temp_path(target: Path, directory: Path | None = None) -> Path:
+    """`.tmp-<name>.<32 hex>` beside `target`, or in `directory` (which must be on the same file system)."""
+    return (directory if directory is not None else target.parent) / f".tmp-{target.name}.{uuid.uuid4().hex}"
 
 
 def fsync_dir(directory: Path) -> None:
@@ -51,6 +52,7 @@ def atomic_file(
     before_rename: Callable[[], None] | None = None,
     commit: Callable[[Path], bool] | None = None,
     durable: bool = True,
+    temp_dir: Path | None = None,
     **open_kw: Any,
 ) -> Iterator[IO[Any]]:
     """Write `target` through the file this yields; it replaces `target` when the block ends without error.
@@ -59,10 +61,11 @@ def atomic_file(
     `commit(temp)` may look at the finished temp file and return False to drop it instead of renaming
     (an export that finds the same content already there). The temp file is removed whatever happens.
     `durable=False` skips the fsyncs, for caches whose lost entries are simply made again (thumbnails):
-    the rename still guarantees that no reader ever sees half a file.
+    the rename still guarantees that no reader ever sees half a file. `temp_dir`: where the temp file is
+    written instead of beside `target` (on the same file system: the rename must stay atomic).
     """
     target = Path(target)
-    temp = temp_path(target)
+    temp = temp_path(target, temp_dir)
     created = renamed = False
     try:
         with open(temp, mode.replace("w", "x"), **open_kw) as f:

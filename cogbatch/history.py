@@ -1,4 +1,4 @@
-"""Run history: one JSON line per run in `<output>/runs.jsonl`, shown by `cogbatch status --history`.
+"""Run history: one JSON line per run in `<output>.cogbatch/runs.jsonl`, shown by `cogbatch status --history`.
 
 A nightly job's log tells what happened last night; the history answers "since when did it fail",
 "which versions made these rows", "how long does a night take". Each run appends one line when it
@@ -23,16 +23,17 @@ from typing import Any
 
 from cogbatch.errors import exit_code_for
 from cogbatch.results import RunSummary
+from cogbatch.store.state import HISTORY, ensure_state_dir, readable
 
 try:
     import fcntl
 except ImportError:  # Windows: appends are still single O_APPEND writes
     fcntl = None  # type: ignore[assignment]
 
-HISTORY_NAME = "runs.jsonl"
 VERSIONED = ("cogbatch", "torch", "transformers", "optimum-quanto")
 # Counters of the run summary kept in the history line.
-_COUNTS = ("images", "requests_total", "pending", "done", "failed", "skipped", "generated_tokens", "parts_written")
+_COUNTS = ("items", "distinct_images", "requests_total", "pending", "done", "failed", "reused", "skipped",
+           "generated_tokens", "parts_written")  # fmt: skip
 
 
 def versions() -> dict[str, str | None]:
@@ -51,9 +52,9 @@ def _iso(ts: float) -> str:
 
 
 def outcome_of(exit_code: int) -> str:
-    return {0: "ok", 2: "config error", 3: "error rows", 75: "locked", 130: "interrupted", 143: "interrupted"}.get(
-        exit_code, "aborted"
-    )
+    outcomes = {0: "ok", 2: "config error", 3: "error rows", 66: "no input", 75: "locked", 130: "interrupted",
+                143: "interrupted"}  # fmt: skip
+    return outcomes.get(exit_code, "aborted")
 
 
 def run_record(
@@ -100,9 +101,8 @@ def run_record(
 
 
 def append_record(output: str | os.PathLike[str], record: dict[str, Any]) -> Path:
-    """Append one line to `<output>/runs.jsonl` with a single O_APPEND write."""
-    path = Path(output) / HISTORY_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Append one line to `<output>.cogbatch/runs.jsonl` with a single O_APPEND write."""
+    path = ensure_state_dir(output) / HISTORY
     data = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -132,7 +132,7 @@ def read_history(output: str | os.PathLike[str], warn: Callable[[str], None] | N
     `warn` is told about each skipped line ("<file> line N: ...") and an unreadable file, so that
     `status --history` never says "no runs" about a history it could not read.
     """
-    path = Path(output) / HISTORY_NAME
+    path = readable(output, HISTORY)  # an old layout's history is read where it is until a run moves it
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -201,7 +201,7 @@ def record_run(
         new_parts = new_part_counts(cfg.output, before) if summary is None else None
         append_record(cfg.output, run_record(cfg, started, summary, error, new_parts))
     except Exception as e:  # the run's result matters more than its history line
-        logging.getLogger("cogbatch").warning("could not append to %s: %s", Path(cfg.output) / HISTORY_NAME, e)
+        logging.getLogger("cogbatch").warning("could not append to the history of %s: %s", cfg.output, e)
 
 
 def format_table(records: list[dict[str, Any]]) -> str:

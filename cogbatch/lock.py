@@ -2,8 +2,9 @@
 
 Two runs on one output would both compute the same pending set and caption every image twice (each
 writes complete parts, so nothing breaks, but the work and the duplicate rows are wasted). The lock
-is an exclusive flock(2) on `<output>/.cogbatch/run.lock`, taken without waiting: a second run fails
-at once with `JobLocked` (the CLI exits 75, EX_TEMPFAIL, "try again later").
+is an exclusive flock(2) on `<output>.cogbatch/run.lock` (the state directory, `store.state`), taken
+without waiting: a second run fails at once with `JobLocked` (the CLI exits 75, EX_TEMPFAIL, "try again
+later").
 
 The kernel releases a flock when its process dies, however it dies, so a lock can never outlive its
 holder on the same machine. A JSON sidecar (`run.lock.json`) names the holder (pid, host, start time,
@@ -34,12 +35,9 @@ except ImportError:  # Windows: no flock; the sidecar alone guards, checked by p
 from cogbatch.errors import JobLocked, describe_holder
 from cogbatch.fsio import atomic_write
 from cogbatch.results import RunSummary
+from cogbatch.store.state import RUN_LOCK, RUN_LOCK_INFO, ensure_state_dir, readable
 
 log = logging.getLogger("cogbatch")
-
-LOCK_DIR = ".cogbatch"
-LOCK_NAME = "run.lock"
-INFO_NAME = "run.lock.json"
 
 
 def pid_alive(pid: int) -> bool:
@@ -99,10 +97,9 @@ def job_lock(output: str | os.PathLike[str], command: str | None = None) -> Iter
     ends, whether it returns or raises.
     """
     out = Path(output)
-    directory = out / LOCK_DIR
-    directory.mkdir(parents=True, exist_ok=True)
-    info_path = directory / INFO_NAME
-    with open(directory / LOCK_NAME, "a+b") as f:
+    directory = ensure_state_dir(out)
+    info_path = directory / RUN_LOCK_INFO
+    with open(directory / RUN_LOCK, "a+b") as f:
         _acquire(f, out, info_path)
         try:
             old = _read_info(info_path)
@@ -149,7 +146,7 @@ def current_holder(output: str | os.PathLike[str]) -> dict[str, Any] | None:
     Read-only on purpose: probing the flock itself, even for a moment, could make a run starting at
     that instant find the lock taken and exit 75. A sidecar of a dead pid on this host is stale: None.
     """
-    info = _read_info(Path(output) / LOCK_DIR / INFO_NAME)
+    info = _read_info(readable(output, RUN_LOCK_INFO))
     if not info or not info.get("pid"):
         return None
     if info.get("host") == socket.gethostname() and not pid_alive(int(info["pid"])):
@@ -159,7 +156,7 @@ def current_holder(output: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 def run_exclusive(cfg: Any, body: Callable[[dict[str, Any]], RunSummary]) -> RunSummary:
     """Run `body(holder)` (an engine's whole run, returning its summary) under `cfg.output`'s lock, and
-    append the run's line to `<output>/runs.jsonl` however it ends (`cogbatch.history`).
+    append the run's line to `<output>.cogbatch/runs.jsonl` however it ends (`cogbatch.history`).
 
     Every engine (local, Ray) goes through here, so "one run per output" and the history do
     not depend on how a run was started. Raises JobLocked, before doing anything, when another run

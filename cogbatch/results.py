@@ -86,12 +86,16 @@ class RunSummary:
     output: str
     model: str
     quant: str
-    images: int = 0
-    requests_total: int = 0
+    input: str | None = None  # the folder or manifest the run read
+    input_kind: str | None = None  # "folder" | "manifest"
+    items: int = 0  # files of the folder, or manifest rows: one result row each per task
+    distinct_images: int = 0  # distinct image bytes among them: what is generated
+    requests_total: int = 0  # items x tasks
     skipped: int = 0  # requests whose rows were already in the output
     pending: int = 0  # requests this run took on (after --limit)
-    done: int = 0
-    failed: int = 0
+    done: int = 0  # ok rows written
+    failed: int = 0  # error rows written
+    reused: int = 0  # of those, rows whose text a byte-identical item's generation gave (no generation of their own)
     generated_tokens: int = 0
     model_loaded: bool = False
     message: str | None = None  # why nothing was done
@@ -128,10 +132,12 @@ class RunSummary:
         if self.message:
             if self.interrupted:
                 return f"{self.message}; run the same command again."
-            return f"{self.message} ({self.images} images, {self.requests_total} requests)."
+            return f"{self.message} ({self._items()}, {self.requests_total} requests)."
+        reused = f" ({self.reused} reused)" if self.reused else ""
         line = (
-            f"{self.done} ok, {self.failed} failed, {self.skipped} already done; {self.wall_s:.1f} s, "
-            f"{self.images_per_s:.2f} images/s, {self.tokens_per_s:.1f} generated tokens/s -> {self.output}"
+            f"{self._items()}: {self.done} ok, {self.failed} failed{reused}, {self.skipped} already done; "
+            f"{self.wall_s:.1f} s, {self.images_per_s:.2f} images/s, {self.tokens_per_s:.1f} generated tokens/s "
+            f"-> {self.output}"
         )
         if self.interrupted:
             line += " (interrupted: run the same command again to resume)"
@@ -145,6 +151,13 @@ class RunSummary:
             startup = f"start-up {self.ray_startup_s:.1f} s" if self.ray_startup_s is not None else "joined a cluster"
             lines.append(f"ray: {self.workers or '?'} actor(s), {startup}")
         return "\n".join(lines)
+
+    def _items(self) -> str:
+        """`3 files, 2 distinct images`: every item has its rows; byte-identical ones share a generation."""
+        noun = "manifest rows" if self.input_kind == "manifest" else "files"
+        if self.items == 1:
+            noun = noun.removesuffix("s")
+        return f"{self.items} {noun}, {self.distinct_images} distinct image{'' if self.distinct_images == 1 else 's'}"
 
     def _describe_model(self, load: dict[str, Any]) -> str:
         """One line from the load report's fields: what was loaded, where, how fast, and the batch plan."""
@@ -245,12 +258,14 @@ class PlanReport:
 
 @dataclass
 class StatusReport:
-    """`cogbatch status`: per task, ok / failed / pending images and rows made with other settings (stale)."""
+    """`cogbatch status`: per task, ok / failed / pending items and rows made with other settings (stale)."""
 
     output: str
-    images: int
-    rows: int
-    tasks: dict[str, dict[str, int]]  # task -> {"ok", "error", "stale", "pending"}
+    input: str  # the folder or manifest counted
+    items: int  # files of the folder, or manifest rows (one result row each per task)
+    distinct_images: int
+    rows: int  # current rows of the output, one per (path, task)
+    tasks: dict[str, dict[str, int]]  # task -> {"ok", "error", "stale", "pending"}, over the items
     running: dict[str, Any] | None = None  # the run holding the output's lock now (its sidecar), if any
 
     def to_dict(self) -> dict[str, Any]:
@@ -259,7 +274,8 @@ class StatusReport:
     def describe(self) -> str:
         from cogbatch.errors import describe_holder
 
-        lines = [f"{self.output}: {self.images} images"]
+        lines = [f"{self.output}: {self.items} items of {self.input} ({self.distinct_images} distinct images), "
+                 f"{self.rows} current rows"]  # fmt: skip
         if self.running is not None:
             lines.append(f"  running now: {describe_holder(self.running)}")
         for name, t in self.tasks.items():
@@ -284,10 +300,13 @@ class ExportReport:
     unchanged: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
     conflicts: list[dict[str, str]] = field(default_factory=list)  # {"path", "target", "reason"}
+    files: list[str] = field(default_factory=list)  # jsonl / csv with a destination: one file per task
 
     def describe(self, limit: int = 20) -> str:
         """The human summary: counts, then the first `limit` conflicts and skips with their reasons."""
         where = self.dest or ("beside the images" if self.format == "txt" else "stdout")
+        if self.files:
+            where = ", ".join(self.files)
         what = f"task {self.task!r}" if self.task else "all tasks"
         if self.format != "txt" and self.dest is None:
             return f"{self.format} export of {what}: {self.rows} rows -> stdout"

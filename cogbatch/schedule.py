@@ -2,19 +2,23 @@
 
 A scheduled job is one crontab line:
 
-    0 2 * * * cd /where/you/were && mkdir -p OUT/.cogbatch && /usr/bin/flock -n -E 75 OUT/.cogbatch/cron.lock
-        /venv/bin/cogbatch run /abs/job.yaml --quiet --json >> OUT/cogbatch.log 2>&1
-        || { rc=$?; [ "$rc" -ne 75 ] || echo '{"event": "skipped", …}'; exit "$rc"; } >> OUT/cogbatch.log 2>&1
+    0 2 * * * cd /where/you/were && mkdir -p OUT.cogbatch && /usr/bin/flock -n -E 75 OUT.cogbatch/cron.lock
+        /venv/bin/cogbatch run /abs/job.yaml [--input /abs/in ...] --quiet --json >> OUT.cogbatch/cogbatch.log 2>&1
+        || { rc=$?; [ "$rc" -ne 75 ] || echo '{"event": "skipped", …}'; exit "$rc"; } >> OUT.cogbatch/cogbatch.log 2>&1
         # cogbatch:1a2b3c4d5e6f job=…
 
-(one line in the crontab; wrapped here)
+(one line in the crontab; wrapped here). `OUT.cogbatch` is the output's state directory (`store.state`):
+the lock and the log stay out of the output, which holds result parts only.
 
 - `cd` into the directory `cogbatch schedule` ran in, because relative paths in a job (input folder,
   output) resolve against the current directory, and cron starts commands in $HOME.
 - Absolute paths to the same Python environment's `cogbatch` and to the job, because cron's PATH is
   minimal and knows no virtualenv.
-- `flock -n` on `OUT/.cogbatch/cron.lock` keeps a slow night from stacking a second Python process on
-  the first. It is a different file from the run lock (`OUT/.cogbatch/run.lock`, see `cogbatch.lock`):
+- The run's overrides given to `cogbatch schedule` (--input, --output, --pipeline, --limit, ...) are
+  written into the line, paths made absolute, so the nightly run does what `cogbatch run` with the same
+  options would do now.
+- `flock -n` on `OUT.cogbatch/cron.lock` keeps a slow night from stacking a second Python process on
+  the first. It is a different file from the run lock (`OUT.cogbatch/run.lock`, see `cogbatch.lock`):
   flock(1) holds its lock for the whole command, so the run would find its own lock taken.
 - A night refused with 75 (by flock, or by the run finding another run's lock) appends one JSON line
   to the log and still exits 75: without it the log would say nothing about a night that did nothing.
@@ -42,12 +46,11 @@ from pathlib import Path
 from typing import Any
 
 from cogbatch.errors import EXIT_LOCKED, CronError, ScheduleError, UnsafePathError
+from cogbatch.store.state import CRON_LOCK, CRON_LOG, state_dir
 
 MARKER = "# cogbatch:"
 _DIGITS = re.compile("[0-9]+")  # not str.isdigit(): it accepts "²" (int() then fails) and "７" (cron does not)
 _MARKER_RE = re.compile(r"\s#\scogbatch:(?P<id>[0-9a-f]{12})(?:\sjob=(?P<job>.*))?$")
-LOG_NAME = "cogbatch.log"
-CRON_LOCK = Path(".cogbatch") / "cron.lock"
 
 SPECIAL = ("@reboot", "@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
 _MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
@@ -219,38 +222,51 @@ def build_entry(
     *,
     output_override: bool = False,
     pipeline: str | os.PathLike[str] | None = None,
+    input_path: str | os.PathLike[str] | None = None,
+    options: tuple[str, ...] | list[str] = (),
     cwd: Path | None = None,
 ) -> CronEntry:
-    """The crontab entry that runs `job` on `cron`, flock-guarded, logging under `output`.
+    """The crontab entry that runs `job` on `cron`, flock-guarded, logging into `output`'s state directory.
 
     `output` is the job's resolved (absolute) output directory; it is passed to the run only when the
     user overrode it (`output_override`), so a later edit of the job's `output:` key still applies.
-    Raises UnsafePathError when any path of the line holds a line break (see `check_path`).
+    `input_path` (a folder or manifest, `--input`) and `pipeline` are passed as absolute paths, `options`
+    (`--limit 10`, `--retry-errors`, ...) as they are. Raises UnsafePathError when any argument of the line
+    holds a line break (see `check_path`).
     """
     cron = validate_cron(cron)
     check_path("job path", job)  # before resolve(), which raises ValueError on a NUL
     if pipeline is not None:
         check_path("pipeline path", pipeline)
+    if input_path is not None:
+        check_path("input path", input_path)
     job_path = Path(job).resolve()
     cwd = (cwd or Path.cwd()).resolve()
     output = Path(os.path.abspath(output))
     pipeline_path = Path(pipeline).resolve() if pipeline is not None else None
+    input_abs = Path(os.path.abspath(Path(input_path).expanduser())) if input_path is not None else None
     for what, path in [("working directory", cwd), ("job path", job_path), ("output directory", output)]:
         check_path(what, path)
-    if pipeline_path is not None:
-        check_path("pipeline path", pipeline_path)
+    for what, path in [("pipeline path", pipeline_path), ("input path", input_abs)]:
+        if path is not None:
+            check_path(what, path)
+    for option in options:
+        check_path("option", option)
     flock = require("flock")
     exe = cogbatch_executable()
     for path in [flock, *exe[:1]]:
         check_path("executable path", path)
-    lock = output / CRON_LOCK
-    log = output / LOG_NAME
+    state = state_dir(output)
+    lock = state / CRON_LOCK
+    log = state / CRON_LOG
     run = [*exe, "run", str(job_path)]
+    if input_abs is not None:
+        run += ["--input", str(input_abs)]
     if output_override:
         run += ["--output", str(output)]
     if pipeline_path is not None:
         run += ["--pipeline", str(pipeline_path)]
-    run += ["--quiet", "--json"]
+    run += [*options, "--quiet", "--json"]
     q = shlex.quote
     command = (
         f"cd {q(str(cwd))} && mkdir -p {q(str(lock.parent))} && "

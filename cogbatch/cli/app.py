@@ -51,8 +51,52 @@ def pipeline_option(f):
     return click.option("--pipeline", type=click.Path(dir_okay=False), help=help_)(f)
 
 
+def input_option(f):
+    help_ = ("A folder or Parquet manifest instead of the job's input. Default: the input the output's last run "
+             "used, when it differs from the job's (said on stderr).")  # fmt: skip
+    return click.option("--input", "input_path", type=click.Path(), help=help_)(f)
+
+
+def job_options(f):
+    """--input, --output, --pipeline: what every command that reads a job accepts, with one meaning."""
+    return input_option(output_option(pipeline_option(f)))
+
+
+def run_options(f):
+    """The options of a run besides the job's (`run`; `schedule` writes them into its cron line)."""
+    options = [
+        click.option("--limit", type=click.IntRange(min=1), help="Process at most N new images in this run."),
+        click.option("--device", help="cpu, cuda or cuda:N (overrides the job)."),
+        click.option("--vram-ceiling", help="Memory ceiling for batches, e.g. 11GiB (overrides the job)."),
+        click.option("--batch-size", type=click.IntRange(min=1),
+                     help="Cap on sequences decoded together (default: planned)."),
+        click.option("--redo-changed", is_flag=True,
+                     help="Redo tasks whose settings changed since their rows were made."),
+        click.option("--retry-errors", is_flag=True,
+                     help="Redo items whose current row is an error (an OOM, a fixed file)."),
+        click.option("--fail-on-error", is_flag=True,
+                     help="Exit with code 3 when the output holds error rows for the job's input: its current rows, "
+                     "those of earlier runs included, not only this run's."),
+        click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="local: this process; ray: a Ray cluster (RAY_ADDRESS, else a local one; needs "
+                     "cogbatch[ray])."),
+        click.option("--workers", type=click.IntRange(min=1),
+                     help="Ray actors, one model each (default: one per GPU, else 1-2)."),
+        click.option("--gallery", "refresh_gallery", is_flag=True,
+                     help="Refresh the HTML gallery afterwards (as the job key gallery: true)."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 class ConfigFailure(click.ClickException):
-    exit_code = 2
+    """A user error: one line, exit 2 (or the code its class gives: 66 an input without images, 73 an export
+    conflict)."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _setup_logging(quiet: bool, verbose: bool = False) -> None:
@@ -62,6 +106,15 @@ def _setup_logging(quiet: bool, verbose: bool = False) -> None:
     from cogbatch.logs import configure_logging
 
     configure_logging(quiet, verbose)
+
+
+def _warnings_only() -> None:
+    """For commands that report data (`status`, `export`, `schedule`): no progress or notes, but warnings,
+    such as the one line saying that the input of the output's last run is followed."""
+    import logging
+
+    _setup_logging(quiet=False)
+    logging.getLogger("cogbatch").setLevel(logging.WARNING)
 
 
 def _emit(data: Any, human: str, as_json: bool, *, human_on_stdout: bool = False, quiet: bool = False) -> None:
@@ -77,17 +130,18 @@ def _emit(data: Any, human: str, as_json: bool, *, human_on_stdout: bool = False
 
 @contextlib.contextmanager
 def _reported(what: str | None = None, resumable: bool = False) -> Iterator[None]:
-    """The user's to fix (config, model source, ceiling, engine option): exit 2, nothing was done; another run
-    holds the output: exit 75; anything else aborts the command (exit 1) saying `what` it was, or, without
-    `what`, is left to `main`. The codes come from `cogbatch.errors`, which the run history uses too."""
-    from cogbatch.errors import EXIT_CONFIG, EXIT_LOCKED, exit_code_for
+    """The user's to fix (config, model source, ceiling, engine option): exit 2 (66 for an input without
+    images), nothing was done; another run holds the output: exit 75; anything else aborts the command
+    (exit 1) saying `what` it was, or, without `what`, is left to `main`. The codes come from
+    `cogbatch.errors`, which the run history uses too."""
+    from cogbatch.errors import EXIT_CONFIG, EXIT_LOCKED, UserError, exit_code_for
 
     try:
         yield
     except Exception as e:
         code = exit_code_for(e)
-        if code == EXIT_CONFIG:
-            raise ConfigFailure(str(e)) from None
+        if code == EXIT_CONFIG or isinstance(e, UserError):
+            raise ConfigFailure(str(e), code) from None
         if code == EXIT_LOCKED:  # EX_TEMPFAIL: cron and scripts can tell "busy" from "failed"
             busy = click.ClickException(f"{e}; this run did nothing (exit {code}: try again when that one ends)")
             busy.exit_code = code

@@ -9,6 +9,7 @@ from cogbatch.cli.app import (
     _reported,
     _setup_logging,
     cli,
+    job_options,
     json_option,
     pipeline_option,
     verbose_option,
@@ -24,9 +25,9 @@ from cogbatch.cli.app import (
 @click.option("--capability", help="The card's compute capability, e.g. 8.6 (with --vram): sets dtype and kernel.")
 @click.option("--vram-ceiling", help="Plan for this ceiling instead of the job's (or the card's), e.g. 16GiB.")
 @click.option("--device", help="Plan for cpu, cuda or cuda:N instead of the job's device (no GPU needed here).")
-@pipeline_option
+@job_options
 @json_option
-def plan(job, model, gpu, vram, capability, vram_ceiling, device, pipeline, as_json) -> None:
+def plan(job, model, gpu, vram, capability, vram_ceiling, device, input_path, output, pipeline, as_json) -> None:
     """Predict device memory for JOB's model (or --model's) and the batch size that fits.
 
     Reads only config.json and downloads nothing: a local checkpoint's, the hub cache's, else the one
@@ -46,7 +47,7 @@ def plan(job, model, gpu, vram, capability, vram_ceiling, device, pipeline, as_j
         raise click.UsageError("give a JOB file or --model NAME (e.g. cogbatch plan --model cogvlm2 --gpu 3090)")
     with _reported("plan failed"):
         report = plan_job(job, model=model, gpu=gpu, vram=vram, capability=capability, pipeline=pipeline,
-                          vram_ceiling=vram_ceiling, device=device)  # fmt: skip
+                          vram_ceiling=vram_ceiling, device=device, input=input_path, output=output)  # fmt: skip
     _emit(report.to_dict(), report.describe(), as_json, human_on_stdout=True)
 
 

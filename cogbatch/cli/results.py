@@ -9,22 +9,22 @@ from cogbatch.cli.app import (
     _emit,
     _reported,
     _setup_logging,
+    _warnings_only,
     cli,
+    job_options,
     json_option,
-    output_option,
-    pipeline_option,
     quiet_option,
 )
 
 
 @cli.command(short_help="Show done / failed / pending counts of a job without loading the model.")
 @click.argument("job", type=click.Path(dir_okay=False))
-@output_option
-@click.option("--history", is_flag=True, help="Show the past runs (from <output>/runs.jsonl) instead.")
-@pipeline_option
+@job_options
+@click.option("--history", is_flag=True, help="Show the past runs (from <output>.cogbatch/runs.jsonl) instead.")
 @json_option
-def status(job, output, history, pipeline, as_json) -> None:
-    """Show what JOB has done, failed and still has pending, per task.
+def status(job, input_path, output, pipeline, history, as_json) -> None:
+    """Show what JOB has done, failed and still has pending, per task and item (a file of the
+    folder, a manifest row): what the next run would do.
 
     With --history: one line per past run (start, wall time, exit code, counts, model).
 
@@ -32,12 +32,12 @@ def status(job, output, history, pipeline, as_json) -> None:
     """
     from cogbatch import api
 
+    _warnings_only()  # the note of a followed input, never progress
     if history:
         from cogbatch.history import format_table, read_history
-        from cogbatch.job import load_job
 
         with _reported():
-            cfg = load_job(job, {"output": output}, pipeline)
+            cfg = api.job_config(job, pipeline=pipeline, input=input_path, output=output)
         warnings: list[str] = []
         records = read_history(cfg.output, warn=warnings.append)
         for warning in warnings:  # stderr: --json output stays parseable
@@ -48,7 +48,7 @@ def status(job, output, history, pipeline, as_json) -> None:
             click.echo(f"{cfg.output}: {'no readable runs' if warnings else 'no runs recorded yet'}", err=True)
         return
     with _reported():  # a part file that is not one (ResultFileError): exit 2
-        report = api.job_status(job, pipeline=pipeline, output=output)
+        report = api.job_status(job, pipeline=pipeline, input=input_path, output=output)
     _emit(report.to_dict(), report.describe(), as_json, human_on_stdout=True)
 
 
@@ -58,12 +58,12 @@ def status(job, output, history, pipeline, as_json) -> None:
 @click.option("--task", help="txt: the task whose text is written (required when the job has several). "
               "jsonl/csv: only this task's rows.")
 @click.option("--dest", type=click.Path(file_okay=False), help="txt: mirror the input tree under DIR instead of "
-              "writing beside the images. jsonl/csv: write DIR/<output name>.<format> instead of stdout.")
+              "writing beside the images. jsonl/csv: one file per task, DIR/<output name>.<task>.<format>, "
+              "instead of stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace existing files whose content differs.")
-@output_option
-@pipeline_option
+@job_options
 @json_option
-def export(job, fmt, task, dest, overwrite, output, pipeline, as_json) -> None:
+def export(job, fmt, task, dest, overwrite, input_path, output, pipeline, as_json) -> None:
     """Export JOB's results, e.g. one .txt caption per image for LoRA training.
 
     \b
@@ -71,10 +71,12 @@ def export(job, fmt, task, dest, overwrite, output, pipeline, as_json) -> None:
            beside the image (or under --dest, mirroring the input folder); error rows and
            images not done yet are skipped; an existing file with other text is kept unless
            --overwrite.
-    jsonl  every column of the same row per (path, task), to stdout or --dest.
+    jsonl  every column of the same row per (path, task), to stdout, or with --dest one
+           file per task: DIR/<output name>.<task>.jsonl.
     csv    the same as CSV with a header line.
 
     The summary (written / unchanged / skipped / conflicts) goes to stderr, or stdout with --json.
+    Exit 73 when files exist with other content and were kept (the rest is written).
 
     \b
     Examples:
@@ -83,19 +85,24 @@ def export(job, fmt, task, dest, overwrite, output, pipeline, as_json) -> None:
       cogbatch export jobs/caption.yaml --format jsonl > captions.jsonl
     """
     from cogbatch.api import export_job
-    from cogbatch.errors import DestinationError, ExportError, UserError
+    from cogbatch.errors import DestinationError, ExportConflict, ExportError, UserError
 
+    _warnings_only()  # the note of a followed input, never progress
     if fmt != "txt" and dest is None and as_json:
         raise click.UsageError(f"--json needs --dest with --format {fmt} (the rows themselves go to stdout)")
     try:
-        report = export_job(job, fmt, task=task, dest=dest, overwrite=overwrite, pipeline=pipeline, output=output)
+        report = export_job(job, fmt, task=task, dest=dest, overwrite=overwrite, pipeline=pipeline,
+                            input=input_path, output=output)  # fmt: skip
     except DestinationError as e:  # an unwritable DEST: exit 2 with the path and the system's reason
         raise ConfigFailure(str(e)) from None
     except ExportError as e:  # a request that cannot be exported as asked
         raise click.UsageError(str(e)) from None
     except UserError as e:  # the job itself; a part file that is not one
-        raise ConfigFailure(str(e)) from None
+        raise ConfigFailure(str(e), e.exit_code) from None
     _emit(report.to_dict(), report.describe(), as_json)
+    if report.conflicts:  # kept files: the export is not what was asked (EX_CANTCREAT)
+        conflict = ExportConflict(report.conflicts, report.written)
+        raise ConfigFailure(str(conflict), conflict.exit_code)
 
 
 @cli.command(short_help="Merge an output dataset's part files into fewer files.")
@@ -103,6 +110,8 @@ def export(job, fmt, task, dest, overwrite, output, pipeline, as_json) -> None:
 @json_option
 def compact(output, as_json) -> None:
     """Merge the part files of OUTPUT without changing its rows (crash-safe).
+
+    Exit 2 when OUTPUT is not a cogbatch output (no part files, no OUTPUT.cogbatch/ beside it).
 
     Example: cogbatch compact outputs/caption
     """
@@ -115,17 +124,16 @@ def compact(output, as_json) -> None:
 
 @cli.command(short_help="Write an HTML page that shows each image beside its captions.")
 @click.argument("job", type=click.Path(dir_okay=False))
-@output_option
+@job_options
 @click.option("--dest", type=click.Path(dir_okay=False),
               help="The page to write (default: <output>.cogbatch/gallery/index.html); thumbnails go beside it.")
 @click.option("--task", help="Only this task's rows.")
 @click.option("--status", type=click.Choice(["ok", "error", "all"]), default="all", show_default=True,
               help="Only rows of this status.")
 @click.option("--limit", type=click.IntRange(min=1), help="At most N images (in path order).")
-@pipeline_option
 @json_option
 @quiet_option
-def gallery(job, output, dest, task, status, limit, pipeline, as_json, quiet) -> None:
+def gallery(job, input_path, output, pipeline, dest, task, status, limit, as_json, quiet) -> None:
     """Write a static HTML page of JOB's results: each image's thumbnail beside its text for every task.
 
     The page opens from the local disk in any browser (no server, no network) and pages through
@@ -138,5 +146,6 @@ def gallery(job, output, dest, task, status, limit, pipeline, as_json, quiet) ->
 
     _setup_logging(quiet)
     with _reported():  # no results, an unknown task, an unwritable destination, a bad part file: exit 2
-        result = gallery_job(job, dest, task=task, status=status, limit=limit, pipeline=pipeline, output=output)
+        result = gallery_job(job, dest, task=task, status=status, limit=limit, pipeline=pipeline, input=input_path,
+                             output=output)  # fmt: skip
     _emit(result.to_dict(), result.describe(), as_json, quiet=quiet)

@@ -13,44 +13,30 @@ from cogbatch.cli.app import (
     _setup_logging,
     cli,
     exits_on_signals,
+    job_options,
     json_option,
-    output_option,
-    pipeline_option,
     quiet_option,
+    run_options,
     verbose_option,
 )
 
 
 @cli.command(short_help="Run a job: caption / answer questions about a folder or a Parquet manifest.")
 @click.argument("job", type=click.Path(dir_okay=False))
-@click.option("--input", "input_path", type=click.Path(),
-              help="A folder or Parquet manifest to use instead of the job's input.")
-@output_option
-@click.option("--limit", type=click.IntRange(min=1), help="Process at most N new images in this run.")
-@click.option("--device", help="cpu, cuda or cuda:N (overrides the job).")
-@click.option("--vram-ceiling", help="Memory ceiling for batches, e.g. 11GiB (overrides the job).")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Cap on sequences decoded together (default: planned).")
-@click.option("--redo-changed", is_flag=True, help="Redo tasks whose settings changed since their rows were made.")
-@click.option("--retry-errors", is_flag=True,
-              help="Redo image/task pairs whose current row is an error (an OOM, a fixed file).")
-@click.option("--fail-on-error", is_flag=True, help="Exit with code 3 when any image ended as an error row.")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: this process; ray: a Ray cluster (RAY_ADDRESS, else a local one; needs cogbatch[ray]).")
-@click.option("--workers", type=click.IntRange(min=1),
-              help="Ray actors, one model each (default: one per GPU, else 1-2).")
-@click.option("--gallery", "refresh_gallery", is_flag=True,
-              help="Refresh the HTML gallery afterwards (as the job key gallery: true).")
-@pipeline_option
+@job_options
+@run_options
 @json_option
 @quiet_option
 @verbose_option
 @exits_on_signals
-def run(job, input_path, output, limit, device, vram_ceiling, batch_size, redo_changed, retry_errors, fail_on_error,
-        engine, workers, refresh_gallery, pipeline, as_json, quiet, verbose) -> None:  # fmt: skip
-    """Run JOB (a YAML file) and write one result row per image and task to its Parquet dataset.
+def run(job, input_path, output, pipeline, limit, device, vram_ceiling, batch_size, redo_changed, retry_errors,
+        fail_on_error, engine, workers, refresh_gallery, as_json, quiet, verbose) -> None:  # fmt: skip
+    """Run JOB (a YAML file) and write one result row per file (or manifest row) and task to its Parquet dataset.
 
-    Only images and tasks that are not in the output yet are done, so an interrupted run resumes
-    where it stopped and a nightly re-run does just the new images.
+    Only items and tasks that are not in the output yet are done, so an interrupted run resumes
+    where it stopped and a nightly re-run does just the new images. Byte-identical files are
+    generated once and each gets its row. The input used is recorded beside the output: later
+    commands without --input follow it.
 
     Progress and notes go to stderr; the summary (or, with --json, its JSON) to stdout, so
     `cogbatch run job.yaml > run.log` keeps it. Without a terminal a progress line comes every
@@ -58,8 +44,9 @@ def run(job, input_path, output, limit, device, vram_ceiling, batch_size, redo_c
 
     \b
     Exit codes: 0 done (error rows included), 2 configuration error or changed settings,
-    1 aborted, 3 error rows with --fail-on-error, 75 another run of this output is going,
-    130/143 interrupted (resumable).
+    1 aborted, 3 with --fail-on-error: the output holds error rows for the job's input,
+    66 the input has no images, 75 another run of this output is going, 130/143 interrupted
+    (resumable).
 
     Example: cogbatch run jobs/caption.yaml --input ~/Pictures --output outputs/pictures
     """

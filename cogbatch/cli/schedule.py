@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -9,10 +10,11 @@ import click
 from cogbatch.cli.app import (
     _emit,
     _reported,
+    _warnings_only,
     cli,
+    job_options,
     json_option,
-    output_option,
-    pipeline_option,
+    run_options,
 )
 
 
@@ -22,16 +24,17 @@ from cogbatch.cli.app import (
 @click.option("--install", is_flag=True, help="Add the line to your crontab (or replace it).")
 @click.option("--remove", is_flag=True, help="Remove JOB's line from your crontab.")
 @click.option("--list", "list_", is_flag=True, help="List cogbatch's crontab entries (JOB's only, if given).")
-@output_option
-@pipeline_option
+@job_options
+@run_options
 @json_option
-def schedule(job, cron_expr, install, remove, list_, output, pipeline, as_json) -> None:
+def schedule(job, cron_expr, install, remove, list_, input_path, output, pipeline, as_json, **run) -> None:
     """Print or install a crontab line that runs JOB unattended, one run at a time.
 
     Without --install the line is only printed. The line runs the same cogbatch (absolute path of
     this environment) on the absolute JOB path from the current directory, under `flock -n`, with
-    `--quiet --json` appended to <output>/cogbatch.log. A run that finds the job still running
-    exits 75 and does nothing; each night only the new images are done.
+    the run options given here (--input, --limit, ...: what `cogbatch run` takes) and `--quiet --json`,
+    appended to <output>.cogbatch/cogbatch.log. A run that finds the job still running exits 75 and
+    does nothing; each night only the new images are done.
 
     \b
     Examples:
@@ -71,11 +74,21 @@ def schedule(job, cron_expr, install, remove, list_, output, pipeline, as_json) 
             expr = sched.validate_cron(cron_expr)
         except CronError as e:
             raise click.BadParameter(str(e), param_hint="--cron") from None
-        from cogbatch.job import load_job
+        from cogbatch.api import job_config
+        from cogbatch.job.load import peek
 
+        _warnings_only()  # the note of a followed input, never progress
+        if run["workers"] is not None and run["engine"] != "ray":
+            raise click.UsageError("--workers applies to --engine ray only")
+        overrides = {k: run[k] for k in ("limit", "device", "vram_ceiling", "batch_size", "workers")}
         with _reported():
-            cfg = load_job(job, {"output": output}, pipeline)
-        entry = sched.build_entry(job, expr, cfg.output, output_override=output is not None, pipeline=pipeline)
+            cfg = job_config(job, pipeline=pipeline, input=input_path, output=output, **overrides)
+        location = cfg.input.folder or cfg.input.manifest
+        own = peek(job, {"output": output}, pipeline)[1]
+        followed = input_path is None and (own is None or os.path.abspath(own) != os.path.abspath(location))
+        entry = sched.build_entry(job, expr, cfg.output, output_override=output is not None, pipeline=pipeline,
+                                  input_path=input_path or (location if followed else None),
+                                  options=_run_arguments(run))  # fmt: skip
         if action == "print":
             _emit(entry.to_dict(), entry.line, as_json, human_on_stdout=True)
             if not as_json:
@@ -87,3 +100,19 @@ def schedule(job, cron_expr, install, remove, list_, output, pipeline, as_json) 
         err = click.ClickException(str(e))
         err.exit_code = e.exit_code  # 2 for a path the crontab cannot hold, 1 for a crontab failure
         raise err from None
+
+
+def _run_arguments(run: dict) -> list[str]:
+    """The run options of `schedule` as `cogbatch run` arguments, in the order `run --help` lists them."""
+    args: list[str] = []
+    for name in ("limit", "device", "vram_ceiling", "batch_size"):
+        if run[name] is not None:
+            args += [f"--{name.replace('_', '-')}", str(run[name])]
+    args += [f"--{name.replace('_', '-')}" for name in ("redo_changed", "retry_errors", "fail_on_error") if run[name]]
+    if run["engine"] != "local":
+        args += ["--engine", run["engine"]]
+    if run["workers"] is not None:
+        args += ["--workers", str(run["workers"])]
+    if run["refresh_gallery"]:
+        args.append("--gallery")
+    return args

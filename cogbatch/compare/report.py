@@ -244,9 +244,10 @@ def _groups(groups: list[GroupKL]) -> str:
 
 def default_pairs_path(output: str | os.PathLike[str], now: _dt.datetime | None = None) -> Path:
     """`<output>.cogbatch/compare-<UTC time>.parquet`: beside the output, never in it."""
-    output = Path(output)
+    from cogbatch.store.state import state_dir
+
     stamp = (now or _dt.datetime.now(_dt.timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
-    return output.with_name(output.name + ".cogbatch") / f"compare-{stamp}.parquet"
+    return state_dir(output) / f"compare-{stamp}.parquet"
 
 
 def write_pairs(path: Path, pairs: list[Pair], meta: dict[str, str]) -> None:

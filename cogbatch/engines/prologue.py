@@ -2,12 +2,13 @@
 
     summary = run_engine(cfg, options, execute, preflight=(check_device, check_new_output_model, check_output))
 
-An engine only supplies `execute(run)`: the pending requests in, rows written, counts on `run.summary`.
+An engine only supplies `execute(run)`: the requests to generate in, rows written, counts on `run.summary`.
 Everything else happens here, identically for the local and the Ray engine: one run per output at a
 time (`lock.run_exclusive`, which also appends the run to `runs.jsonl`), signals caught from the start
 (one during the input scan ends the run with nothing done, exit 130 / 143; one later finishes the
-batch in flight), settings changed since earlier rows refused, the model's config.json checked before
-any row is written, and the summary's timings and exit code.
+batch in flight), an input without images refused (exit 66), settings changed since earlier rows
+refused, the model's config.json checked before any row is written, the rows of byte-identical items
+that share a generation (`engines.reuse`), and the summary's timings and exit code.
 """
 
 from __future__ import annotations
@@ -25,15 +26,26 @@ from typing import Any
 import yaml
 
 from cogbatch.engines.progress import Progress, StopFlag
-from cogbatch.errors import EXIT_OK, EXIT_ROW_ERRORS, EXIT_SIGNAL, ConfigError, Interrupted, SettingsChanged
+from cogbatch.engines.reuse import write_shared_rows
+from cogbatch.errors import (
+    EXIT_OK,
+    EXIT_ROW_ERRORS,
+    EXIT_SIGNAL,
+    ConfigError,
+    Interrupted,
+    NoInput,
+    SettingsChanged,
+)
 from cogbatch.fsio import atomic_write
 from cogbatch.inputs.entries import never_stop
-from cogbatch.inputs.pending import PendingWork, Request, changed_settings, find_pending
+from cogbatch.inputs.pending import Key, PendingWork, Request, changed_settings, find_pending
 from cogbatch.job.config import JobConfig
 from cogbatch.logs import quiet_known_warnings
 from cogbatch.results import RunSummary
-from cogbatch.store import done_keys, prepare_output
+from cogbatch.store import current_rows, prepare_output, reusable_rows
+from cogbatch.store.read import CurrentRow, key_table
 from cogbatch.store.settings import SettingsRegistry
+from cogbatch.store.state import CONFIG, ensure_state_dir, record_input, state_dir
 
 
 @dataclass
@@ -53,7 +65,7 @@ class Run:
     options: RunOptions
     run_id: str
     holder: dict[str, Any]  # this process's entry in the output's run lock
-    todo: list[Request]  # pending requests, in order, after --limit
+    todo: list[Request]  # requests to generate (or known errors), in order, after --limit
     summary: RunSummary
     stop: StopFlag
     progress: Progress
@@ -91,11 +103,11 @@ def _run_locked(
     try:
         with StopFlag() as stop:
             try:
-                work = prepare_run(cfg, opts, stop.check)
+                work = prepare_run(cfg, opts, stop.check, run_id)
             except Interrupted as e:
                 summary = RunSummary(run_id, str(cfg.output), cfg.model, cfg.quantization.label())
                 summary.message = "interrupted while scanning the input: nothing was done (the hashes so far are kept)"
-                return finish(summary, PendingWork(0, 0, 0, []), started, e.signum, opts)
+                return finish(summary, PendingWork(0, 0, 0, 0, []), started, e.signum, opts)
             summary = _start_summary(cfg, run_id, work)
             summary.plan_s = round(time.time() - started, 3)  # input scan, hashing, done set
             progress = Progress((r.image.image_id for r in work.todo), opts.quiet)
@@ -103,6 +115,11 @@ def _run_locked(
                 execute(Run(cfg, opts, run_id, holder, work.todo, summary, stop, progress))
             finally:
                 progress.close()
+            shared = write_shared_rows(cfg, run_id, work)  # after the engine: its rows are the copies' source
+            summary.done += shared.ok
+            summary.failed += shared.error
+            summary.reused = shared.rows
+            summary.parts_written += shared.parts
     except BaseException as e:
         with contextlib.suppress(AttributeError, TypeError):
             e.cogbatch_run_id = run_id  # type: ignore[attr-defined]  # the history line names the run that raised
@@ -110,49 +127,64 @@ def _run_locked(
     return finish(summary, work, started, stop.signum, opts)
 
 
-def prepare_run(cfg: JobConfig, opts: RunOptions, check: Callable[[], None] = never_stop) -> PendingWork:
-    """The pending work of a run; refuses changed settings and a model that cannot work before anything else.
+def prepare_run(
+    cfg: JobConfig, opts: RunOptions, check: Callable[[], None] = never_stop, run_id: str | None = None
+) -> PendingWork:
+    """The pending work of a run; refuses changed settings, an input without images and a model that cannot
+    work before anything else.
 
     Raises before anything is recorded when the model cannot be resolved (a wrong path, a directory
     without config.json): rows made with a wrong model's fingerprint would block the right one.
     `check` is called per image scanned and may raise (`StopFlag.check`: a signal while hashing).
     """
     quiet_known_warnings()
-    prepare_output(cfg.output)
+    prepare_output(cfg.output)  # an output of the old layout is migrated here, under the run lock
     dtype = cfg.source.compute_dtype()
     fingerprints = {t.name: cfg.fingerprint(t, dtype) for t in cfg.tasks}
-    done = done_keys(cfg.output)
-    changed = changed_settings(done, fingerprints)
+    keys = key_table(cfg.output)
+    current = current_rows(keys)
+    changed = changed_settings(current, fingerprints)
     registry = SettingsRegistry(cfg.output)
     if changed and not opts.redo_changed:
-        raise SettingsChanged(_changed_message(cfg, changed, registry, fingerprints, dtype))
-    # --retry-errors: a pair whose current row is an error counts as not done (its newest row will be the retry's)
-    open_done = done_keys(cfg.output, include_errors=False) if opts.retry_errors else done
-    work = find_pending(cfg, fingerprints, open_done, opts.redo_changed, check)
+        raise SettingsChanged(_changed_message(cfg, changed, registry, fingerprints, dtype, current))
+    work = find_pending(
+        cfg,
+        fingerprints,
+        current,
+        redo_changed=opts.redo_changed,
+        retry_errors=opts.retry_errors,  # a request whose current row is an error counts as not done
+        reusable=lambda wanted: reusable_rows(cfg.output, wanted, keys),
+        check=check,
+    )
+    if not work.items:  # a typo in the folder's extensions would look like a finished run otherwise
+        raise NoInput(_no_images(cfg))
     if work.todo:
         check_model(cfg)
     registry.record({fingerprints[t.name]: {**cfg.fingerprint_fields(t), "dtype": dtype} for t in cfg.tasks})
     write_resolved_config(cfg)
+    inp = cfg.input
+    record_input(cfg.output, inp.folder or inp.manifest, "folder" if inp.folder else "manifest", run_id or "")
     return work
 
 
 def _start_summary(cfg: JobConfig, run_id: str, work: PendingWork) -> RunSummary:
-    summary = RunSummary(run_id, str(cfg.output), cfg.model, cfg.quantization.label(), work.images,
-                         work.requests_total, work.skipped, len(work.todo))  # fmt: skip
-    if not work.images:  # a typo in the folder's extensions looks like a finished run otherwise
-        summary.message = f"nothing to do: {_no_images(cfg)}"
-    elif not work.todo:
-        summary.message = "nothing to do: every image and task is already in the output"
+    inp = cfg.input
+    summary = RunSummary(run_id, str(cfg.output), cfg.model, cfg.quantization.label(),
+                         input=str(inp.folder or inp.manifest), input_kind="folder" if inp.folder else "manifest",
+                         items=work.items, distinct_images=work.distinct_images, requests_total=work.requests_total,
+                         skipped=work.skipped, pending=work.pending)  # fmt: skip
+    if not work.pending:
+        summary.message = "nothing to do: every item and task is already in the output"
     return summary
 
 
 def _no_images(cfg: JobConfig) -> str:
     inp = cfg.input
     if inp.folder is None:
-        return f"the manifest {inp.manifest} has no rows"
+        return f"no images: the manifest {inp.manifest} has no rows"
     where = "in or under" if inp.recursive else "in"
     exts = ", ".join(f".{e}" for e in inp.extensions) or "none"
-    return f"no images {where} {inp.folder} (extensions: {exts})"
+    return f"no images {where} {inp.folder} (extensions: {exts}): nothing was done"
 
 
 def finish(
@@ -167,7 +199,7 @@ def finish(
     if interrupted_by is not None:
         summary.exit_code = EXIT_SIGNAL[interrupted_by]
         summary.interrupted = True
-    elif opts.fail_on_error and summary.failed:
+    elif opts.fail_on_error and (summary.failed or work.current_errors):  # the output's current rows, not this run's
         summary.exit_code = EXIT_ROW_ERRORS
     else:
         summary.exit_code = EXIT_OK
@@ -188,17 +220,19 @@ def _peak_rss_bytes() -> int:
 
 
 def check_output(cfg: JobConfig) -> None:
-    """The output directory must exist or be creatable, and be writable: else exit 2, not a crash later.
+    """The output directory and its state directory beside it must exist or be creatable, and be writable:
+    else exit 2, not a crash later.
 
     It creates the output, so the engines run it after every other check (`check_new_output_model`
     first): a run refused before any work leaves no new directory behind.
     """
-    try:
-        cfg.output.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"output: cannot create {cfg.output} ({e.strerror or e})") from None
-    if not os.access(cfg.output, os.W_OK | os.X_OK):
-        raise ConfigError(f"output: {cfg.output} is not writable")
+    for directory in (cfg.output, state_dir(cfg.output)):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"output: cannot create {directory} ({e.strerror or e})") from None
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise ConfigError(f"output: {directory} is not writable")
 
 
 def check_new_output_model(cfg: JobConfig) -> None:
@@ -237,14 +271,19 @@ def check_model(cfg: JobConfig) -> None:
 
 
 def write_resolved_config(cfg: JobConfig) -> None:
-    """`config.resolved.yaml` beside the output: the settings the rows were made with, after every default."""
-    atomic_write(cfg.output / "config.resolved.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """`config.resolved.yaml` in the state directory: the settings the rows were made with, after every default."""
+    atomic_write(ensure_state_dir(cfg.output) / CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def _changed_message(
-    cfg: JobConfig, changed: dict[str, int], registry: SettingsRegistry, fingerprints: dict[str, str], dtype: str
+    cfg: JobConfig,
+    changed: dict[str, int],
+    registry: SettingsRegistry,
+    fingerprints: dict[str, str],
+    dtype: str,
+    current: dict[Key, CurrentRow],
 ) -> str:
-    done = {(task, fp) for (_, task), fp in done_keys(cfg.output).items()}
+    done = {(task, row.fingerprint) for (_, task), row in current.items()}
     lines = []
     for task in cfg.tasks:
         if task.name not in changed:

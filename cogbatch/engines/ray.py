@@ -141,7 +141,9 @@ def _write_known_errors(known: list[Request], writer: PartWriter, run: Run) -> N
 
 
 def input_rows(requests: list[Request]) -> list[dict[str, Any]]:
-    """Pending requests as one record per image: its requests grouped, so that an actor decodes it once."""
+    """Pending requests as one record per image: its requests grouped, so that an actor decodes it once for
+    all its tasks and items (byte-identical files asked other questions are requests of one image, each
+    with its own path)."""
     by_image: dict[str, list[Request]] = {}
     for r in requests:
         by_image.setdefault(r.image.image_id, []).append(r)
@@ -150,12 +152,13 @@ def input_rows(requests: list[Request]) -> list[dict[str, Any]]:
         e = reqs[0].image
         rows.append({
             "image_id": image_id,
-            "path": e.path,  # what result rows show
+            "path": e.path,  # the first request's item: where its bytes are read for all of them
             "file": str(Path(e.file).absolute()) if e.file is not None else None,  # None: manifest bytes
             "row": e.row,  # the manifest row holding inline bytes, or None
             "tasks": [r.task.name for r in reqs],
             "prompts": [r.prompt for r in reqs],
             "fingerprints": [r.fingerprint for r in reqs],
+            "paths": [r.image.path for r in reqs],  # each request's item: what its result row shows
         })  # fmt: skip
     return rows
 

@@ -37,6 +37,7 @@ from cogbatch.inputs.pending import Request
 from cogbatch.job.config import JobConfig
 from cogbatch.logs import configure_logging
 from cogbatch.store import PartWriter
+from cogbatch.store.state import RAY, state_file
 from cogbatch.testing import faults
 from cogbatch.worker.loading import load_entry
 from cogbatch.worker.rows import error_row
@@ -51,6 +52,7 @@ MAX_BATCH_CRASHES = 3
 STATUS_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
+        ("path", pa.string()),  # the row's item
         ("task", pa.string()),
         ("status", pa.string()),  # "ok" | "error"
         ("tokens_out", pa.int64()),
@@ -92,7 +94,8 @@ class CaptionActor:
         self.attempts = BatchAttempts(attempts_dir(cfg.output, run_id))
         self.run_prefix = f"part-{run_id}-a"
         self.seen_parts: set[str] = set()
-        self.in_output: dict[tuple[str, str], tuple[str, int, str]] = {}  # key -> (status, tokens_out, part)
+        self.in_output: dict[tuple[str, str], tuple[str, str, int, str]] = {}  # (path, task) -> (image_id, status,
+        # tokens_out, part)
         self.load_reported = False
         self.reported_stats: dict[str, float] = dataclasses.asdict(self.worker.stats)
         self.batches_done = 0
@@ -103,27 +106,30 @@ class CaptionActor:
             if not name.startswith(self.run_prefix) or not name.endswith(".parquet") or name in self.seen_parts:
                 continue
             try:
-                t = pq.read_table(self.cfg.output / name, columns=["image_id", "task", "status", "tokens_out"])
+                t = pq.read_table(self.cfg.output / name, columns=["image_id", "path", "task", "status", "tokens_out"])
             except FileNotFoundError:  # compacted away meanwhile
                 continue
             self.seen_parts.add(name)
             cols = t.to_pydict()
-            for i, (image_id, task) in enumerate(zip(cols["image_id"], cols["task"], strict=True)):
-                self.in_output[(image_id, task)] = (cols["status"][i], cols["tokens_out"][i] or 0, name)
+            for i, key in enumerate(zip(cols["path"], cols["task"], strict=True)):
+                self.in_output[key] = (cols["image_id"][i], cols["status"][i], cols["tokens_out"][i] or 0, name)
 
     def _split(self, batch: pa.Table) -> tuple[list[tuple[ImageEntry, list[Request]]], list[tuple[str, str]]]:
-        """(images with the requests still to generate, keys that a part of this run already holds)."""
+        """(images with the requests still to generate, (path, task) keys that a part of this run already holds)."""
         todo: list[tuple[ImageEntry, list[Request]]] = []
         again: list[tuple[str, str]] = []
         for rec in batch.to_pylist():
-            file = rec["file"]
-            entry = ImageEntry(rec["image_id"], rec["path"], file=Path(file) if file else None, row=rec["row"])
+            file = Path(rec["file"]) if rec["file"] else None
+            entry = ImageEntry(rec["image_id"], rec["path"], file=file, row=rec["row"])
             requests = []
-            for task, prompt, fingerprint in zip(rec["tasks"], rec["prompts"], rec["fingerprints"], strict=True):
-                if (entry.image_id, task) in self.in_output:
-                    again.append((entry.image_id, task))
+            for task, prompt, fingerprint, path in zip(
+                rec["tasks"], rec["prompts"], rec["fingerprints"], rec["paths"], strict=True
+            ):
+                if (path, task) in self.in_output:
+                    again.append((path, task))
                 else:
-                    requests.append(Request(entry, self.tasks[task], prompt, fingerprint))
+                    item = entry if path == entry.path else ImageEntry(entry.image_id, path, file=file, row=rec["row"])
+                    requests.append(Request(item, self.tasks[task], prompt, fingerprint))
             if requests:
                 todo.append((entry, requests))
         return todo, again
@@ -165,7 +171,9 @@ class CaptionActor:
         if part is not None:
             self.seen_parts.add(part.name)
             for row in rows:
-                self.in_output[(row["image_id"], row["task"])] = (row["status"], row["tokens_out"] or 0, part.name)
+                self.in_output[(row["path"], row["task"])] = (
+                    row["image_id"], row["status"], row["tokens_out"] or 0, part.name,
+                )  # fmt: skip
         if todo:
             self.attempts.finished(key)
         if part is not None:
@@ -182,9 +190,11 @@ class CaptionActor:
     def _status(self, rows: list[dict], part: Path | None, again: list[tuple[str, str]]) -> pa.Table:
         status: dict[str, list] = {name: [] for name in STATUS_SCHEMA.names}
         for row in rows:
-            _status_row(status, row["image_id"], row["task"], row["status"], row["tokens_out"] or 0, part.name, False)
-        for key in again:
-            _status_row(status, *key, *self.in_output[key], True)
+            fields = (row["image_id"], row["path"], row["task"], row["status"], row["tokens_out"] or 0, part.name)
+            _status_row(status, *fields, False)
+        for path, task in again:
+            image_id, state, tokens, name = self.in_output[(path, task)]
+            _status_row(status, image_id, path, task, state, tokens, name, True)
         if status["image_id"]:
             if not self.load_reported:
                 report = {**self.worker.load_report(), "model_load_s": self.load_s}
@@ -215,20 +225,21 @@ def _lock_held_by(output: Path, holder: dict[str, Any]) -> bool:
 
 
 def _status_row(
-    status: dict[str, list], image_id: str, task: str, state: str, tokens: int, part: str, again: bool
+    status: dict[str, list], image_id: str, path: str, task: str, state: str, tokens: int, part: str, again: bool
 ) -> None:
-    for name, value in zip(STATUS_SCHEMA.names, (image_id, task, state, tokens, part, again, None, None), strict=True):
+    values = (image_id, path, task, state, tokens, part, again, None, None)
+    for name, value in zip(STATUS_SCHEMA.names, values, strict=True):
         status[name].append(value)
 
 
 def batch_key(todo: list[tuple[ImageEntry, list[Request]]]) -> str:
     """The same for every retry of a batch (same requests), whichever actor runs it."""
-    keys = sorted(f"{entry.image_id}\t{r.task.name}" for entry, reqs in todo for r in reqs)
+    keys = sorted(f"{r.image.path}\t{r.task.name}" for _, reqs in todo for r in reqs)
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:24]
 
 
 def attempts_dir(output: Path, run_id: str) -> Path:
-    return Path(output) / ".cogbatch" / "ray" / run_id / "attempts"
+    return state_file(output, RAY) / run_id / "attempts"
 
 
 def count_start(directory: Path) -> int:
@@ -272,7 +283,7 @@ class BatchAttempts:
     """Which batches of this run an actor started and did not finish, counted across actor restarts.
 
     An actor notes a batch before generating it and clears the note once its part is written, so
-    the notes left on a batch are the deaths of the actors that ran it. They live in the output
+    the notes left on a batch are the deaths of the actors that ran it. They live in the output's state
     directory (every node sees it) and belong to one run: the driver removes them when it ends.
     """
 

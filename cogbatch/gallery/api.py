@@ -30,10 +30,11 @@ DEFAULT_PAGE_SIZE = 200
 def default_dest(output: str | os.PathLike[str]) -> Path:
     """Where the gallery of an output goes unless told: `<output>.cogbatch/gallery/index.html`.
 
-    Beside the output, not in it, so that the output folder holds only its Parquet parts.
+    In the output's state directory, not in the output, so that the output folder holds only its Parquet parts.
     """
-    output = Path(output)
-    return output.with_name(output.name + ".cogbatch") / "gallery" / "index.html"
+    from cogbatch.store.state import GALLERY, state_file
+
+    return state_file(output, GALLERY) / "index.html"
 
 
 @dataclass(frozen=True)

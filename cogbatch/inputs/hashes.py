@@ -1,4 +1,4 @@
-"""Hashes of the input's files, cached per (path, size, mtime) beside the results.
+"""Hashes of the input's files, cached per (path, size, mtime) in the output's state directory.
 
 Hashing 50,000 photos every night would cost more than the new work, so only new or changed files are
 read; the cache is a Parquet file written atomically, and a missing or damaged one just starts empty.
@@ -14,23 +14,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cogbatch.fsio import atomic_file
+from cogbatch.store.state import HASHES, readable, state_file
 
-HASH_CACHE = Path(".cogbatch") / "hashes.parquet"
 _HASH_SCHEMA = pa.schema(
     [("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("image_id", pa.string())]
 )
 
 
 class HashCache:
-    """(path, size, mtime_ns) -> sha256, persisted atomically beside the results."""
+    """(path, size, mtime_ns) -> sha256, persisted atomically in the output's state directory (an old
+    layout's cache inside the output is read until a run moves it)."""
 
     def __init__(self, output_dir: Path) -> None:
-        self.file = output_dir / HASH_CACHE
+        self.file = state_file(output_dir, HASHES)
         self.entries: dict[str, tuple[int, int, str]] = {}
         self.dirty = False
         self.lock = threading.Lock()
         try:
-            t = pq.read_table(self.file, schema=_HASH_SCHEMA).to_pydict()
+            t = pq.read_table(readable(output_dir, HASHES), schema=_HASH_SCHEMA).to_pydict()
             for p, s, m, i in zip(t["path"], t["size"], t["mtime_ns"], t["image_id"], strict=True):
                 self.entries[p] = (s, m, i)
         except Exception:  # missing or damaged: it is only a cache, start empty

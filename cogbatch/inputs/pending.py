@@ -1,57 +1,32 @@
-"""What there is to do: image x task requests, and which of them are pending given the rows already made.
+"""What there is to do: item x task requests, and which of them are pending given the rows already made.
 
-Results are keyed by (image_id, task) (exactly once), so an image listed twice is asked once per task.
-Computed identically for every engine, before any model is loaded.
+An item is a file of a folder or a row of a manifest; it is keyed by its path (a manifest row without a
+path: its label), and results by (path, task): every item gets its own row per task, and the row's
+image id says whether it still describes what the path holds. Byte-identical items asked the same
+question with the same settings are generated once: the first pending one generates, the others are its
+copies and get its text (`engines.reuse`); an item whose bytes and question already have an ok row in the
+output is not generated at all. Computed identically for every engine, before any model is loaded.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from cogbatch.inputs.entries import BUILTIN_PLACEHOLDERS, ImageEntry, folder_entries, never_stop
+from cogbatch.inputs.entries import ImageEntry, folder_entries, never_stop
 from cogbatch.inputs.hashes import HashCache
 from cogbatch.inputs.manifest import manifest_entries
 
 if TYPE_CHECKING:
     from cogbatch.job.config import JobConfig, TaskConfig
+    from cogbatch.store.read import CurrentRow
 
 log = logging.getLogger("cogbatch")
 
-
-@dataclass
-class PendingWork:
-    """What a run will do: the input's images and requests, and the requests still to do (in order, after --limit)."""
-
-    images: int  # distinct input images
-    requests_total: int  # images x tasks
-    skipped: int  # requests whose current row is already in the output
-    todo: list[Request]
-
-    @property
-    def image_ids(self) -> set[str]:
-        return {r.image.image_id for r in self.todo}
-
-
-def find_pending(
-    cfg: JobConfig,
-    fingerprints: dict[str, str],
-    done: dict[tuple[str, str], str],
-    redo_changed: bool = False,
-    check: Callable[[], None] = never_stop,
-) -> PendingWork:
-    """Pending work = images x tasks - the rows in `done` (with `redo_changed`: those with other settings too).
-
-    `check` is called per image scanned and may raise (a signal while hashing: the hashes so far are kept).
-    """
-    entries = build_entries(cfg, check)
-    requests = expand_requests(entries, cfg, fingerprints)
-    open_requests = pending(requests, done, redo_changed)
-    todo = limit_images(open_requests, cfg.limit)
-    images = len({e.image_id for e in entries})
-    return PendingWork(images, len(requests), len(requests) - len(open_requests), todo)
+Key = tuple[str, str]  # (path, task): what a row answers for
+ReuseKey = tuple[str, str, str, "str | None"]  # (image id, task, fingerprint, prompt): what makes the same text
 
 
 @dataclass
@@ -61,6 +36,67 @@ class Request:
     prompt: str | None  # the filled prompt; None when the question is missing (then `error` says why)
     fingerprint: str
     error: str | None = None
+
+    @property
+    def key(self) -> Key:
+        return (self.image.path, self.task.name)
+
+    @property
+    def reuse_key(self) -> ReuseKey:
+        return (self.image.image_id, self.task.name, self.fingerprint, self.prompt)
+
+    @property
+    def known_error(self) -> str | None:
+        """Why the request fails before any decoding (a missing file, no question), or None."""
+        return self.image.error or self.error
+
+
+@dataclass
+class PendingWork:
+    """What a run will do: the input's items and requests, and the requests still to do (after --limit)."""
+
+    items: int  # files of the folder, or manifest rows (one per path)
+    distinct_images: int  # distinct image ids among them
+    requests_total: int  # items x tasks
+    skipped: int  # requests whose current row is already in the output
+    todo: list[Request]  # one request per generation (or known error), in order
+    copies: dict[Key, list[Request]] = field(default_factory=dict)  # todo key -> byte-identical items asking the same
+    reused: list[tuple[Request, dict[str, Any]]] = field(default_factory=list)  # answered by an ok row of the output
+    current_errors: int = 0  # skipped requests whose current row is an error
+
+    @property
+    def image_ids(self) -> set[str]:
+        return {r.image.image_id for r in self.todo}
+
+    @property
+    def pending(self) -> int:
+        """Requests this run gives a row: generated, copied from this run's generation, or reused."""
+        return len(self.todo) + sum(map(len, self.copies.values())) + len(self.reused)
+
+
+def find_pending(
+    cfg: JobConfig,
+    fingerprints: dict[str, str],
+    current: dict[Key, CurrentRow],
+    *,
+    redo_changed: bool = False,
+    retry_errors: bool = False,
+    reusable: Callable[[set[ReuseKey]], dict[ReuseKey, dict[str, Any]]] = lambda wanted: {},
+    check: Callable[[], None] = never_stop,
+) -> PendingWork:
+    """Pending work = items x tasks - the requests with a current row (see `pending`), at most `cfg.limit`
+    images, each generation once (`share_generations`; `reusable` finds the output's rows for them).
+
+    `check` is called per image scanned and may raise (a signal while hashing: the hashes so far are kept).
+    """
+    entries = build_entries(cfg, check)
+    requests = expand_requests(entries, cfg, fingerprints)
+    open_requests, current_errors = pending(requests, current, redo_changed, retry_errors)
+    skipped = len(requests) - len(open_requests)
+    todo, copies, reused = share_generations(limit_images(open_requests, cfg.limit), reusable)
+    items = len({e.path for e in entries})
+    distinct = len({e.image_id for e in entries})
+    return PendingWork(items, distinct, len(requests), skipped, todo, copies, reused, current_errors)
 
 
 def build_entries(cfg: JobConfig, check: Callable[[], None] = never_stop, persist: bool = True) -> list[ImageEntry]:
@@ -95,64 +131,105 @@ def fill_prompt(task: TaskConfig, entry: ImageEntry) -> tuple[str | None, str | 
 
 
 def expand_requests(entries: Iterable[ImageEntry], cfg: JobConfig, fingerprints: dict[str, str]) -> list[Request]:
-    """Manifest × tasks, one request per distinct (image_id, task).
+    """Items × tasks, one request per (path, task).
 
-    Results are keyed by (image_id, task) (DESIGN.md: exactly once), so an image listed twice is asked
-    once per task: its first row's question. When a later row of the same image would have asked
-    something else (another `question_column` value or manifest `{column}` value), that is said loudly,
-    since the question is lost: several questions about one image need one task each. (A copy of an
-    image under another file name is just the same image: `{filename}` differing is not a question lost.)
+    A manifest may list one path on several rows: they are one item, asked its first row's question. When
+    a later row would have asked something else (another `question_column` value, other bytes under one
+    label), that is said loudly, since the question is lost: several questions about one image need one
+    task each, or the image under other paths. (Byte-identical files under other paths are items of their
+    own: each gets its row, and the generation is shared when the question is the same.)
     """
-    per_row = {t.name for t in cfg.tasks if t.question_column or set(t.placeholders) - set(BUILTIN_PLACEHOLDERS)}
-    first: dict[tuple[str, str], Request] = {}
+    first: dict[Key, Request] = {}
     dropped: dict[str, list[tuple[ImageEntry, Request]]] = {}
     out = []
     for e in entries:
         for t in cfg.tasks:
-            key = (e.image_id, t.name)
+            key = (e.path, t.name)
             prompt, error = fill_prompt(t, e)
             if key in first:
-                if t.name in per_row and prompt is not None and prompt != first[key].prompt:
-                    dropped.setdefault(t.name, []).append((e, first[key]))
+                kept = first[key]
+                if kept.image.image_id != e.image_id or (prompt is not None and prompt != kept.prompt):
+                    dropped.setdefault(t.name, []).append((e, kept))
                 continue
             first[key] = Request(e, t, prompt, fingerprints[t.name], error)
             out.append(first[key])
     for task, lost in dropped.items():
         entry, kept = lost[0]
         log.warning(
-            "task %r: %d manifest row(s) repeat an image with another question, which is not asked "
-            "(e.g. %s is the same image as %s, asked %r): one row per image and task; to ask several "
-            "questions about one image, give each its own task",
+            "task %r: %d manifest row(s) repeat the path of an earlier row with another question or other bytes, "
+            "which is not asked (e.g. %s, asked %r): one row per path and task; to ask several questions "
+            "about one image, give each its own task",
             task,
             len(lost),
             entry.path,
-            kept.image.path,
             kept.prompt,
         )
     return out
 
 
-def changed_settings(done: dict[tuple[str, str], str], fingerprints: dict[str, str]) -> dict[str, int]:
-    """Tasks whose existing rows were made with other settings: task -> number of such rows."""
+def changed_settings(current: dict[Key, CurrentRow], fingerprints: dict[str, str]) -> dict[str, int]:
+    """Tasks whose current rows were made with other settings: task -> number of such rows."""
     changed: dict[str, int] = {}
-    for (_, task), fp in done.items():
-        if task in fingerprints and fp != fingerprints[task]:
+    for (_, task), row in current.items():
+        if task in fingerprints and row.fingerprint != fingerprints[task]:
             changed[task] = changed.get(task, 0) + 1
     return changed
 
 
-def pending(requests: list[Request], done: dict[tuple[str, str], str], redo_changed: bool) -> list[Request]:
-    """Requests without a current row: never done, or (with redo_changed) done with other settings."""
-    out = []
+def pending(
+    requests: list[Request], current: dict[Key, CurrentRow], redo_changed: bool, retry_errors: bool = False
+) -> tuple[list[Request], int]:
+    """(requests without a current row, current error rows among the others).
+
+    A request's row is current when its path's newest row describes the bytes the path holds now (same
+    image id: an edited file is redone) with this task's settings (with `redo_changed`, other settings
+    are redone) and did not end as an error (with `retry_errors`, error rows are redone).
+    """
+    out, errors = [], 0
     for r in requests:
-        fp = done.get((r.image.image_id, r.task.name))
-        if fp is None or (redo_changed and fp != r.fingerprint):
+        row = current.get(r.key)
+        if (
+            row is None
+            or row.image_id != r.image.image_id
+            or (redo_changed and row.fingerprint != r.fingerprint)
+            or (retry_errors and row.status != "ok")
+        ):
             out.append(r)
-    return out
+        else:
+            errors += row.status != "ok"
+    return out, errors
+
+
+def share_generations(
+    requests: list[Request], reusable: Callable[[set[ReuseKey]], dict[ReuseKey, dict[str, Any]]]
+) -> tuple[list[Request], dict[Key, list[Request]], list[tuple[Request, dict[str, Any]]]]:
+    """(requests to generate, their copies, requests answered by the output's rows).
+
+    Requests of byte-identical items that ask the same question with the same settings make the same
+    text: the first generates, the others copy its row; when the output already holds an ok row made so
+    (`reusable`), none generates. Requests known to fail (a missing file, no question) are not shared:
+    their reasons may differ.
+    """
+    found = reusable({r.reuse_key for r in requests if not r.known_error})
+    todo: list[Request] = []
+    copies: dict[Key, list[Request]] = {}
+    reused: list[tuple[Request, dict[str, Any]]] = []
+    first: dict[ReuseKey, Request] = {}
+    for r in requests:
+        if r.known_error:
+            todo.append(r)
+        elif r.reuse_key in found:
+            reused.append((r, found[r.reuse_key]))
+        elif r.reuse_key in first:
+            copies.setdefault(first[r.reuse_key].key, []).append(r)
+        else:
+            first[r.reuse_key] = r
+            todo.append(r)
+    return todo, copies, reused
 
 
 def limit_images(requests: list[Request], limit: int | None) -> list[Request]:
-    """At most `limit` distinct images, in order (all of their tasks)."""
+    """At most `limit` distinct images, in order (all of their items and tasks)."""
     if limit is None:
         return requests
     keep: dict[str, None] = {}

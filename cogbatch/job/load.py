@@ -64,6 +64,32 @@ def load_job(
     return _build(job_data, pipe_data, job_path, pipe_path, inputs)
 
 
+def peek(
+    job: str | Path | dict[str, Any], overrides: dict[str, Any] | None = None, pipeline: str | Path | None = None
+) -> tuple[Path | None, Path | None]:
+    """(output, input location) that a job names, after `overrides`, read without validating the job.
+
+    Commands look up the input a run recorded in the output's state before they load the job, whose own
+    input may not exist here. None for what cannot be read: `load_job` then says what is wrong.
+    """
+    try:
+        job_data = dict(job) if isinstance(job, dict) else read_yaml(Path(job), "job file")
+        pipe_data, _ = read_pipeline(pipeline, None if isinstance(job, dict) else Path(job))
+        merged = {**pipe_data, **job_data}
+    except (ConfigError, OSError):
+        return None, None
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None and k in ("output", "input")})
+    output = merged.get("output")
+    inp = merged.get("input")
+    if isinstance(inp, dict):
+        inp = inp.get("folder") or inp.get("manifest")
+    base = Path.cwd()
+    return (
+        base / Path(output).expanduser() if isinstance(output, str) and output else None,
+        base / Path(inp).expanduser() if isinstance(inp, str | os.PathLike) and str(inp) else None,
+    )
+
+
 def read_pipeline(pipeline: str | Path | None, job_path: Path | None) -> tuple[dict[str, Any], Path | None]:
     """The pipeline file's keys over the built-in defaults, and its path (None: no pipeline.yaml found)."""
     pipe_path = Path(pipeline) if pipeline else find_pipeline_file(job_path)

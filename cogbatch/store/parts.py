@@ -1,16 +1,14 @@
 """Part files: the writer that makes them (each complete and atomic) and the listing that says which hold the dataset.
 
-An output directory is a plain Parquet dataset that pyarrow, pandas, polars and DuckDB read as is:
-
-    part-<run_id>-<seq>.parquet      complete part files, each written once and never modified
-    .tmp-<final name>.<hex>          a file being written (or left by a crashed writer); never read
-    .compact-journal.json            present only while a compaction runs or after one crashed
-    .compact.lock                    flock(2) taken by compaction, so recovery can tell live from crashed
+An output directory is a plain Parquet dataset that pyarrow, pandas, polars and DuckDB read as is: it holds
+`part-<run_id>-<seq>.parquet` files only, each complete, written once and never modified. Everything else
+(the temp file of a part being written, compaction's journal and lock, the run's state) lives in the
+state directory beside it (`store.state`).
 
 Exactly once: rows enter the dataset only by the atomic rename of a complete, fsynced part file
-(`cogbatch.fsio`), so a crash loses at most the rows still buffered, never half a file. While a
-compaction's journal exists, `list_parts` picks the side it says is current, so no reader sees a row
-twice or misses one.
+(`cogbatch.fsio`; written in `<state>/tmp`, renamed into the output), so a crash loses at most the rows
+still buffered, never half a file. While a compaction's journal exists, `list_parts` picks the side it
+says is current, so no reader sees a row twice or misses one.
 """
 
 from __future__ import annotations
@@ -28,13 +26,13 @@ import pyarrow.parquet as pq
 
 from cogbatch.fsio import atomic_file
 from cogbatch.store.schema import RESULT_SCHEMA, make_row
+from cogbatch.store.state import JOURNAL, part_temp_dir, readable
 from cogbatch.testing import faults
 
 # zstd: captions compress well and every reader we target (pyarrow, polars, DuckDB, Spark) decodes it.
 COMPRESSION = "zstd"
 PART_PATTERN = re.compile(r"^part-(?P<run>.+)-(?P<seq>\d{5,})\.parquet$")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-JOURNAL = ".compact-journal.json"
 
 
 class PartWriter:
@@ -61,6 +59,7 @@ class PartWriter:
             raise ValueError(f"flush_rows must be >= 1, got {flush_rows}")
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.temp_dir = part_temp_dir(self.output_dir)
         self.run_id = run_id
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
@@ -102,7 +101,7 @@ class PartWriter:
             if before_rename is not None:
                 before_rename()
 
-        with atomic_file(final, before_rename=last_word) as f:
+        with atomic_file(final, before_rename=last_word, temp_dir=self.temp_dir) as f:
             pq.write_table(table, f, compression=COMPRESSION)
         faults.point("part-renamed")
         self._seq += 1
@@ -131,11 +130,16 @@ def _part_sort_key(path: Path) -> tuple[str, int]:
     return m["run"], int(m["seq"])  # numeric seq: part 100000 comes after part 99999
 
 
-def read_journal(directory: Path) -> dict[str, Any] | None:
+def read_journal(output: Path, journal: Path | None = None) -> dict[str, Any] | None:
+    """The compaction journal of `output` (in its state directory, or an old layout's inside it), or None."""
     try:
-        return json.loads((directory / JOURNAL).read_text())
-    except FileNotFoundError:
+        return json.loads((journal or readable(output, JOURNAL)).read_text())
+    except (FileNotFoundError, NotADirectoryError):  # no journal (or no state directory: a file in its way)
         return None
+
+
+def is_part_name(name: str) -> bool:
+    return PART_PATTERN.match(name) is not None
 
 
 def journal_complete(journal: dict[str, Any], names: set[str]) -> bool:

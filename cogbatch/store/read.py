@@ -1,14 +1,20 @@
-"""Reading the dataset: every row with the one schema, the newest row per (image, task), the done set.
+"""Reading the dataset: every row with the one schema, the current row per (path, task), rows to reuse.
 
-Parts are read one by one rather than by dataset discovery, so a stray file in the directory (a temp
-file, a journal, someone's notes.csv) never breaks a read. A file named like a part that is not one
-raises ResultFileError naming it: skipping it could redo or hide rows, reading it could add rows of nulls.
+The key of a row is (path, task): every file of a folder and every manifest row has its own row per task,
+its `path` (the file's path, or a manifest row's label when it has no path). The newest row of a key is
+its current one; its `image_id` says which bytes it describes, so an edited file (new bytes) has no
+current row for what it holds now and is redone.
+
+Parts are read one by one rather than by dataset discovery, so a stray file in the directory (someone's
+notes.csv) never breaks a read. A file named like a part that is not one raises ResultFileError naming
+it: skipping it could redo or hide rows, reading it could add rows of nulls.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,7 +25,8 @@ from cogbatch.errors import ResultFileError
 from cogbatch.store.parts import list_parts
 from cogbatch.store.schema import REQUIRED, RESULT_SCHEMA
 
-_DONE_COLUMNS = ["image_id", "task", "fingerprint", "created_at", "status"]
+# What deciding the pending work needs of every row: cheap columns only (no text), for outputs of millions.
+KEY_COLUMNS = ["image_id", "path", "task", "fingerprint", "status", "created_at", "prompt"]
 
 
 def _schema_for(columns: list[str] | None) -> pa.Schema:
@@ -131,31 +138,127 @@ def read_results(output_dir: str | os.PathLike[str], columns: list[str] | None =
     raise RuntimeError(f"{output_dir}: parts kept disappearing while reading (is a compaction running?)")
 
 
-def latest_rows(table: pa.Table) -> pa.Table:
-    """One row per (image_id, task): the newest by created_at, ties going to the last in file order.
+def row_keys(table: pa.Table) -> pa.Array:
+    """The item each row answers for: its path; rows without one (never made by cogbatch) by their image id."""
+    if "path" not in table.column_names:
+        return table["image_id"].combine_chunks()
+    return pc.coalesce(table["path"], table["image_id"]).combine_chunks()
 
-    A redo (changed fingerprint) or a retried error adds a row rather than rewriting a part; this is the
-    view that says what the dataset currently answers for each image and task. Rows keep file order.
+
+def latest_rows(table: pa.Table) -> pa.Table:
+    """One row per (path, task): the newest by created_at, ties going to the last in file order.
+
+    A redo (changed fingerprint, an edited file) or a retried error adds a row rather than rewriting a part;
+    this is the view that says what the dataset currently answers for each item and task. Rows keep file
+    order.
     """
     if table.num_rows == 0:
         return table
     order = pc.sort_indices(table, sort_keys=[("created_at", "ascending")])  # stable: ties keep file order
-    ranked = table.select(["image_id", "task"]).take(order)
-    ranked = ranked.append_column("rank", pa.array(range(table.num_rows), pa.int64()))  # position in time order
-    newest = ranked.group_by(["image_id", "task"], use_threads=False).aggregate([("rank", "max")])
+    ranked = pa.table(
+        {
+            "key": row_keys(table).take(order),
+            "task": table["task"].take(order),
+            "rank": pa.array(range(table.num_rows), pa.int64()),  # position in time order
+        }
+    )
+    newest = ranked.group_by(["key", "task"], use_threads=False).aggregate([("rank", "max")])
     rows = pc.take(order, newest["rank_max"])  # original row numbers of the newest rows
     return table.take(pc.take(rows, pc.sort_indices(rows)))
 
 
-def done_keys(output_dir: str | os.PathLike[str], *, include_errors: bool = True) -> dict[tuple[str, str], str]:
-    """(image_id, task) -> fingerprint of the newest row: what a resumed run must not redo.
+@dataclass(frozen=True)
+class CurrentRow:
+    """The newest row of one (path, task): which bytes it describes, with which settings, how it ended."""
 
-    Only the five columns needed are read, so the scan stays cheap on datasets of millions of captions.
-    An error row counts as done by default (exactly once: a bad image fails the same way again);
-    `include_errors=False` leaves out keys whose newest row is an error, for a run asked to retry them.
+    image_id: str
+    fingerprint: str
+    status: str
+
+
+def key_table(output_dir: str | os.PathLike[str]) -> pa.Table:
+    """KEY_COLUMNS of every row: what `current_rows` and `reusable_rows` work from."""
+    return read_results(output_dir, columns=KEY_COLUMNS)
+
+
+def current_rows(keys: pa.Table) -> dict[tuple[str, str], CurrentRow]:
+    """(path, task) -> its current row, from `key_table`: what a resumed run must not redo (while the row's
+    image_id is still what the path holds, and its fingerprint what the job asks for)."""
+    newest = latest_rows(keys)
+    cols = [row_keys(newest).to_pylist(), *(newest[c].to_pylist() for c in ("task", "image_id", "fingerprint"))]
+    cols.append(newest["status"].to_pylist())
+    return {(path, task): CurrentRow(i, fp, st) for path, task, i, fp, st in zip(*cols, strict=True)}
+
+
+ReuseKey = tuple[str, str, str, "str | None"]  # (image_id, task, fingerprint, prompt)
+
+
+def reusable_rows(
+    output_dir: str | os.PathLike[str], wanted: set[ReuseKey], keys: pa.Table | None = None
+) -> dict[ReuseKey, dict]:
+    """(image_id, task, fingerprint, prompt) -> the newest ok row made exactly so, for each wanted key that has one.
+
+    A file whose bytes another item of the output already has, asked the same question with the same
+    settings, needs no generation: its row reuses that text. Only parts holding a wanted image are read
+    whole; `keys` (`key_table`) lets the common case, no such image, read nothing more.
     """
-    newest = latest_rows(read_results(output_dir, columns=_DONE_COLUMNS))
-    if not include_errors:
-        newest = newest.filter(pc.equal(newest["status"], "ok"))
-    keys = zip(newest["image_id"].to_pylist(), newest["task"].to_pylist(), strict=True)
-    return dict(zip(keys, newest["fingerprint"].to_pylist(), strict=True))
+    if keys is not None:
+        ok = keys.filter(pc.equal(keys["status"], "ok"))
+        present = set(ok["image_id"].to_pylist())
+        wanted = {w for w in wanted if w[0] in present}
+    if not wanted:
+        return {}
+    images = pa.array(sorted({w[0] for w in wanted}), pa.string())
+    for _ in range(5):
+        try:
+            return _newest_ok_rows(output_dir, wanted, images)
+        except FileNotFoundError:  # a live compaction replaced a part: list again
+            continue
+    raise RuntimeError(f"{output_dir}: parts kept disappearing while reading (is a compaction running?)")
+
+
+def _newest_ok_rows(
+    output_dir: str | os.PathLike[str], wanted: set[ReuseKey], images: pa.Array
+) -> dict[ReuseKey, dict]:
+    found: dict[ReuseKey, dict] = {}
+    for part in list_parts(output_dir):
+        if not pc.any(pc.is_in(read_part(part, ["image_id"])["image_id"], value_set=images)).as_py():
+            continue
+        table = read_part(part)
+        table = table.filter(pc.and_(pc.is_in(table["image_id"], value_set=images), pc.equal(table["status"], "ok")))
+        for row in table.to_pylist():
+            key = (row["image_id"], row["task"], row["fingerprint"], row["prompt"])
+            if key in wanted and (key not in found or row["created_at"] >= found[key]["created_at"]):
+                found[key] = row
+    return found
+
+
+def rows_of_run(
+    output_dir: str | os.PathLike[str], run_id: str, keys: set[tuple[str, str]]
+) -> dict[tuple[str, str], dict]:
+    """(path, task) -> the row run `run_id` wrote for it, for `keys`: the generations whose text copies share.
+
+    Only the run's own parts are read (`part-<run_id>-...`), and compacted ones (a compaction may have run
+    meanwhile), whose run_id column is looked at first.
+    """
+    if not keys:
+        return {}
+    wanted = pa.array(sorted(f"{path}\0{task}" for path, task in keys), pa.string())
+    for _ in range(5):
+        try:
+            found: dict[tuple[str, str], dict] = {}
+            for part in list_parts(output_dir):
+                if part.name.startswith("part-compact-"):
+                    if not pc.any(pc.equal(read_part(part, ["run_id"])["run_id"], run_id)).as_py():
+                        continue
+                elif not part.name.startswith(f"part-{run_id}-"):
+                    continue
+                table = read_part(part)
+                joined = pc.binary_join_element_wise(row_keys(table), table["task"], "\0")
+                mine = pc.and_(pc.equal(table["run_id"], run_id), pc.is_in(joined, value_set=wanted))
+                for row in table.filter(mine).to_pylist():
+                    found[(row["path"] if row["path"] is not None else row["image_id"], row["task"])] = row
+            return found
+        except FileNotFoundError:  # a live compaction replaced a part: list again
+            continue
+    raise RuntimeError(f"{output_dir}: parts kept disappearing while reading (is a compaction running?)")

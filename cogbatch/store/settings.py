@@ -1,4 +1,4 @@
-"""fingerprint -> the settings behind it, kept beside the output, so that a change of settings can be named."""
+"""fingerprint -> the settings behind it, in the output's state directory, so a change of settings can be named."""
 
 from __future__ import annotations
 
@@ -7,15 +7,16 @@ from pathlib import Path
 from typing import Any
 
 from cogbatch.fsio import atomic_write
+from cogbatch.store.state import SETTINGS, readable, state_file
 
 
 class SettingsRegistry:
-    """`<output>/.cogbatch/settings.json`: every fingerprint this output's rows carry, with its settings."""
+    """`<output>.cogbatch/settings.json`: every fingerprint this output's rows carry, with its settings."""
 
     def __init__(self, output: Path) -> None:
-        self.file = output / ".cogbatch" / "settings.json"
+        self.file = state_file(output, SETTINGS)
         try:
-            self.known: dict[str, dict[str, Any]] = json.loads(self.file.read_text())
+            self.known: dict[str, dict[str, Any]] = json.loads(readable(output, SETTINGS).read_text())
         except (OSError, ValueError):
             self.known = {}
 

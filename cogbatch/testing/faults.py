@@ -15,6 +15,8 @@ Points:
     compact-new-written      a compaction's new parts in place, the old ones not yet deleted (store)
     ray-part-written         a Ray actor has written a batch's part (an actor killed after its work)
     ray-batch                a Ray actor is about to generate a batch; subjects: its images' file names
+    state-moved              an old layout's state file moved into the state directory, the next ones not
+                             yet (store); subjects: its name in the state directory
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ POINTS = (
     "compact-new-written",
     "ray-part-written",
     "ray-batch",
+    "state-moved",
 )
 
 

@@ -57,3 +57,21 @@ def ok_row(req: Request, result: Any, cfg: Any, run_id: str, img: Any) -> dict:
         run_id=run_id,
         attempts=result.attempts,
     )
+
+
+def copied_row(source: dict[str, Any], req: Request, run_id: str) -> dict:
+    """The row of a request whose text (or error) another generation gave: the same bytes, asked the same
+    question with the same settings (`engines.reuse`). `attempts` 0: no generation was made for this row."""
+    return make_row(
+        **{
+            **source,
+            "image_id": req.image.image_id,
+            "path": req.image.path,
+            "task": req.task.name,
+            "prompt": req.prompt,
+            "fingerprint": req.fingerprint,
+            "run_id": run_id,
+            "created_at": None,  # now
+            "attempts": 0,
+        }
+    )

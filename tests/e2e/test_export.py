@@ -46,7 +46,8 @@ def test_export_of_a_finished_job(tmp_path, job_factory):
 
     images[0].with_suffix(".txt").write_text("hand edited")
     kept = cogbatch_cmd("export", str(job), "--format", "txt", "--task", "colors")
-    assert kept.returncode == 0 and "4 conflicts" in kept.stderr and "--overwrite" in kept.stderr
+    assert kept.returncode == 73 and "4 conflicts" in kept.stderr and "--overwrite" in kept.stderr  # EX_CANTCREAT
+    assert "Error: 4 file(s) exist with other content and were not replaced" in kept.stderr
     assert images[0].with_suffix(".txt").read_text() == "hand edited"
 
     dest = tmp_path / "captions"
@@ -65,7 +66,7 @@ def test_export_of_a_finished_job(tmp_path, job_factory):
 
     res = cogbatch_cmd("export", str(job), "--format", "csv", "--task", "caption", "--dest", str(dest), "--json")
     assert summary_of(res)["rows"] == 5
-    parsed = list(csv.DictReader(io.StringIO((dest / "out.csv").read_text(encoding="utf-8"))))
+    parsed = list(csv.DictReader(io.StringIO((dest / "out.caption.csv").read_text(encoding="utf-8"))))
     assert {r["path"]: r["text"] for r in parsed if r["status"] == "ok"} == texts
 
     res = cogbatch_cmd("export", str(job), "--format", "jsonl", "--json")
@@ -112,7 +113,7 @@ def test_export_and_compact_to_places_that_cannot_be_written_exit_2(tmp_path, jo
         res = cogbatch_cmd("export", str(job), "--format", fmt, "--task", "caption", "--dest", str(dest))
         assert res.returncode == 2 and f"cannot write {dest}: Not a directory" in res.stderr
         assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
-    lock = tmp_path / "out" / ".compact.lock"
+    lock = tmp_path / "out.cogbatch" / "compact.lock"  # in the state directory beside the output
     lock.unlink()
     lock.mkdir()  # cannot be opened for writing
     res = cogbatch_cmd("compact", str(tmp_path / "out"))

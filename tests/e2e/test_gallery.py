@@ -34,7 +34,8 @@ def test_run_with_gallery_refreshes_the_page(tmp_path, job_factory):
 
 def test_the_job_key_refreshes_it_too_and_a_failure_is_only_a_warning(tmp_path, job_factory):
     make_images(tmp_path / "images", 2)
-    (tmp_path / "out.cogbatch").write_text("a file where the gallery's folder would go")
+    (tmp_path / "out.cogbatch").mkdir()
+    (tmp_path / "out.cogbatch" / "gallery").write_text("a file where the gallery's folder would go")
     job = job_factory(gallery=True)
     res = cogbatch_cmd("run", str(job), "--json")
     assert res.returncode == 0, res.stderr

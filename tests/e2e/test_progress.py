@@ -15,7 +15,9 @@ import termios
 
 from tests.e2e.conftest import cogbatch_cmd, make_images
 
-SUMMARY_LINE = re.compile(r"^\d+ ok, \d+ failed, \d+ already done; ", re.MULTILINE)
+SUMMARY_LINE = re.compile(
+    r"^\d+ (files?|manifest rows?), \d+ distinct images?: \d+ ok, \d+ failed, \d+ already done; ", re.MULTILINE
+)
 LOAD_INTERNALS = ("peak host RSS", "kernels:", "weights 0.")  # the load report's lines
 
 

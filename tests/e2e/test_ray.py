@@ -36,11 +36,13 @@ import yaml
 from click.testing import CliRunner
 
 from cogbatch.store import prepare_output, read_results
+from cogbatch.store.state import RAY, state_file
 from tests.e2e.conftest import make_images
 
 N_IMAGES = 30
-COMPARED = ("path", "prompt", "text", "status", "error", "finish_reason", "tokens_in", "tokens_out", "width", "height",
-            "model", "quant", "fingerprint")  # fmt: skip
+N_ITEMS = N_IMAGES + 1  # and a byte-identical copy of one: its own rows, the caption's text shared
+COMPARED = ("image_id", "path", "prompt", "text", "status", "error", "finish_reason", "tokens_in", "tokens_out",
+            "width", "height", "model", "quant", "fingerprint", "attempts")  # fmt: skip
 
 # Brings the loopback interface of a fresh network namespace up (SIOCGIFFLAGS / SIOCSIFFLAGS | IFF_UP) without
 # needing iproute2, then runs the rest of the command line in it.
@@ -131,10 +133,11 @@ def _end_session(sid: int) -> None:
 
 
 def _rows(output: Path) -> dict[tuple[str, str], dict]:
+    """(path, task) -> the compared columns of its row; exactly one row per key."""
     rows = read_results(output).to_pylist()
-    keys = [(r["image_id"], r["task"]) for r in rows]
+    keys = [(r["path"], r["task"]) for r in rows]
     assert len(keys) == len(set(keys)), "duplicate rows"
-    return {(r["image_id"], r["task"]): {c: r[c] for c in COMPARED} for r in rows}
+    return {(r["path"], r["task"]): {c: r[c] for c in COMPARED} for r in rows}
 
 
 def _actor_parts(output: Path) -> list[str]:
@@ -174,7 +177,8 @@ def _outbound_calls(trace: Path) -> tuple[list[str], list[str]]:
 def corpus(tmp_path_factory, tiny_cogvlm1):
     """30 images, a job with two tasks, and the local engine's output for them (the reference)."""
     root = tmp_path_factory.mktemp("ray_corpus")
-    make_images(root / "images", N_IMAGES)
+    images = make_images(root / "images", N_IMAGES)
+    (root / "images" / "img_000_copy.png").write_bytes(images[0].read_bytes())
     job = {
         "model": str(tiny_cogvlm1),
         "input": {"folder": str(root / "images")},
@@ -193,7 +197,8 @@ def corpus(tmp_path_factory, tiny_cogvlm1):
     res = subprocess.run(_cogbatch("run", str(path), "--json", "--quiet"), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     reference = _rows(root / "local")
-    assert len(reference) == 2 * N_IMAGES
+    assert len(reference) == 2 * N_ITEMS
+    assert [r["attempts"] for r in reference.values()].count(0) == 1  # the copy's caption: reused, not generated
     return path, reference, json.loads(res.stdout)
 
 
@@ -299,6 +304,7 @@ def test_input_rows_group_tasks_by_image_and_blocks_spread_small_manifests(tmp_p
     assert len(rows) == 30
     first = rows[0]
     assert first["tasks"] == ["caption", "colors"] and first["prompts"][1].startswith("What colors are in img_")
+    assert first["paths"] == [first["path"]] * 2  # each request's item
     assert Path(first["file"]).is_absolute() and first["row"] is None
     assert input_block_count(30, batch=8) == 4  # about one actor batch per block: 4 blocks for 2+ actors
     assert input_block_count(1, batch=8) == 1 and input_block_count(10**7, batch=8) == 2048
@@ -387,7 +393,8 @@ def test_ray_gives_the_local_engines_rows_and_sends_nothing_off_the_machine(tmp_
     assert code == 0, stderr
     summary = json.loads(stdout)
     assert summary["engine"] == "ray" and summary["workers"] == 2
-    assert (summary["done"], summary["failed"], summary["exit_code"]) == (2 * N_IMAGES, 0, 0)
+    assert (summary["done"], summary["failed"], summary["exit_code"]) == (2 * N_ITEMS, 0, 0)
+    assert summary["reused"] == local_summary["reused"] == 1
     assert _rows(out) == reference  # same rows, same texts, exactly once
     actors = {name.rsplit("-", 1)[0] for name in _actor_parts(out)}
     assert len(actors) == 2, f"one actor did all the work: {actors}"  # the small manifest was spread
@@ -425,7 +432,7 @@ def test_sigterm_then_kill_nine_of_the_driver_then_resume_exactly_once(tmp_path,
     assert code == 143, stderr
     summary = json.loads(stdout)
     assert summary["interrupted"] is True and summary["exit_code"] == 143
-    assert summary["done"] == len(_rows(out)) < 2 * N_IMAGES  # batches that landed after the signal count too
+    assert summary["done"] == len(_rows(out)) < 2 * N_ITEMS  # batches that landed after the signal count too
 
     before = set(_actor_parts(out))
     killed = _start(cmd, ray_env)  # kill -9 while actors are working
@@ -437,7 +444,7 @@ def test_sigterm_then_kill_nine_of_the_driver_then_resume_exactly_once(tmp_path,
     landed = set(_actor_parts(out)) - before
     assert landed, "the killed run wrote no part"
     assert len({name.rsplit("-a", 1)[0] for name in landed}) == 1  # all from the killed run
-    assert summary["done"] < len(_rows(out)) < 2 * N_IMAGES  # whatever is visible is complete and unique
+    assert summary["done"] < len(_rows(out)) < 2 * N_ITEMS  # whatever is visible is complete and unique
 
     # At once, while the dead driver's actors may still live for a moment: they must not add rows now.
     local = subprocess.run(_cogbatch("run", str(job), "--output", str(out), "--limit", "2", "--quiet"),
@@ -488,11 +495,14 @@ def test_failures_in_the_actors_become_error_rows_never_duplicates_or_a_hang(tmp
     assert all(errors.values())
     good = {k: v for k, v in rows.items() if v["status"] == "ok"}
     assert len(good) == 2 * (10 - len(killed - {"corrupt.png", "empty.png", "notes.png", "truncated.png"}))
-    assert all(reference[k]["text"] == v["text"] for k, v in good.items())
+    by_request = {(v["image_id"], k[1], v["prompt"]): v["text"] for k, v in reference.items()}
+    assert all(by_request[(v["image_id"], k[1], v["prompt"])] == v["text"] for k, v in good.items())
     assert stdout.strip(), f"no JSON summary; stderr:\n{stderr}"
     summary = json.loads(stdout)
     assert (summary["done"], summary["failed"]) == (len(good), 28 - len(good))  # the retried batch counted once
-    assert list((tmp_path / "out" / ".cogbatch" / "ray").rglob("*")) == []  # the crash notes are gone
+    assert list(state_file(tmp_path / "out", RAY).rglob("*")) == []  # the crash notes are gone
+    assert all(p.name.startswith("part-") for p in (tmp_path / "out").iterdir())  # the output: parts only
+
 
 
 @pytest.mark.slow
@@ -509,5 +519,5 @@ def test_two_ray_runs_in_a_row_print_nothing_of_ray_on_stderr(tmp_path, ray_env)
         foreign = [line for line in stderr.splitlines() if line.strip() and not line.startswith("cogbatch: ")]
         assert foreign == [], stderr
         assert "\x1b" not in stderr and "cogbatch: 8/8 images (100%)" in stderr
-        assert stdout.startswith("16 ok, 0 failed")
+        assert stdout.startswith("8 files, 8 distinct images: 16 ok, 0 failed")
         assert re.search(r"^ray: 2 actor\(s\), start-up [\d.]+ s$", stdout, re.MULTILINE)  # the summary says the cost

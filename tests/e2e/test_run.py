@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 import cogbatch
 from cogbatch.cli import cli
-from cogbatch.errors import ConfigError
+from cogbatch.errors import ConfigError, NoInput
 from cogbatch.history import read_history
 from cogbatch.inputs.hashes import HashCache
 from cogbatch.model.weights import CheckpointError
@@ -38,7 +38,8 @@ def test_forty_images_then_nothing_then_only_the_new_and_edited(tmp_path, job_fa
         assert pq.read_schema(part).equals(RESULT_SCHEMA)
     prompts = {r["path"]: r["prompt"] for r in table.to_pylist() if r["task"] == "colors"}
     assert prompts[str(images[3])] == f"What colors are in {images[3].stem}?"  # placeholder filled per image
-    assert (tmp_path / "out" / "config.resolved.yaml").is_file()
+    assert (tmp_path / "out.cogbatch" / "config.resolved.yaml").is_file()  # the run's state: beside the output
+    assert {p.name.startswith("part-") for p in (tmp_path / "out").iterdir()} == {True}  # the output: parts only
 
     again = cogbatch_cmd("run", str(job), "--json", "--quiet")
     second = summary_of(again)
@@ -47,11 +48,12 @@ def test_forty_images_then_nothing_then_only_the_new_and_edited(tmp_path, job_fa
 
     make_images(tmp_path / "images", 5, seed=1, start=40)
     images[7].write_bytes(images[8].read_bytes()[:-1] + b"\0")  # edited: new bytes, new id
-    images[9].rename(images[9].with_name("renamed.png"))  # renamed: same bytes, not redone
+    images[9].rename(images[9].with_name("renamed.png"))  # renamed: a new item, its caption reused, not generated
     third = summary_of(cogbatch_cmd("run", str(job), "--json", "--quiet"))
-    assert third["pending"] == 12
-    assert third["done"] + third["failed"] == 12
-    assert read_results(tmp_path / "out").num_rows == 92
+    assert third["pending"] == 14 and third["reused"] == 1  # "colors" asks about {stem}: another question
+    assert third["done"] + third["failed"] == 14
+    assert (third["items"], third["distinct_images"]) == (45, 45)
+    assert read_results(tmp_path / "out").num_rows == 94
 
 
 @pytest.mark.slow
@@ -180,7 +182,7 @@ def test_status_of_an_output_that_does_not_exist_yet_creates_nothing(tmp_path, j
     res = CliRunner().invoke(cli, ["status", str(job_factory()), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["tasks"]["caption"]["pending"] == 2
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.cogbatch").exists()
 
 
 def test_a_signal_while_hashing_the_input_stops_with_nothing_done(tmp_path, job_factory, monkeypatch):
@@ -247,7 +249,7 @@ def test_a_second_ctrl_c_stops_at_once_with_130_and_the_output_resumes(tmp_path,
     monkeypatch.setattr(Progress, "request_done", real_done)
     assert cogbatch.run_job(job, quiet=True).done == 18 - kept
     rows = read_results(tmp_path / "out").to_pylist()
-    assert len({(r["image_id"], r["task"]) for r in rows}) == len(rows) == 18
+    assert len({(r["path"], r["task"]) for r in rows}) == len(rows) == 18
 
 
 def test_jobs_demo_yaml_runs_on_its_own_from_the_repository(tmp_path):
@@ -267,14 +269,24 @@ def test_demo_job_and_jobs_demo_yaml_ask_the_same(tmp_path, monkeypatch):
     assert demo_job(tmp_path / "demo", 1).tasks == yaml_job.tasks
 
 
-def test_an_input_without_images_says_so_rather_than_already_done(tmp_path, job_factory):
+def test_an_input_without_images_exits_66_with_one_line_rather_than_already_done(tmp_path, job_factory):
+    """EX_NOINPUT: a typo in a folder or an extension must not look like a finished night in a cron log."""
     (tmp_path / "images").mkdir()
     make_images(tmp_path / "images", 1)
-    summary = cogbatch.run_job(job_factory(input={"folder": str(tmp_path / "images"), "extensions": ["jpeg"]}),
-                               quiet=True)  # fmt: skip
-    assert summary.exit_code == 0 and not summary.model_loaded
-    assert summary.message == f"nothing to do: no images in or under {tmp_path / 'images'} (extensions: .jpeg)"
+    job = job_factory(input={"folder": str(tmp_path / "images"), "extensions": ["jpeg"]})
+    with pytest.raises(NoInput, match=rf"^no images in or under {tmp_path / 'images'} \(extensions: \.jpeg\)"):
+        cogbatch.run_job(job, quiet=True)
+    res = cogbatch_cmd("run", str(job), "--quiet", "--json")
+    assert res.returncode == 66 and res.stdout == "" and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"Error: no images in or under {tmp_path / 'images'} (extensions: .jpeg): nothing was done"
+    ]
+    assert [r["exit_code"] for r in read_history(tmp_path / "out")] == [66, 66]  # the night is in the history
+    assert read_history(tmp_path / "out")[-1]["outcome"] == "no input"
     manifest = tmp_path / "empty.parquet"
     pq.write_table(pa.table({"path": pa.array([], pa.string())}), manifest)
-    summary = cogbatch.run_job(job_factory(input={"manifest": str(manifest)}), quiet=True)
-    assert summary.message == f"nothing to do: the manifest {manifest} has no rows"
+    res = cogbatch_cmd("run", str(job_factory(input={"manifest": str(manifest)})), "--quiet")
+    assert res.returncode == 66 and f"no images: the manifest {manifest} has no rows" in res.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cogbatch_cmd("run", str(job), "--input", str(empty), "--quiet").returncode == 66

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from cogbatch.lock import INFO_NAME, LOCK_DIR
 from cogbatch.store import read_results
+from cogbatch.store.state import HISTORY, RUN_LOCK_INFO, state_file
 from tests.e2e.conftest import cogbatch_cmd, make_images, summary_of
 
 
@@ -44,8 +44,8 @@ def _run_cron_command(command: str, cwd: Path, env: dict) -> subprocess.Complete
 
 def _no_duplicates(out: Path) -> int:
     table = read_results(out)
-    keys = list(zip(table["image_id"].to_pylist(), table["task"].to_pylist(), strict=True))
-    assert len(keys) == len(set(keys)), "a (image, task) pair was done twice"
+    keys = list(zip(table["path"].to_pylist(), table["task"].to_pylist(), strict=True))
+    assert len(keys) == len(set(keys)), "a (path, task) pair was done twice"
     return len(keys)
 
 
@@ -59,7 +59,7 @@ def test_printed_command_run_by_hand_does_only_new_images(tmp_path, job_factory,
     entry = json.loads(res.stdout)
     assert entry["line"].startswith("0 2 * * * ") and entry["line"].endswith(f"job={job.resolve()}")
     out = tmp_path / "out"
-    assert entry["log"] == str(out / "cogbatch.log")
+    assert entry["log"] == str(tmp_path / "out.cogbatch" / "cogbatch.log")  # beside the output, not in it
 
     first = _run_cron_command(entry["command"], tmp_path, flock_path)
     assert first.returncode == 0, first.stderr + Path(entry["log"]).read_text()
@@ -71,8 +71,9 @@ def test_printed_command_run_by_hand_does_only_new_images(tmp_path, job_factory,
     second = _run_cron_command(entry["command"], tmp_path, flock_path)
     assert second.returncode == 0
     assert _no_duplicates(out) == 5
-    history = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in state_file(out, HISTORY).read_text().splitlines()]
     assert [(h["pending"], h["done"], h["exit_code"]) for h in history] == [(3, 3, 0), (2, 2, 0)]
+    assert {p.name.startswith("part-") for p in out.iterdir()} == {True}  # the log and the locks are not in it
 
     status = cogbatch_cmd("status", str(job), "--history")
     assert status.returncode == 0
@@ -86,7 +87,7 @@ def test_printed_command_run_by_hand_does_only_new_images(tmp_path, job_factory,
             t0 = time.monotonic()
             busy = _run_cron_command(entry["command"], tmp_path, flock_path)
             assert busy.returncode == 75 and time.monotonic() - t0 < 5
-        assert len((out / "runs.jsonl").read_text().splitlines()) == 2
+        assert len(state_file(out, HISTORY).read_text().splitlines()) == 2
         note = json.loads(Path(entry["log"]).read_text().splitlines()[-1])  # the refused night is in the log
         assert note["event"] == "skipped" and note["exit_code"] == 75
 
@@ -103,7 +104,7 @@ def test_two_concurrent_runs_one_works_the_other_exits_75(tmp_path, job_factory)
                              stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 60
-        while not (out / LOCK_DIR / INFO_NAME).exists():  # the first run holds the lock
+        while not state_file(out, RUN_LOCK_INFO).exists():  # the first run holds the lock
             assert first.poll() is None, first.communicate()
             assert time.monotonic() < deadline
             time.sleep(0.05)
@@ -120,9 +121,9 @@ def test_two_concurrent_runs_one_works_the_other_exits_75(tmp_path, job_factory)
     assert first.returncode == 0, stderr
     assert json.loads(stdout)["done"] == 24
     assert _no_duplicates(out) == 24
-    history = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in state_file(out, HISTORY).read_text().splitlines()]
     assert [h["exit_code"] for h in history] == [0]  # the refused run did no work and left no record
-    assert not (out / LOCK_DIR / INFO_NAME).exists()
+    assert not state_file(out, RUN_LOCK_INFO).exists()
 
 
 def test_run_refused_while_the_lock_is_held_and_a_stale_lock_is_taken_over(tmp_path, job_factory):
@@ -139,8 +140,8 @@ def test_run_refused_while_the_lock_is_held_and_a_stale_lock_is_taken_over(tmp_p
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = {"pid": dead.pid, "host": os.uname().nodename, "started": "2020-01-01T02:00:00Z", "command": "x"}
-    (out / LOCK_DIR / INFO_NAME).write_text(json.dumps(stale))
-    res = cogbatch_cmd("run", str(job), "--quiet")
+    state_file(out, RUN_LOCK_INFO).write_text(json.dumps(stale))
+    res = cogbatch_cmd("run", str(job))  # not --quiet: that is errors only, and this is a warning
     assert res.returncode == 0, res.stderr
     assert "did not finish cleanly" in res.stderr and f"pid {dead.pid}" in res.stderr
     assert read_results(out).num_rows == 1

@@ -27,6 +27,9 @@ EXPECTED = {
     "GalleryError": 2,
     "CronError": 2,
     "UnsafePathError": 2,
+    "NotAnOutput": 2,
+    "NoInput": 66,  # EX_NOINPUT
+    "ExportConflict": 73,  # EX_CANTCREAT
     "ScheduleError": 1,
     "JobLocked": 75,
     "RayRunFailed": 1,
@@ -40,6 +43,8 @@ def _instance(cls: type[BaseException]) -> BaseException:
         return cls(Path("part-x-00000.parquet"), "truncated")
     if cls is errors.JobLocked:
         return cls(Path("out"), None)
+    if cls is errors.ExportConflict:
+        return cls([{"path": "a.jpg", "target": "a.txt", "reason": "exists with other text"}], 0)
     return cls("x")
 
 
@@ -61,6 +66,15 @@ def test_user_errors_exit_2_and_bugs_exit_1():
         assert exit_code_for(error) == EXIT_CONFIG, error
     for error in (ValueError("x"), RuntimeError("x"), OSError("x")):
         assert exit_code_for(error) == EXIT_ABORTED, error
+
+
+def test_an_export_conflict_names_the_files_in_one_line():
+    conflicts = [{"path": f"{n}.jpg", "target": f"out/{n}.txt", "reason": "other text"} for n in "abcde"]
+    message = str(errors.ExportConflict(conflicts, 2))
+    assert "\n" not in message and "5 file(s)" in message and "out/a.txt, out/b.txt, out/c.txt and 2 more" in message
+    assert "2 written" in message and "--overwrite" in message
+    assert isinstance(errors.ExportConflict(conflicts, 0), errors.UserError)
+    assert isinstance(errors.NoInput("x"), errors.UserError) and errors.EXIT_NOINPUT == 66
 
 
 def test_the_model_raises_the_same_classes():

@@ -424,7 +424,8 @@ def test_jsonl_and_csv_hold_every_newest_row(folder_job, tmp_path):
 
     dest = tmp_path / "exports"
     report = export_rows(cfg, "csv", "caption", dest)
-    target = dest / "out.csv"
+    target = dest / "out.caption.csv"  # one file per task: <output name>.<task>.<format>
+    assert report.files == [str(target)] and os.listdir(dest) == ["out.caption.csv"]
     with open(target, newline="", encoding="utf-8") as f:
         parsed = list(csv.DictReader(f))
     assert report.rows == len(parsed) == 3 and report.written == 1
@@ -438,6 +439,22 @@ def test_jsonl_and_csv_hold_every_newest_row(folder_job, tmp_path):
     assert export_rows(cfg, "csv", "caption", dest, overwrite=True).overwritten == 1
     assert len(list(csv.DictReader(io.StringIO(target.read_text(encoding="utf-8"))))) == 4
     assert not [p for p in os.listdir(dest) if p.startswith(".tmp-")]
+
+
+def test_jsonl_with_a_destination_writes_one_file_per_task(folder_job, tmp_path):
+    """Tasks exported one after the other, or all at once, land in files of their own: no conflict."""
+    cfg, _ = folder_job
+    dest = tmp_path / "exports"
+    tasks = [t.name for t in cfg.tasks]
+    first = export_rows(cfg, "jsonl", tasks[0], dest)
+    second = export_rows(cfg, "jsonl", tasks[1], dest)
+    assert (first.written, second.written, first.conflicts, second.conflicts) == (1, 1, [], [])
+    assert sorted(os.listdir(dest)) == sorted(f"out.{t}.jsonl" for t in tasks)
+    every = export_rows(cfg, "jsonl", dest=dest)  # all tasks: the same files, unchanged
+    assert every.unchanged == len(tasks) and every.written == 0 and every.rows == read_results(cfg.output).num_rows
+    for task in tasks:
+        lines = (dest / f"out.{task}.jsonl").read_text().splitlines()
+        assert {json.loads(line)["task"] for line in lines} == {task}
 
 
 def test_latest_by_path_keeps_the_newest_row_per_path_and_task():
@@ -507,7 +524,31 @@ def test_cli_export_and_status_refuse_an_output_with_a_bad_part(folder_job, tmp_
         ["status", job],
     ):
         _exits_2_with(args, message)
-    assert not (tmp_path / "dest" / "out.csv").exists() and not (tmp_path / "images" / "a.txt").exists()
+    assert not (tmp_path / "dest").exists() and not (tmp_path / "images" / "a.txt").exists()
+
+
+def test_cli_export_conflicts_exit_73_naming_the_kept_files(folder_job, tmp_path):
+    """A script must not go on as if the export were what it asked for: EX_CANTCREAT, one line."""
+    cfg, files = folder_job
+    job = str(_job_file(cfg, tmp_path))
+    edited = files["a"].with_suffix(".txt")
+    edited.write_text("my hand-corrected caption")
+    res = CliRunner().invoke(cli, ["export", job, "--format", "txt", "--task", "caption"])
+    assert res.exit_code == 73, res.output
+    line = next(x for x in res.output.splitlines() if x.startswith("Error: "))
+    assert f"1 file(s) exist with other content and were not replaced: {edited}" in line and "1 written" in line
+    assert edited.read_text() == "my hand-corrected caption" and files["b"].with_suffix(".txt").is_file()
+    overwrite = ["export", job, "--format", "txt", "--task", "caption", "--overwrite"]
+    assert CliRunner().invoke(cli, overwrite).exit_code == 0
+
+    dest = tmp_path / "rows"
+    assert CliRunner().invoke(cli, ["export", job, "--format", "jsonl", "--dest", str(dest)]).exit_code == 0
+    write_rows(cfg.output, [row(files["new"], b"new", "caption", "new one", minutes=9)], "r3")
+    before = (dest / "out.caption.jsonl").read_text()
+    res = CliRunner().invoke(cli, ["export", job, "--format", "jsonl", "--dest", str(dest), "--json"])
+    assert res.exit_code == 73 and (dest / "out.caption.jsonl").read_text() == before  # nothing replaced
+    assert json.loads(res.stdout.splitlines()[0])["counts"]["conflicts"] == 1  # the report, then the error line
+    assert "out.caption.jsonl" in res.output and "0 written" in res.output
 
 
 def test_cli_export_to_an_unwritable_dest_exits_2(folder_job, tmp_path):
@@ -540,7 +581,7 @@ def test_a_failed_csv_write_is_not_masked_by_its_cleanup(folder_job, tmp_path, m
 
     monkeypatch.setattr("cogbatch.fsio.open", read_only(real_open), raising=False)
     monkeypatch.setattr(Path, "unlink", read_only(real_unlink))
-    with pytest.raises(DestinationError, match=rf"cannot write {dest / 'out.csv'}: Read-only file system"):
+    with pytest.raises(DestinationError, match=rf"cannot write {dest / 'out.caption.csv'}: Read-only file system"):
         export_rows(cfg, "csv", dest=dest)
     report = export_txt(cfg, "caption", dest)  # txt reports each file it could not write, and goes on
     assert report.written == 0 and len(report.skipped) == 4

@@ -417,7 +417,7 @@ def test_refused_requests_exit_2_and_write_nothing(tmp_path, mixed):
     empty = job(tmp_path, output=str(tmp_path / "empty"))
     with pytest.raises(GalleryError, match=r"no results in .*empty; has the job run"):
         build_gallery(empty)
-    assert not (tmp_path / "empty.cogbatch").exists() and not (tmp_path / "out.cogbatch").exists()
+    assert not (tmp_path / "empty.cogbatch").exists() and not (tmp_path / "out.cogbatch" / "gallery").exists()
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(GalleryError, match=r"cannot write .*a_file"):
         build_gallery(mixed, tmp_path / "a_file" / "index.html")
@@ -444,7 +444,7 @@ def _summary(**kw):
 
 def test_refresh_after_run_never_fails_the_run(tmp_path, mixed, caplog):
     assert refresh_after_run(mixed, _summary(interrupted=True)) == {"skipped": "the run was interrupted"}
-    assert not (tmp_path / "out.cogbatch").exists()
+    assert not (tmp_path / "out.cogbatch" / "gallery").exists()
     done = refresh_after_run(mixed, _summary())
     assert Path(done["page"]).is_file() and done["images"] == 4
     (tmp_path / "out.cogbatch").rename(tmp_path / "moved")

@@ -13,7 +13,6 @@ from click.testing import CliRunner
 
 from cogbatch.cli import cli
 from cogbatch.history import (
-    HISTORY_NAME,
     append_record,
     format_table,
     new_part_counts,
@@ -24,6 +23,7 @@ from cogbatch.history import (
 from cogbatch.model.quant.spec import QuantConfig
 from cogbatch.results import RunSummary
 from cogbatch.store import PartWriter, make_row
+from cogbatch.store.state import HISTORY, legacy_file, state_file
 
 
 def _cfg(output):
@@ -35,12 +35,13 @@ def test_append_and_read_back(tmp_path):
     append_record(tmp_path, {"run_id": "a", "exit_code": 0})
     append_record(tmp_path, {"run_id": "b", "exit_code": 130})
     assert [r["run_id"] for r in read_history(tmp_path)] == ["a", "b"]
-    assert (tmp_path / HISTORY_NAME).read_text().count("\n") == 2
+    assert state_file(tmp_path, HISTORY).read_text().count("\n") == 2  # beside the output, not in it
+    assert not (tmp_path / HISTORY).exists()
 
 
 def test_a_torn_last_line_is_skipped_and_not_glued_to_the_next(tmp_path):
     append_record(tmp_path, {"run_id": "a"})
-    with open(tmp_path / HISTORY_NAME, "ab") as f:
+    with open(state_file(tmp_path, HISTORY), "ab") as f:
         f.write(b'{"run_id": "torn", "exit')  # a writer cut off mid-line
     assert [r["run_id"] for r in read_history(tmp_path)] == ["a"]
     append_record(tmp_path, {"run_id": "c"})
@@ -49,16 +50,16 @@ def test_a_torn_last_line_is_skipped_and_not_glued_to_the_next(tmp_path):
 
 def test_bad_lines_are_skipped_with_a_warning_naming_the_file_and_line(tmp_path):
     append_record(tmp_path, {"run_id": "a"})
-    with open(tmp_path / HISTORY_NAME, "ab") as f:
+    with open(state_file(tmp_path, HISTORY), "ab") as f:
         f.write(b"junk\n[1, 2]\n\n\xff\xfe\n")  # not JSON, not an object, blank (fine), not UTF-8
     append_record(tmp_path, {"run_id": "b"})
     warnings: list[str] = []
     assert [r["run_id"] for r in read_history(tmp_path, warn=warnings.append)] == ["a", "b"]
     why = "not a run record (cut off by a crash, or edited); skipped"
-    assert warnings == [f"{tmp_path / HISTORY_NAME} line {n}: {why}" for n in (2, 3, 5)]
-    (tmp_path / "dir" / HISTORY_NAME).mkdir(parents=True)
+    assert warnings == [f"{state_file(tmp_path, HISTORY)} line {n}: {why}" for n in (2, 3, 5)]
+    state_file(tmp_path / "dir", HISTORY).mkdir(parents=True)
     assert read_history(tmp_path / "dir", warn=warnings.append) == []
-    assert warnings[-1] == f"cannot read {tmp_path / 'dir' / HISTORY_NAME}: Is a directory"
+    assert warnings[-1] == f"cannot read {state_file(tmp_path / 'dir', HISTORY)}: Is a directory"
 
 
 def test_status_history_warns_about_bad_lines_and_shows_the_good_ones(tmp_path):
@@ -75,14 +76,16 @@ def test_status_history_warns_about_bad_lines_and_shows_the_good_ones(tmp_path):
         )
     )
     out.mkdir()
-    (out / HISTORY_NAME).write_text('{"run_id": "torn", "exit\n')
+    old = legacy_file(out, HISTORY)  # an output an older cogbatch wrote: its history is read where it is
+    old.write_text('{"run_id": "torn", "exit\n')
     res = CliRunner().invoke(cli, ["status", str(job), "--history"])
     assert res.exit_code == 0
-    assert f"warning: {out / HISTORY_NAME} line 1: not a run record" in res.output
+    assert f"warning: {old} line 1: not a run record" in res.output
     assert f"{out}: no readable runs" in res.output and "no runs recorded yet" not in res.output
-    append_record(out, {"run_id": "good-run", "exit_code": 0})
+    old.write_text('{"run_id": "torn", "exit\n{"run_id": "good-run", "exit_code": 0}\n')
     res = CliRunner().invoke(cli, ["status", str(job), "--history"])
     assert res.exit_code == 0 and "good-run" in res.output and "line 1: not a run record" in res.output
+    assert old.exists() and not state_file(out, HISTORY).exists()  # status moves nothing
 
 
 def test_concurrent_appenders_never_interleave(tmp_path):
@@ -96,14 +99,14 @@ def test_concurrent_appenders_never_interleave(tmp_path):
     )
     procs = [subprocess.Popen([sys.executable, "-c", code, str(n)]) for n in range(4)]
     assert all(p.wait(timeout=120) == 0 for p in procs)
-    lines = (tmp_path / HISTORY_NAME).read_text().splitlines()
+    lines = state_file(tmp_path, HISTORY).read_text().splitlines()
     assert len(lines) == 200
     records = [json.loads(line) for line in lines]  # every line is one whole record
     assert {r["run_id"] for r in records} == {f"{n}-{i}" for n in range(4) for i in range(50)}
 
 
 def test_record_of_a_finished_run(tmp_path):
-    summary = RunSummary("r1", str(tmp_path), "m", "none", images=3, skipped=2, pending=5, done=4, failed=1)
+    summary = RunSummary("r1", str(tmp_path), "m", "none", items=3, skipped=2, pending=5, done=4, failed=1)
     rec = run_record(_cfg(tmp_path), 1_700_000_000.0, summary, None)
     assert rec["run_id"] == "r1" and rec["exit_code"] == 0 and rec["outcome"] == "ok"
     assert rec["done"] == 4 and rec["failed"] == 1 and rec["skipped"] == 2

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from cogbatch.lock import INFO_NAME, LOCK_DIR, JobLocked, current_holder, describe_holder, job_lock, pid_alive
+from cogbatch.lock import JobLocked, current_holder, describe_holder, job_lock, pid_alive
+from cogbatch.store.state import RUN_LOCK_INFO, state_dir, state_file
 
 
 def _dead_pid() -> int:
@@ -26,7 +27,7 @@ def test_second_acquirer_in_the_same_process_fails_with_the_holders_info(tmp_pat
     out = tmp_path / "out"
     with job_lock(out, command="cogbatch run jobs/a.yaml") as info:
         assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
-        sidecar = json.loads((out / LOCK_DIR / INFO_NAME).read_text())
+        sidecar = json.loads(state_file(out, RUN_LOCK_INFO).read_text())
         assert sidecar == info
         assert current_holder(out) == info
         with pytest.raises(JobLocked) as err, job_lock(out):
@@ -36,7 +37,7 @@ def test_second_acquirer_in_the_same_process_fails_with_the_holders_info(tmp_pat
         message = str(err.value)
         assert f"pid {os.getpid()}" in message and socket.gethostname() in message
         assert info["started"] in message and "cogbatch run jobs/a.yaml" in message
-    assert not (out / LOCK_DIR / INFO_NAME).exists()  # released: sidecar removed
+    assert not state_file(out, RUN_LOCK_INFO).exists()  # released: sidecar removed
     assert current_holder(out) is None
     with job_lock(out):  # and free again
         pass
@@ -84,29 +85,29 @@ def test_lock_of_a_killed_process_is_free_at_once(tmp_path):
     code += "    os.kill(os.getpid(), signal.SIGKILL)\n"
     proc = subprocess.run([sys.executable, "-c", code])
     assert proc.returncode == -9
-    assert (out / LOCK_DIR / INFO_NAME).exists()  # the dead run's sidecar is still there
+    assert state_file(out, RUN_LOCK_INFO).exists()  # the dead run's sidecar is still there
     with job_lock(out) as info:
         assert info["pid"] == os.getpid()
 
 
 def test_stale_lock_of_a_dead_pid_is_taken_over_with_a_warning(tmp_path, caplog):
     out = tmp_path / "out"
-    (out / LOCK_DIR).mkdir(parents=True)
+    state_dir(out).mkdir(parents=True)
     dead = _dead_pid()
     assert not pid_alive(dead)
     stale = {"pid": dead, "host": socket.gethostname(), "started": "2020-01-01T02:00:00Z", "command": "cogbatch run x"}
-    (out / LOCK_DIR / INFO_NAME).write_text(json.dumps(stale))
+    state_file(out, RUN_LOCK_INFO).write_text(json.dumps(stale))
     with caplog.at_level(logging.WARNING, logger="cogbatch"), job_lock(out) as info:
         assert info["pid"] == os.getpid()
-        assert json.loads((out / LOCK_DIR / INFO_NAME).read_text())["pid"] == os.getpid()
+        assert json.loads(state_file(out, RUN_LOCK_INFO).read_text())["pid"] == os.getpid()
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert "did not finish cleanly" in warning and f"pid {dead}" in warning and "no longer running" in warning
 
 
 def test_damaged_sidecar_does_not_block(tmp_path):
     out = tmp_path / "out"
-    (out / LOCK_DIR).mkdir(parents=True)
-    (out / LOCK_DIR / INFO_NAME).write_text("{not json")
+    state_dir(out).mkdir(parents=True)
+    state_file(out, RUN_LOCK_INFO).write_text("{not json")
     with job_lock(out) as info:
         assert info["pid"] == os.getpid()
 

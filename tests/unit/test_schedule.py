@@ -162,11 +162,11 @@ def test_line_uses_absolute_paths_flock_log_and_a_stable_marker(job, crontab, tm
     assert entry.job == job.resolve() and entry.id == sched.entry_id(job)
     words = shlex.split(entry.command.split(" >> ")[0].split(" && ")[2])
     assert os.path.isabs(words[0]) and Path(words[0]).name == "flock"
-    assert words[1:5] == ["-n", "-E", "75", str(cfg_output / ".cogbatch" / "cron.lock")]
+    assert words[1:5] == ["-n", "-E", "75", str(tmp_path / "out" / "caption.cogbatch" / "cron.lock")]  # beside it
     assert words[5:] == [*sched.cogbatch_executable(), "run", str(job.resolve()), "--quiet", "--json"]
     assert os.path.isabs(words[5])
     assert entry.command.startswith(f"cd {shlex.quote(str(tmp_path.resolve()))} && ")
-    assert entry.command.endswith(f">> {cfg_output / 'cogbatch.log'} 2>&1")
+    assert entry.command.endswith(f">> {tmp_path / 'out' / 'caption.cogbatch' / 'cogbatch.log'} 2>&1")
     assert sched.marker_of(entry.line) == (entry.id, str(job.resolve()))
     # the id is the same from any directory and for any spelling of the path
     monkeypatch.chdir(job.parent)

@@ -12,8 +12,17 @@ import pytest
 from cogbatch.errors import ConfigError
 from cogbatch.inputs.hashes import HashCache
 from cogbatch.inputs.manifest import ManifestBytes
-from cogbatch.inputs.pending import build_entries, changed_settings, expand_requests, limit_images, pending
+from cogbatch.inputs.pending import (
+    build_entries,
+    changed_settings,
+    expand_requests,
+    find_pending,
+    limit_images,
+    pending,
+    share_generations,
+)
 from cogbatch.job import load_job
+from cogbatch.store.read import CurrentRow
 
 
 @pytest.fixture
@@ -42,12 +51,33 @@ def test_folder_scan_filters_extensions_recurses_and_orders(tmp_path, folder):
     assert len(flat) == 2
 
 
-def test_same_bytes_at_two_paths_is_one_request_per_task(tmp_path, folder):
+def test_same_bytes_at_two_paths_are_two_items_that_share_a_generation_of_the_same_question(tmp_path, folder):
     cfg = _job(tmp_path, input={"folder": str(folder)})
     reqs = expand_requests(build_entries(cfg), cfg, {"t1": "f1", "t2": "f2"})
-    assert len(reqs) == 4  # a.jpg (= copy_of_a.jpg) and b.PNG, two tasks each
-    assert reqs[0].prompt == "a in images"
-    assert reqs[2].prompt == "b in sub"
+    assert len(reqs) == 6  # a.jpg, copy_of_a.jpg (the same bytes) and b.PNG: each its own request per task
+    names = [(os.path.relpath(r.image.path, folder), r.task.name, r.prompt) for r in reqs]
+    assert names[:4] == [("a.jpg", "t1", "a in images"), ("a.jpg", "t2", "x"),
+                         ("copy_of_a.jpg", "t1", "copy_of_a in images"), ("copy_of_a.jpg", "t2", "x")]  # fmt: skip
+    todo, copies, reused = share_generations(reqs, lambda wanted: {})
+    a, copy = reqs[1], reqs[3]
+    assert copy not in todo and copies == {a.key: [copy]}  # t2 asks both the same: generated once
+    assert reqs[2] in todo  # t1 asks each file about its own name: generated for each
+    assert len(todo) == 5 and reused == []
+
+    earlier = {"text": "a caption", "status": "ok"}
+    todo, copies, reused = share_generations(reqs, lambda wanted: {k: earlier for k in wanted if k == a.reuse_key})
+    assert reused == [(a, earlier), (copy, earlier)] and copies == {} and len(todo) == 4  # no generation for t2
+
+
+def test_find_pending_counts_items_and_distinct_images(tmp_path, folder):
+    cfg = _job(tmp_path, input={"folder": str(folder)})
+    work = find_pending(cfg, {"t1": "f1", "t2": "f2"}, {})
+    assert (work.items, work.distinct_images, work.requests_total, work.skipped, work.pending) == (3, 2, 6, 0, 6)
+    a = build_entries(cfg)[0]
+    done = {(a.path, "t1"): CurrentRow(a.image_id, "f1", "error"), (a.path, "t2"): CurrentRow(a.image_id, "f2", "ok")}
+    work = find_pending(cfg, {"t1": "f1", "t2": "f2"}, done)
+    assert (work.skipped, work.pending, work.current_errors) == (2, 4, 1)
+    assert find_pending(cfg, {"t1": "f1", "t2": "f2"}, done, retry_errors=True).pending == 5
 
 
 def test_hash_cache_reads_only_new_or_changed_files(tmp_path, folder, monkeypatch):
@@ -101,15 +131,18 @@ def test_manifest_with_image_bytes(tmp_path):
     assert reader.get(2) == b"333" and reader.get(0) == b"111"
 
 
-def test_pending_changed_and_limit(tmp_path, folder):
+def test_pending_changed_edited_and_limit(tmp_path, folder):
+    (folder / "copy_of_a.jpg").unlink()
     cfg = _job(tmp_path, input={"folder": str(folder)})
     reqs = expand_requests(build_entries(cfg), cfg, {"t1": "new", "t2": "f2"})
-    a, b = reqs[0].image.image_id, reqs[2].image.image_id
-    done = {(a, "t1"): "old", (a, "t2"): "f2"}
+    a, b = reqs[0].image, reqs[2].image
+    done = {(a.path, "t1"): CurrentRow(a.image_id, "old", "ok"), (a.path, "t2"): CurrentRow(a.image_id, "f2", "ok")}
     assert changed_settings(done, {"t1": "new", "t2": "f2"}) == {"t1": 1}
-    assert [(r.image.image_id, r.task.name) for r in pending(reqs, done, False)] == [(b, "t1"), (b, "t2")]
-    assert len(pending(reqs, done, True)) == 3
-    assert [r.image.image_id for r in limit_images(reqs, 1)] == [a, a]
+    assert [(r.image.path, r.task.name) for r in pending(reqs, done, False)[0]] == [(b.path, "t1"), (b.path, "t2")]
+    assert len(pending(reqs, done, True)[0]) == 3
+    edited = {key: CurrentRow("other bytes", row.fingerprint, "ok") for key, row in done.items()}
+    assert len(pending(reqs, edited, False)[0]) == 4  # the path holds other bytes now: redone
+    assert [r.image.image_id for r in limit_images(reqs, 1)] == [a.image_id, a.image_id]
 
 
 def test_builtin_placeholders_are_filled_for_rows_without_a_file(tmp_path):
@@ -138,20 +171,22 @@ def test_a_value_its_format_spec_cannot_take_is_an_error_row_not_a_crash(tmp_pat
     assert second.prompt is None and "cannot fill the prompt '#{n:03d}'" in second.error  # null -> "" -> :03d fails
 
 
-def test_a_repeated_image_with_another_question_is_asked_once_and_said_loudly(tmp_path, caplog):
+def test_a_repeated_path_with_another_question_is_asked_once_and_said_loudly(tmp_path, caplog):
     (tmp_path / "a.jpg").write_bytes(b"aaa")
     (tmp_path / "b.jpg").write_bytes(b"bbb")
     manifest = tmp_path / "m.parquet"
-    pq.write_table(pa.table({"path": ["a.jpg", "a.jpg", "b.jpg", "b.jpg"],
-                             "question": ["Why?", "How?", "Who?", "Who?"]}), manifest)  # fmt: skip
+    (tmp_path / "a_copy.jpg").write_bytes(b"aaa")
+    pq.write_table(pa.table({"path": ["a.jpg", "a.jpg", "b.jpg", "b.jpg", "a_copy.jpg"],
+                             "question": ["Why?", "How?", "Who?", "Who?", "When?"]}), manifest)  # fmt: skip
     tasks = [{"name": "q", "question_column": "question"}, {"name": "c", "prompt": "{filename}"}]
     cfg = _job(tmp_path, input={"manifest": str(manifest)}, tasks=tasks)
     with caplog.at_level("WARNING", logger="cogbatch"):
         reqs = expand_requests(build_entries(cfg), cfg, {"q": "f1", "c": "f2"})
-    assert [(r.task.name, r.prompt) for r in reqs] == [("q", "Why?"), ("c", "a.jpg"), ("q", "Who?"), ("c", "b.jpg")]
+    assert [(r.task.name, r.prompt) for r in reqs] == [("q", "Why?"), ("c", "a.jpg"), ("q", "Who?"), ("c", "b.jpg"),
+                                                       ("q", "When?"), ("c", "a_copy.jpg")]  # fmt: skip
     warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 1  # the same question twice loses nothing; {filename} is no per-row question
-    assert "task 'q': 1 manifest row(s) repeat an image with another question" in warnings[0]
+    assert len(warnings) == 1  # the same question twice loses nothing; the same bytes under another path neither
+    assert "task 'q': 1 manifest row(s) repeat the path of an earlier row with another question" in warnings[0]
     assert "'Why?'" in warnings[0] and "its own task" in warnings[0]
 
 

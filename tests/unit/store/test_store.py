@@ -1,4 +1,4 @@
-"""The output dataset: schema, atomic parts, done set, compaction, and recovery after SIGKILL."""
+"""The output dataset: schema, atomic parts, current rows, compaction, and recovery after SIGKILL."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cogbatch.store.compaction as compaction
+import cogbatch.store.prepare as preparing
 import cogbatch.store.read as reading
 from cogbatch.cli import cli
 from cogbatch.errors import ResultFileError, UserError
@@ -29,13 +30,15 @@ from cogbatch.store import (
     RESULT_SCHEMA,
     PartWriter,
     compact,
-    done_keys,
+    current_rows,
     latest_rows,
     list_parts,
     make_row,
     prepare_output,
     read_results,
 )
+from cogbatch.store.read import KEY_COLUMNS, key_table
+from cogbatch.store.state import COMPACT_LOCK, JOURNAL, TMP, state_dir, state_file
 from cogbatch.testing import faults
 
 REPO = Path(__file__).resolve().parents[3]
@@ -66,7 +69,16 @@ def row_multiset(table: pa.Table) -> Counter:
 
 
 def temp_files(directory: Path) -> list[str]:
-    return [n for n in os.listdir(directory) if n.startswith(".tmp-")]
+    """Temp files of parts: in the state directory's tmp/ (and, for a mount-point output, in the output)."""
+    found = []
+    for where in (directory, state_dir(directory) / TMP):
+        found += [n for n in (os.listdir(where) if where.is_dir() else []) if n.startswith(".tmp-")]
+    return found
+
+
+def done_keys(directory: Path) -> dict[tuple[str, str], str]:
+    """(path, or image id for rows without one; task) -> the fingerprint of the current row."""
+    return {key: r.fingerprint for key, r in current_rows(key_table(directory)).items()}
 
 
 # ---------------------------------------------------------------------------------------------- schema
@@ -189,13 +201,14 @@ def test_a_refusal_before_the_rename_leaves_no_file_and_keeps_the_rows(tmp_path)
     seen_temp = []
 
     def refuse() -> None:
-        seen_temp.extend(os.listdir(tmp_path))  # the part is complete and fsynced, under its temp name
+        assert os.listdir(tmp_path) == []  # the output holds complete parts only
+        seen_temp.extend(temp_files(tmp_path))  # the part is complete and fsynced, in the state dir's tmp/
         raise RuntimeError("driver gone")
 
     with pytest.raises(RuntimeError, match="driver gone"):
         writer.flush(before_rename=refuse)
     assert len(seen_temp) == 1 and not seen_temp[0].startswith("part-")
-    assert os.listdir(tmp_path) == [] and writer.rows_written == 0
+    assert os.listdir(tmp_path) == [] and temp_files(tmp_path) == [] and writer.rows_written == 0
     part = writer.flush(before_rename=lambda: None)
     assert part is not None and pq.read_table(part).num_rows == 1
 
@@ -239,11 +252,11 @@ def test_prepare_output_removes_dead_temp_files_but_not_foreign_files(tmp_path):
     assert len(list_parts(out)) == 2
 
 
-@pytest.mark.skipif(compaction.fcntl is None, reason="needs flock")
+@pytest.mark.skipif(preparing.fcntl is None, reason="needs flock")
 def test_prepare_output_leaves_a_live_writers_temp_file(tmp_path):
     live = tmp_path / f".tmp-part-run1-00000.parquet.{'b' * 32}"
     with open(live, "wb") as f:
-        compaction.fcntl.flock(f.fileno(), compaction.fcntl.LOCK_EX)
+        preparing.fcntl.flock(f.fileno(), preparing.fcntl.LOCK_EX)
         prepare_output(tmp_path)
         assert live.exists()
     prepare_output(tmp_path)  # its writer is gone now
@@ -286,7 +299,7 @@ def _nullable_table() -> pa.Table:
 
 def _refused_everywhere(directory: Path, bad: Path, reason: str) -> None:
     """Every reader names the bad part and why; compaction refuses and leaves the directory as it was."""
-    files = sorted([*os.listdir(directory), ".compact.lock"])
+    files = sorted(os.listdir(directory))
     message = rf"{re.escape(str(bad))} is not a readable cogbatch result file \({reason}.*\); move it out of the"
     for read in (
         lambda: read_results(directory),
@@ -371,7 +384,7 @@ def test_parts_of_compatible_schemas_are_read(tmp_path):
 # ------------------------------------------------------------------------------------------ done set
 
 
-def test_latest_rows_and_done_keys_take_the_newest_row_per_key(tmp_path):
+def test_latest_rows_and_current_rows_take_the_newest_row_per_key(tmp_path):
     with PartWriter(tmp_path, "run2", flush_rows=2) as writer:
         writer.add(row(0, seconds=50, fingerprint="new"))  # written first, but newer
         writer.add(row(1, seconds=10, fingerprint="a"))
@@ -389,10 +402,10 @@ def test_latest_rows_and_done_keys_take_the_newest_row_per_key(tmp_path):
         (image_id(0), "vqa"): "v",
         (image_id(2), "caption"): "failed",
     }
-    assert (image_id(2), "caption") not in done_keys(tmp_path, include_errors=False)
+    assert current_rows(key_table(tmp_path))[(image_id(2), "caption")].status == "error"
 
 
-def test_done_keys_reads_only_the_needed_columns(tmp_path, monkeypatch):
+def test_the_current_rows_read_only_the_needed_columns(tmp_path, monkeypatch):
     write_parts(tmp_path, 3, flush_rows=1)
     seen = []
     real = reading.pq.ParquetFile.read
@@ -403,17 +416,22 @@ def test_done_keys_reads_only_the_needed_columns(tmp_path, monkeypatch):
 
     monkeypatch.setattr(reading.pq.ParquetFile, "read", spy)
     assert len(done_keys(tmp_path)) == 3
-    assert seen == [["image_id", "task", "fingerprint", "created_at", "status"]] * 3
+    assert seen == [KEY_COLUMNS] * 3 and "text" not in KEY_COLUMNS
+
+
+PATHS = st.sampled_from([None, "a.jpg", "b.jpg"])
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["caption", "vqa"]), st.integers(0, 3)), max_size=30))
+@given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["caption", "vqa"]), st.integers(0, 3), PATHS),
+                max_size=30))  # fmt: skip
 def test_latest_rows_matches_a_plain_python_reference(events):
-    rows = [row(i, task=task, seconds=t, fingerprint=str(n)) for n, (i, task, t) in enumerate(events)]
+    """One row per (path, task); rows without a path (not cogbatch's) are keyed by their image id."""
+    rows = [row(i, task=task, seconds=t, fingerprint=str(n), path=p) for n, (i, task, t, p) in enumerate(events)]
     table = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
     expected: dict = {}
     for n, r in enumerate(rows):
-        key = (r["image_id"], r["task"])
+        key = (r["path"] or r["image_id"], r["task"])
         if key not in expected or r["created_at"] >= expected[key][1]["created_at"]:
             expected[key] = (n, r)
     assert latest_rows(table).to_pylist() == [r for _, r in sorted(expected.values(), key=lambda e: e[0])]
@@ -430,7 +448,7 @@ def test_compaction_keeps_exactly_the_same_rows_in_the_same_order(tmp_path):
     assert after.equals(before)
     assert row_multiset(after) == row_multiset(before)
     assert [pq.read_metadata(p).num_rows for p in list_parts(tmp_path)] == [7, 7, 6]
-    assert sorted(os.listdir(tmp_path)) == sorted([p.name for p in list_parts(tmp_path)] + [".compact.lock"])
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in list_parts(tmp_path))  # parts, nothing else
     assert compact(tmp_path, target_rows=8) == (3, 3)  # nothing to gain: untouched
     assert compact(tmp_path) == (3, 1)
     assert read_results(tmp_path).equals(before)
@@ -459,10 +477,11 @@ def test_cli_compact_refuses_a_bad_part_and_an_unwritable_output_with_exit_2(tmp
     assert res.exit_code == 2 and f"{bad} is not a readable cogbatch result file" in res.output
     assert isinstance(res.exception, SystemExit)  # no traceback
     bad.unlink()
-    (tmp_path / ".compact.lock").unlink()
-    (tmp_path / ".compact.lock").mkdir()  # cannot be opened for writing, as on a read-only file system
+    lock = state_file(tmp_path, COMPACT_LOCK)
+    lock.unlink()
+    lock.mkdir()  # cannot be opened for writing, as on a read-only file system
     res = CliRunner().invoke(cli, ["compact", str(tmp_path)])
-    assert res.exit_code == 2 and f"cannot write {tmp_path / '.compact.lock'}: Is a directory" in res.output
+    assert res.exit_code == 2 and f"cannot write {lock}: Is a directory" in res.output
     assert isinstance(res.exception, SystemExit)
     assert list_parts(tmp_path) == before  # nothing compacted
 
@@ -485,11 +504,11 @@ def test_crash_after_compaction_journal_rolls_back(tmp_path):
     old = write_parts(tmp_path, 20, flush_rows=3)
     before = read_results(tmp_path)
     compact_until_killed(tmp_path, "compact-journal-written")
-    assert (tmp_path / ".compact-journal.json").exists()
+    assert state_file(tmp_path, JOURNAL).exists()
     assert read_results(tmp_path).equals(before)  # the journal is honoured even before recovery
     prepare_output(tmp_path)
     assert list_parts(tmp_path) == old
-    assert not (tmp_path / ".compact-journal.json").exists() and temp_files(tmp_path) == []
+    assert not state_file(tmp_path, JOURNAL).exists() and temp_files(tmp_path) == []
     assert row_multiset(read_results(tmp_path)) == row_multiset(before)
 
 
@@ -497,14 +516,14 @@ def test_crash_after_new_parts_completes_the_compaction(tmp_path):
     old = write_parts(tmp_path, 20, flush_rows=3)
     before = read_results(tmp_path)
     compact_until_killed(tmp_path, "compact-new-written")
-    journal = json.loads((tmp_path / ".compact-journal.json").read_text())
+    journal = json.loads(state_file(tmp_path, JOURNAL).read_text())
     assert journal["old"] == [p.name for p in old] and len(journal["new"]) == 3
     assert all((tmp_path / name).exists() for name in journal["old"] + journal["new"])  # both sides on disk
     assert row_multiset(read_results(tmp_path)) == row_multiset(before)  # ...but each row seen once
     prepare_output(tmp_path)
     assert [p.name for p in list_parts(tmp_path)] == journal["new"]
     assert not any((tmp_path / name).exists() for name in journal["old"])
-    assert not (tmp_path / ".compact-journal.json").exists()
+    assert not state_file(tmp_path, JOURNAL).exists()
     assert read_results(tmp_path).equals(before)
 
 
@@ -512,7 +531,7 @@ def test_crash_while_writing_new_parts_rolls_back(tmp_path):
     old = write_parts(tmp_path, 20, flush_rows=3)
     before = read_results(tmp_path)
     compact_until_killed(tmp_path, "compact-new-written")
-    journal = json.loads((tmp_path / ".compact-journal.json").read_text())
+    journal = json.loads(state_file(tmp_path, JOURNAL).read_text())
     (tmp_path / journal["new"][-1]).unlink()  # as if killed before the last new part was renamed
     assert row_multiset(read_results(tmp_path)) == row_multiset(before)
     prepare_output(tmp_path)
@@ -542,7 +561,7 @@ def test_writer_killed_before_rename_leaves_no_visible_part(tmp_path):
     assert list_parts(tmp_path) == [] and len(temp_files(tmp_path)) == 1
     assert read_results(tmp_path).num_rows == 0  # the temp file is never read
     prepare_output(tmp_path)
-    assert os.listdir(tmp_path) == [".compact.lock"]
+    assert os.listdir(tmp_path) == [] and temp_files(tmp_path) == []
     assert done_keys(tmp_path) == {}
 
 
