@@ -1,0 +1,402 @@
+"""The dry run itself, and the only module of `cogbatch.dryrun` that knows the project's internals.
+
+What runs is the project's code, unmodified, on fake `cuda` tensors (`session.FakeCudaSession`):
+
+* **load**: `CogVLM.from_pretrained(..., device="cuda", quantization=...)` through the quantizing
+  loader. Only reading the checkpoint is replaced: `weight_files`, `scan_tensors` and
+  `stream_lazy_tensors` hand out fake tensors of the checkpoint's shapes, from the real config.json
+  and a tokenizer built by `cogbatch.model.tiny.build_tokenizer` (no weights on disk).
+  `_stream_quantized_weight` runs in full for the first Linear of each (shape, rule); for the others
+  its allocations are replayed into the allocator and a weight of the same classes, shapes and
+  strides is assigned (`LoaderMemo`); `trace_every_layer` traces them all.
+* **worker**: `Worker.process` of `images` images x `tasks` prompts under the job's plan (the
+  planner's mode, or a forced one), with stop tokens off so that every request makes `new_tokens`
+  tokens (as `scripts/bench_gpu.py` does).
+* **generate** (optional): plain `model.generate` of a batch, every weight resident.
+
+Phases are the project's own functions: `Worker._place` (placement), `CogVLM.encode_images` (vision
+encode), `engine.prefill_prefixes` (prefix prefill), `DecodeEngine.__init__` (slot cache),
+`DecodeEngine._prefill` (prompt prefill), `DecodeEngine._step` (decode). When the package is
+reorganised, this module is the one to re-point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import _disable_current_modes, is_traceable_wrapper_subclass
+
+import cogbatch.model.cogvlm as cogvlm_module
+import cogbatch.model.engine as engine_module
+import cogbatch.model.quantize as quantize_module
+from cogbatch.dryrun.config import TraceConfig
+from cogbatch.dryrun.memtrace import storage_key
+from cogbatch.dryrun.report import TraceReport, build_report
+from cogbatch.dryrun.session import FakeCudaSession
+
+_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+_FAKE_SHARD = "model-fake.safetensors"  # named in the fake index, never opened
+
+
+class _FakeLazyTensor:
+    """`weights.LazyTensor`'s interface over nothing: reads are fake CPU tensors in the checkpoint's dtype."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.name, self.shape, self._dtype = name, shape, dtype
+        self.dtype = {torch.bfloat16: "BF16", torch.float16: "F16"}.get(dtype, "F32")
+
+    def read(self) -> torch.Tensor:
+        return torch.empty(self.shape, dtype=self._dtype)
+
+    def read_rows(self, start: int, stop: int) -> torch.Tensor:
+        return torch.empty((stop - start, *self.shape[1:]), dtype=self._dtype)
+
+
+@contextlib.contextmanager
+def _patched(*patches: tuple[Any, str, Any]) -> Iterator[None]:
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    try:
+        for owner, name, value in patches:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for owner, name, value in reversed(saved):
+            setattr(owner, name, value)
+
+
+def _in_phase(session: FakeCudaSession, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with session.trace.phase(name):
+            return fn(*args, **kwargs)
+
+    wrapped.__wrapped__ = fn  # type: ignore[attr-defined]
+    return wrapped
+
+
+def write_checkpoint_dir(config: dict[str, Any], out: Path, dtype: str) -> Path:
+    """A checkpoint directory without weights: config.json and a tokenizer (prompts need only lengths)."""
+    from cogbatch.model.config import CogVLMConfig
+    from cogbatch.model.tiny import build_tokenizer
+
+    config = {**config, "torch_dtype": _DTYPE_NAMES[dtype]}
+    tokenizer, tokenizer_config, special = build_tokenizer(CogVLMConfig.from_dict(config))
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+class LoaderMemo:
+    """Quantize the first Linear of each (shape, rule) for real (fake tensors); replay it for the others.
+
+    The loader's per-layer work depends only on the weight's shape, its rule, the dtype and the device,
+    so a traced layer's allocation sequence and kernel calls are those of every layer like it. For
+    the others the sequence is replayed into the allocator (same transient peaks, same blocks), the
+    counted operators are added, and a weight of the same classes, shapes and strides is assigned
+    with the loader's own `_assign_quantized`, its storages taking the blocks the replay left live.
+    CogVLM2 has 577 quantized Linears of about 10 shapes.
+    """
+
+    def __init__(self, session: FakeCudaSession, original: Callable[..., Any], every_layer: bool) -> None:
+        self.session = session
+        self.original = original
+        self.every_layer = every_layer
+        self.templates: dict[tuple[Any, ...], tuple[Any, list[tuple[int, int]], Counter[str]]] = {}
+        self.traced = self.replayed = 0
+
+    def __call__(self, module: Any, module_name: str, src: Any, lp: Any, **kw: Any) -> None:
+        key = (tuple(src.shape), lp.qtype, lp.group_size, kw["dtype"], kw["device"].type)
+        if self.every_layer or kw.get("writer") is not None:
+            self.traced += 1
+            return self.original(module, module_name, src, lp, **kw)
+        template = self.templates.get(key)
+        s = self.session
+        if template is None:
+            before = Counter(s.mode.counts)
+            with s.trace.capture() as script:
+                self.original(module, module_name, src, lp, **kw)
+            self.templates[key] = (module.weight, script, s.mode.counts - before)
+            self.traced += 1
+            return None
+        weight, script, counts = template
+        s.trace.replay(script)
+        s.mode.counts.update(counts)
+        try:
+            quantize_module._assign_quantized(module, _same_structure(weight.data, {}), kw["dtype"], kw["device"])
+        finally:
+            s.trace.release_unadopted()
+        self.replayed += 1
+        return None
+
+    def clear(self) -> None:
+        """Drop the template weights (they belong to modules that may move later)."""
+        self.templates.clear()
+
+
+def _same_structure(t: torch.Tensor, bases: dict[tuple[int, torch.dtype], torch.Tensor]) -> torch.Tensor:
+    """A new tensor like `t`: same (sub)classes, shapes, strides, dtypes; inner tensors sharing storage still do."""
+    if is_traceable_wrapper_subclass(t):
+        names, meta = t.__tensor_flatten__()
+        inner = {n: _same_structure(getattr(t, n), bases) for n in names}
+        return type(t).__tensor_unflatten__(inner, meta, t.size(), t.stride())
+    key = (storage_key(t), t.dtype)
+    base = bases.get(key)
+    if base is None:
+        n = t.untyped_storage().nbytes() // t.element_size()
+        base = bases[key] = torch.empty(n, dtype=t.dtype, device=t.device)
+    return base.as_strided(t.shape, t.stride(), t.storage_offset())
+
+
+def _fake_checkpoint_io(cfg_dict: dict[str, Any], dtype: torch.dtype) -> list[tuple[Any, str, Any]]:
+    """Patches that make the loader read fake tensors of the checkpoint's shapes instead of shards."""
+    from cogbatch.model.config import CogVLMConfig, checkpoint_tensor_shapes
+    from cogbatch.model.weights import TensorInfo
+
+    shapes = checkpoint_tensor_shapes(CogVLMConfig.from_dict(cfg_dict))
+    code = {torch.bfloat16: "BF16", torch.float16: "F16"}.get(dtype, "F32")
+
+    def weight_files(ckpt: Path) -> list[Path]:
+        return [Path(ckpt) / _FAKE_SHARD]
+
+    def scan_tensors(files: list[Path]) -> dict[str, Any]:
+        return {n: TensorInfo(files[0], tuple(s), code) for n, s in shapes.items()}
+
+    def stream_lazy_tensors(files: list[Path]) -> Iterator[_FakeLazyTensor]:
+        return (_FakeLazyTensor(n, tuple(s), dtype) for n, s in shapes.items())
+
+    def stream_tensors(files: list[Path], device: Any = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+        return ((n, torch.empty(s, dtype=dtype, device=device)) for n, s in shapes.items())
+
+    build_skeleton = quantize_module.build_skeleton
+
+    def build_skeleton_outside(*args: Any, **kwargs: Any) -> Any:
+        # The skeleton lives on `meta` with real nn.Parameters; under fake mode nn.Parameter(meta) is a
+        # FakeTensor that accelerate cannot rebuild (`type(param)(value)` needs fake_mode).
+        with _disable_current_modes():
+            return build_skeleton(*args, **kwargs)
+
+    return [
+        (cogvlm_module, "weight_files", weight_files),
+        (cogvlm_module, "scan_tensors", scan_tensors),
+        (cogvlm_module, "stream_tensors", stream_tensors),
+        (quantize_module, "stream_lazy_tensors", stream_lazy_tensors),
+        (quantize_module, "build_skeleton", build_skeleton_outside),
+    ]
+
+
+def _job(cfg: TraceConfig, ckpt: Path, work: Path) -> Any:
+    from cogbatch.config import load_job
+
+    (work / "images").mkdir(parents=True, exist_ok=True)
+    (work / "pipeline.yaml").write_text("{}\n")  # not a pipeline.yaml of the current directory
+    tasks = [{"name": f"task{i}", "prompt": cfg.prompt, "max_new_tokens": cfg.new_tokens, "stop_on_repetition": False}
+             for i in range(cfg.tasks)]  # fmt: skip
+    job = {"model": str(ckpt), "input": {"folder": str(work / "images")}, "output": str(work / "out"),
+           "device": "cuda", "dtype": cfg.dtype, "quantization": cfg.job_quantization(),
+           "vram_ceiling": cfg.ceiling, "batch_size": cfg.batch, "cache_dir": str(work / "cache"),
+           "tasks": tasks}  # fmt: skip
+    return load_job(job, pipeline=work / "pipeline.yaml")
+
+
+def _trace_worker_class(session: FakeCudaSession) -> type:
+    from cogbatch.worker import Worker
+
+    class TraceWorker(Worker):
+        """The pipeline's worker; every request makes exactly max_new_tokens (no stop token, no loop stop)."""
+
+        def _generation_config(self, task: Any, attempt: int) -> Any:
+            return replace(super()._generation_config(task, attempt), stop_token_ids=(), stop_on_repetition=False)
+
+        def _place(self, phase: str) -> None:
+            with session.trace.phase("placement"):
+                super()._place(phase)
+
+    return TraceWorker
+
+
+def _force_mode(worker: Any, mode: str) -> list[str]:
+    """Replace the planner's choice by `mode` (its own plan for that mode when one fits)."""
+    from cogbatch.planner import _plan_mode
+
+    if mode == "auto" or worker.plan.mode == mode:
+        return []
+    forced = _plan_mode(worker.memory, worker.ceiling, worker.max_text, worker.max_new, worker.slot_limit, None, mode)
+    if forced is None:
+        worker.plan = replace(worker.plan, mode=mode)
+        return [f"mode {mode} forced although the planner predicts that not even one request fits"]
+    worker.plan = forced
+    chosen = "resident" if mode == "swap" else "swap"
+    return [f"mode {mode} forced (the planner chose {chosen})"]
+
+
+def _planned(worker: Any, plan: Any, max_text: int) -> dict[str, int]:
+    """The planner's predicted peak per phase for `plan` (margin included, as `plan.peak_bytes`)."""
+    mm = worker.memory
+    resident = plan.mode == "resident"
+    engine = mm.engine_peak(plan.slots, max_text, plan.max_new, resident)
+    both = mm.weights(True, True)
+    return {
+        "placement": both if resident else max(mm.weights(True, False), mm.weights(False, True)),
+        "vision_encode": mm.encode_peak(plan.encode_batch, resident),
+        "prefix_prefill": engine,
+        "slot_cache": engine,
+        "prompt_prefill": engine,
+        "decode": engine,
+    }
+
+
+def _run_worker(session: FakeCudaSession, cfg: TraceConfig, jcfg: Any, model: Any, out: dict[str, Any]) -> None:
+    from cogbatch.manifest import ImageEntry, Request
+    from cogbatch.planner import job_plan
+    from cogbatch.worker import LoadedImage
+
+    with session.outside():
+        out["plan_from_config"] = job_plan(jcfg)
+    worker = _trace_worker_class(session)(jcfg, "dryrun", model=model)
+    out["notes"] += _force_mode(worker, cfg.mode)
+    plan = worker.plan
+    out["plan"] = plan.to_dict()
+    weights = {"vision": worker.memory.weights_vision, "language": worker.memory.weights_language}
+    out["planned_phases"] = _planned(worker, plan, plan.max_text)
+    size = model.config.vision.image_size
+    chunk = []
+    for i in range(cfg.images):
+        entry = ImageEntry(image_id=f"{i:064x}", path=f"fake-{i}.jpg", values={})
+        pixels = torch.empty(3, size, size)  # a fake CPU tensor: decoded pixels wait in host memory
+        chunk.append(
+            (LoadedImage(entry, pixels, size, size), [Request(entry, t, cfg.prompt, "dryrun") for t in jcfg.tasks])
+        )
+    t0 = time.perf_counter()
+    with session.trace.phase("worker"):
+        rows = worker.process(chunk)
+    out["timings"]["worker_s"] = time.perf_counter() - t0
+    out["rows"] = len(rows)
+    out["rows_ok"] = sum(r["status"] == "ok" for r in rows)
+    out["row_errors"] = sorted({r["error"] for r in rows if r["status"] != "ok"})
+    out["tokens_out"] = [r.get("tokens_out") for r in rows]
+    out["worker"] = {
+        "weights": weights,  # device bytes of each phase's weights, as the planner measured them after the load
+        "stats": worker.summary_stats(),
+        "measured_work": {k: {"predicted": p, "measured": m} for k, (p, m) in worker._measured.items()},
+        "correction_after": worker.memory.correction,
+        "plan_after": worker.plan.to_dict(),
+        "max_text": worker.max_text,
+    }
+    actual_text = max(len(model.build_inputs(None, cfg.prompt, None, t.template).input_ids) - 1 for t in jcfg.tasks)
+    out["planned_phases_at_prompt"] = _planned(worker, plan, actual_text)
+    out["prompt_tokens"] = actual_text
+
+
+def _run_generate(session: FakeCudaSession, cfg: TraceConfig, model: Any, out: dict[str, Any]) -> None:
+    from cogbatch.model.generate import GenerationConfig
+
+    size = model.config.vision.image_size
+    samples = [model.build_inputs(None, cfg.prompt, torch.empty(3, size, size), "chat") for _ in range(cfg.batch)]
+    gcfg = GenerationConfig(max_new_tokens=cfg.new_tokens, stop_token_ids=(), stop_on_repetition=False)
+    t0 = time.perf_counter()
+    with session.trace.phase("generate"):
+        result = model.generate(model.collate(samples), gcfg)
+    out["timings"]["generate_s"] = time.perf_counter() - t0
+    out["generate"] = {"tokens": [len(t) for t in result.token_ids], "prompt_tokens": result.prompt_tokens}
+
+
+def trace(cfg: TraceConfig) -> TraceReport:
+    """Run the configured dry run and return its report (see `report.TraceReport`)."""
+    from cogbatch.model.cogvlm import CogVLM
+
+    t_start = time.perf_counter()
+    cfg_dict = cfg.config_dict()
+    dtype = getattr(torch, _DTYPE_NAMES[cfg.dtype])
+    session = FakeCudaSession(
+        capability=cfg.capability,
+        card_bytes=cfg.card_bytes,
+        context_bytes=cfg.context_bytes,
+        expandable_segments=cfg.expandable_segments,
+        raise_oom=cfg.raise_oom,
+        strict_kernels=cfg.strict_kernels,
+        guard_build_dir=_guard_build_dir(),
+    )
+    out: dict[str, Any] = {"timings": {}, "notes": []}
+    with tempfile.TemporaryDirectory(prefix="cogbatch-dryrun-") as tmp:
+        work = Path(tmp)
+        ckpt = write_checkpoint_dir(cfg_dict, work / "checkpoint", cfg.dtype)
+        jcfg = _job(cfg, ckpt, work)
+        quant_arg = jcfg.quantization.to_model_arg()
+        memo = LoaderMemo(session, quantize_module._stream_quantized_weight, cfg.trace_every_layer)
+        patches = [*_fake_checkpoint_io(cfg_dict, torch.bfloat16), (quantize_module, "_stream_quantized_weight", memo)]
+        with session, _patched(*patches), _patched(*_phase_hooks(session)):
+            t0 = time.perf_counter()
+            session.oracle.enabled = False  # the loader reads no values: no shadows to keep
+            with session.trace.phase("load"):
+                model = CogVLM.from_pretrained(
+                    ckpt, dtype=dtype, device="cuda", quantization=quant_arg, cache_dir=False,
+                    dequant_threshold=jcfg.quantization.dequant_threshold,
+                )  # fmt: skip
+            session.oracle.enabled = True
+            memo.clear()
+            gc.collect()
+            out["timings"]["load_s"] = time.perf_counter() - t0
+            out["load"] = _load_figures(session, model, memo, quant_arg, dtype)
+            if cfg.generate:
+                _run_generate(session, cfg, model, out)
+                gc.collect()
+                torch.cuda.empty_cache()  # the worker part then starts from the load's state, as in a run
+            if cfg.worker:
+                _run_worker(session, cfg, jcfg, model, out)
+            del model
+            gc.collect()
+    out["timings"]["total_s"] = time.perf_counter() - t_start
+    return build_report(cfg, session, out)
+
+
+def _phase_hooks(session: FakeCudaSession) -> list[tuple[Any, str, Any]]:
+    """The project functions whose calls are the phases of the report."""
+    from cogbatch.model.cogvlm import CogVLM
+
+    engine = engine_module.DecodeEngine
+    return [
+        (engine_module, "prefill_prefixes", _in_phase(session, "prefix_prefill", engine_module.prefill_prefixes)),
+        (engine, "__init__", _in_phase(session, "slot_cache", engine.__init__)),
+        (engine, "_prefill", _in_phase(session, "prompt_prefill", engine._prefill)),
+        (engine, "_step", _in_phase(session, "decode", engine._step)),
+        (CogVLM, "encode_images", _in_phase(session, "vision_encode", CogVLM.encode_images)),
+    ]
+
+
+def _load_figures(session: FakeCudaSession, model: Any, memo: LoaderMemo, quant_arg: Any, dtype: Any) -> dict:
+    from cogbatch.model.quant_plan import QuantConfig, predict_weight_bytes
+
+    planned = None
+    if quant_arg is not None:
+        planned = predict_weight_bytes(model.config, QuantConfig.parse(quant_arg), dtype)["device"]
+    report = model.load_report
+    return {
+        "weights_allocated_bytes": session.allocator.stats.allocated,
+        "weights_exact_bytes": session.trace.exact["cuda"],
+        "reserved_after_bytes": session.allocator.stats.reserved,
+        "host_bytes": report.host_bytes,
+        "kernels": dict(report.kernels),
+        "fallback_layers": report.fallback_layers,
+        "traced_layers": memo.traced,
+        "replayed_layers": memo.replayed,
+        "planned_device_bytes": planned,
+    }
+
+
+def _guard_build_dir() -> Path:
+    """Where the fallback guard extension is built, if ever: under the cogbatch cache directory."""
+    from cogbatch.model.quant_cache import default_cache_dir
+
+    return default_cache_dir() / "dryrun-guard"

@@ -1,0 +1,78 @@
+"""The few patches of torch and optimum-quanto that a fake run needs, all undone on exit.
+
+* quanto tests `type(x) is torch.Tensor` where it means "a plain tensor, not a quanto tensor"; a
+  `FakeTensor` is a subclass and fails it. In `tensor/weights/tinygemm/qbits.py` that turns the CUDA
+  repack into an assertion error and sends every fake activation to `.dequantize()`; in
+  `tensor/weights/qbits.py` it leaves a re-created fallback weight unpacked (twice its bytes). A
+  module-level `type` in those modules answers `torch.Tensor` for fake tensors: no quanto source is
+  rewritten, and its Python checks behave as they do on real tensors.
+* `FakeTensor.tolist` answers from the value oracle; `FakeTensor.data_ptr` gives each storage its own
+  address (fake tensors report 0, which makes the loader's `_owned` copy tensors a real move never copies).
+* `F.scaled_dot_product_attention` goes to the CUDA backend mirror (`kernels.SdpaMirror`).
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
+
+from cogbatch.dryrun.kernels import SdpaMirror
+from cogbatch.dryrun.oracle import ValueOracle
+
+# quanto 0.2.x modules whose `type(x) is torch.Tensor` tests run on fake tensors in a trace.
+QUANTO_TYPE_CHECKED = (
+    "optimum.quanto.tensor.weights.qbits",
+    "optimum.quanto.tensor.weights.tinygemm.qbits",
+    "optimum.quanto.tensor.weights.awq.qbits",
+)
+_MISSING = object()
+
+
+def _plain_type(obj: Any, *rest: Any) -> Any:
+    if rest:  # type(name, bases, dict)
+        return builtins.type(obj, *rest)
+    if isinstance(obj, FakeTensor):
+        return torch.Tensor
+    return builtins.type(obj)
+
+
+def _fake_data_ptr(self: torch.Tensor) -> int:
+    return self.untyped_storage()._cdata + self.storage_offset() * self.element_size()
+
+
+class Patches:
+    """Enter to apply every patch; exit restores the originals (also after an error)."""
+
+    def __init__(self, oracle: ValueOracle, sdpa: SdpaMirror | None) -> None:
+        self.oracle = oracle
+        self.sdpa = sdpa
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def _set(self, owner: Any, name: str, value: Any) -> None:
+        self._saved.append((owner, name, owner.__dict__.get(name, _MISSING) if isinstance(owner, (type, ModuleType))
+                            else getattr(owner, name, _MISSING)))  # fmt: skip
+        setattr(owner, name, value)
+
+    def __enter__(self) -> Patches:
+        oracle = self.oracle
+        for name in QUANTO_TYPE_CHECKED:
+            self._set(importlib.import_module(name), "type", _plain_type)
+        self._set(FakeTensor, "tolist", lambda t: oracle.tolist(t))
+        self._set(FakeTensor, "data_ptr", _fake_data_ptr)
+        if self.sdpa is not None:
+            self._set(F, "scaled_dot_product_attention", self.sdpa)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        while self._saved:
+            owner, name, value = self._saved.pop()
+            if value is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
