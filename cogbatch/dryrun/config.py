@@ -18,6 +18,10 @@ MODES = ("auto", "swap", "resident")
 DEFAULT_PROMPT = "Describe this image in detail: the main objects and their colours."
 
 
+class DryRunError(ValueError):
+    """Settings that the job or the model refuse (a user mistake, found before any tracing)."""
+
+
 def shipped_config(model: str) -> dict[str, Any]:
     """The real `config.json` of a supported checkpoint, by short name (cogvlm, cogvlm2) or hub name."""
     name = MODELS.get(model, model.rpartition("/")[2])

@@ -33,14 +33,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import accelerate
 import torch
 from torch.utils._python_dispatch import _disable_current_modes, is_traceable_wrapper_subclass
 
 import cogbatch.model.cogvlm as cogvlm_module
 import cogbatch.model.engine as engine_module
 import cogbatch.model.quantize as quantize_module
-from cogbatch.dryrun.config import TraceConfig
+from cogbatch.dryrun.config import DryRunError, TraceConfig
 from cogbatch.dryrun.memtrace import storage_key
+from cogbatch.dryrun.patches import AttrPatches
 from cogbatch.dryrun.report import TraceReport, build_report
 from cogbatch.dryrun.session import FakeCudaSession
 
@@ -60,18 +62,6 @@ class _FakeLazyTensor:
 
     def read_rows(self, start: int, stop: int) -> torch.Tensor:
         return torch.empty((stop - start, *self.shape[1:]), dtype=self._dtype)
-
-
-@contextlib.contextmanager
-def _patched(*patches: tuple[Any, str, Any]) -> Iterator[None]:
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-    try:
-        for owner, name, value in patches:
-            setattr(owner, name, value)
-        yield
-    finally:
-        for owner, name, value in reversed(saved):
-            setattr(owner, name, value)
 
 
 def _in_phase(session: FakeCudaSession, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -179,15 +169,40 @@ def _fake_checkpoint_io(cfg_dict: dict[str, Any], dtype: torch.dtype) -> list[tu
     def stream_tensors(files: list[Path], device: Any = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
         return ((n, torch.empty(s, dtype=dtype, device=device)) for n, s in shapes.items())
 
+    # Skeletons live on `meta` with real nn.Parameters: under fake mode nn.Parameter(meta) is a FakeTensor,
+    # which accelerate cannot rebuild (`type(param)(value)` needs a fake_mode argument).
     build_skeleton = quantize_module.build_skeleton
+    init_empty_weights = accelerate.init_empty_weights
 
     def build_skeleton_outside(*args: Any, **kwargs: Any) -> Any:
-        # The skeleton lives on `meta` with real nn.Parameters; under fake mode nn.Parameter(meta) is a
-        # FakeTensor that accelerate cannot rebuild (`type(param)(value)` needs fake_mode).
         with _disable_current_modes():
             return build_skeleton(*args, **kwargs)
 
+    @contextlib.contextmanager
+    def init_empty_weights_outside(*args: Any, **kwargs: Any) -> Iterator[None]:
+        with _disable_current_modes(), init_empty_weights(*args, **kwargs):
+            yield
+
+    from cogbatch.model.cogvlm import CogVLM
+
+    module_to = CogVLM.to
+
+    def to_in_place(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # The unquantized loader's `model.to(device)` moves the (real) rotary buffers; its parameters are on
+        # the device already. Module._apply would swap every FakeTensor parameter for itself, which
+        # swap_tensors refuses for tensors that fake mode's memo refers to weakly.
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is None or dtype is not None or any(p.device.type != device.type for p in self.parameters()):
+            return module_to(self, *args, **kwargs)
+        for m in self.modules():
+            for name, buf in m._buffers.items():
+                if buf is not None and buf.device.type != device.type:
+                    m._buffers[name] = buf.to(device)
+        return self
+
     return [
+        (CogVLM, "to", to_in_place),
+        (accelerate, "init_empty_weights", init_empty_weights_outside),
         (cogvlm_module, "weight_files", weight_files),
         (cogvlm_module, "scan_tensors", scan_tensors),
         (cogvlm_module, "stream_tensors", stream_tensors),
@@ -197,7 +212,7 @@ def _fake_checkpoint_io(cfg_dict: dict[str, Any], dtype: torch.dtype) -> list[tu
 
 
 def _job(cfg: TraceConfig, ckpt: Path, work: Path) -> Any:
-    from cogbatch.config import load_job
+    from cogbatch.config import ConfigError, load_job
 
     (work / "images").mkdir(parents=True, exist_ok=True)
     (work / "pipeline.yaml").write_text("{}\n")  # not a pipeline.yaml of the current directory
@@ -207,7 +222,10 @@ def _job(cfg: TraceConfig, ckpt: Path, work: Path) -> Any:
            "device": "cuda", "dtype": cfg.dtype, "quantization": cfg.job_quantization(),
            "vram_ceiling": cfg.ceiling, "batch_size": cfg.batch, "cache_dir": str(work / "cache"),
            "tasks": tasks}  # fmt: skip
-    return load_job(job, pipeline=work / "pipeline.yaml")
+    try:
+        return load_job(job, pipeline=work / "pipeline.yaml")
+    except ConfigError as e:
+        raise DryRunError(str(e)) from None
 
 
 def _trace_worker_class(session: FakeCudaSession) -> type:
@@ -227,18 +245,21 @@ def _trace_worker_class(session: FakeCudaSession) -> type:
 
 
 def _force_mode(worker: Any, mode: str) -> list[str]:
-    """Replace the planner's choice by `mode` (its own plan for that mode when one fits)."""
+    """Replace the planner's choice by `mode`: its own plan for that mode, or the same batches if none fits."""
     from cogbatch.planner import _plan_mode
 
     if mode == "auto" or worker.plan.mode == mode:
         return []
-    forced = _plan_mode(worker.memory, worker.ceiling, worker.max_text, worker.max_new, worker.slot_limit, None, mode)
-    if forced is None:
-        worker.plan = replace(worker.plan, mode=mode)
-        return [f"mode {mode} forced although the planner predicts that not even one request fits"]
-    worker.plan = forced
-    chosen = "resident" if mode == "swap" else "swap"
-    return [f"mode {mode} forced (the planner chose {chosen})"]
+    mm, plan = worker.memory, worker.plan
+    forced = _plan_mode(mm, worker.ceiling, worker.max_text, worker.max_new, worker.slot_limit, None, mode)
+    if forced is not None:
+        worker.plan = forced
+        return [f"mode {mode} forced (the planner chose {plan.mode})"]
+    both = mode == "resident"
+    peak = max(mm.engine_peak(plan.slots, plan.max_text, plan.max_new, both), mm.encode_peak(plan.encode_batch, both))
+    worker.plan = replace(plan, mode=mode, peak_bytes=peak)
+    return [f"mode {mode} forced with the {plan.mode} plan's batches: the planner predicts {peak / 2**30:.2f} GiB, "
+            f"over the {worker.ceiling / 2**30:.2f} GiB ceiling, for even one request in this mode"]  # fmt: skip
 
 
 def _planned(worker: Any, plan: Any, max_text: int) -> dict[str, int]:
@@ -336,7 +357,7 @@ def trace(cfg: TraceConfig) -> TraceReport:
         quant_arg = jcfg.quantization.to_model_arg()
         memo = LoaderMemo(session, quantize_module._stream_quantized_weight, cfg.trace_every_layer)
         patches = [*_fake_checkpoint_io(cfg_dict, torch.bfloat16), (quantize_module, "_stream_quantized_weight", memo)]
-        with session, _patched(*patches), _patched(*_phase_hooks(session)):
+        with session, AttrPatches(patches), AttrPatches(_phase_hooks(session)):
             t0 = time.perf_counter()
             session.oracle.enabled = False  # the loader reads no values: no shadows to keep
             with session.trace.phase("load"):
@@ -378,9 +399,7 @@ def _phase_hooks(session: FakeCudaSession) -> list[tuple[Any, str, Any]]:
 def _load_figures(session: FakeCudaSession, model: Any, memo: LoaderMemo, quant_arg: Any, dtype: Any) -> dict:
     from cogbatch.model.quant_plan import QuantConfig, predict_weight_bytes
 
-    planned = None
-    if quant_arg is not None:
-        planned = predict_weight_bytes(model.config, QuantConfig.parse(quant_arg), dtype)["device"]
+    planned = predict_weight_bytes(model.config, QuantConfig.parse(quant_arg), dtype)["device"]
     report = model.load_report
     return {
         "weights_allocated_bytes": session.allocator.stats.allocated,

@@ -46,27 +46,23 @@ def _fake_data_ptr(self: torch.Tensor) -> int:
     return self.untyped_storage()._cdata + self.storage_offset() * self.element_size()
 
 
-class Patches:
-    """Enter to apply every patch; exit restores the originals (also after an error)."""
+class AttrPatches:
+    """Set attributes while entered; exit restores them, removing those that were inherited or absent."""
 
-    def __init__(self, oracle: ValueOracle, sdpa: SdpaMirror | None) -> None:
-        self.oracle = oracle
-        self.sdpa = sdpa
+    def __init__(self, patches: list[tuple[Any, str, Any]]) -> None:
+        self.patches = patches
         self._saved: list[tuple[Any, str, Any]] = []
 
-    def _set(self, owner: Any, name: str, value: Any) -> None:
-        self._saved.append((owner, name, owner.__dict__.get(name, _MISSING) if isinstance(owner, (type, ModuleType))
-                            else getattr(owner, name, _MISSING)))  # fmt: skip
-        setattr(owner, name, value)
-
-    def __enter__(self) -> Patches:
-        oracle = self.oracle
-        for name in QUANTO_TYPE_CHECKED:
-            self._set(importlib.import_module(name), "type", _plain_type)
-        self._set(FakeTensor, "tolist", lambda t: oracle.tolist(t))
-        self._set(FakeTensor, "data_ptr", _fake_data_ptr)
-        if self.sdpa is not None:
-            self._set(F, "scaled_dot_product_attention", self.sdpa)
+    def __enter__(self) -> AttrPatches:
+        try:
+            for owner, name, value in self.patches:
+                own = owner.__dict__ if isinstance(owner, (type, ModuleType)) else None
+                before = own.get(name, _MISSING) if own is not None else getattr(owner, name, _MISSING)
+                self._saved.append((owner, name, before))
+                setattr(owner, name, value)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -76,3 +72,20 @@ class Patches:
                 delattr(owner, name)
             else:
                 setattr(owner, name, value)
+
+
+class Patches(AttrPatches):
+    """Every patch a fake run needs; exit restores the originals (also after an error)."""
+
+    def __init__(self, oracle: ValueOracle, sdpa: SdpaMirror | None) -> None:
+        patches: list[tuple[Any, str, Any]] = [
+            (importlib.import_module(name), "type", _plain_type) for name in QUANTO_TYPE_CHECKED
+        ]
+
+        def tolist(t: torch.Tensor) -> Any:
+            return oracle.tolist(t)
+
+        patches += [(FakeTensor, "tolist", tolist), (FakeTensor, "data_ptr", _fake_data_ptr)]
+        if sdpa is not None:
+            patches.append((F, "scaled_dot_product_attention", sdpa))
+        super().__init__(patches)

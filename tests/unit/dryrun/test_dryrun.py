@@ -37,7 +37,8 @@ KERNEL_CLASS = {
 
 
 def small(model, **kw):
-    return TraceConfig(model=model, config=small_config(model), batch=2, images=2, tasks=1, new_tokens=3, **kw)
+    kw = {"batch": 2, "images": 2, "tasks": 1, "new_tokens": 3, **kw}
+    return TraceConfig(model=model, config=small_config(model), **kw)
 
 
 @pytest.mark.parametrize(("model", "capability", "dtype", "quant", "mode"), RUNS, ids=lambda v: str(v))
@@ -142,3 +143,25 @@ def test_trace_config_refuses_bad_values():
         TraceConfig(batch=0)
     with pytest.raises(ValueError, match="mode"):
         TraceConfig(mode="both")
+
+
+def test_a_trace_leaves_no_patch_behind():
+    import importlib
+
+    import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    import cogbatch.model.engine as engine
+    import cogbatch.model.quantize as quantize
+    from cogbatch.dryrun.patches import QUANTO_TYPE_CHECKED
+    from cogbatch.model.cogvlm import CogVLM
+
+    before = (F.scaled_dot_product_attention, engine.DecodeEngine._step, quantize._stream_quantized_weight,
+              FakeTensor.tolist, torch.cuda.memory_allocated)  # fmt: skip
+    trace(small("cogvlm", new_tokens=1))
+    after = (F.scaled_dot_product_attention, engine.DecodeEngine._step, quantize._stream_quantized_weight,
+             FakeTensor.tolist, torch.cuda.memory_allocated)  # fmt: skip
+    assert before == after
+    assert not torch.cuda.is_available() and torch.version.cuda is None
+    assert "to" not in CogVLM.__dict__ and "encode_images" in CogVLM.__dict__
+    assert all("type" not in vars(importlib.import_module(m)) for m in QUANTO_TYPE_CHECKED)
