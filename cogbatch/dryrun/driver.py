@@ -140,6 +140,8 @@ def _same_structure(t: torch.Tensor, bases: dict[tuple[int, torch.dtype], torch.
     if is_traceable_wrapper_subclass(t):
         names, meta = t.__tensor_flatten__()
         inner = {n: _same_structure(getattr(t, n), bases) for n in names}
+        if type(t).__name__ == "AWQPackedTensor":  # quanto 0.2.7 cannot read back its own metadata ("AWQPacking.V2")
+            return type(t)(inner["_data"], t._packing, t._reorder, t.size(), t.stride())
         return type(t).__tensor_unflatten__(inner, meta, t.size(), t.stride())
     key = (storage_key(t), t.dtype)
     base = bases.get(key)
@@ -258,8 +260,9 @@ def _force_mode(worker: Any, mode: str) -> list[str]:
     both = mode == "resident"
     peak = max(mm.engine_peak(plan.slots, plan.max_text, plan.max_new, both), mm.encode_peak(plan.encode_batch, both))
     worker.plan = replace(plan, mode=mode, peak_bytes=peak)
-    return [f"mode {mode} forced with the {plan.mode} plan's batches: the planner predicts {peak / 2**30:.2f} GiB, "
-            f"over the {worker.ceiling / 2**30:.2f} GiB ceiling, for even one request in this mode"]  # fmt: skip
+    return [f"mode {mode} forced with the {plan.mode} plan's batches, for which the planner predicts "
+            f"{peak / 2**30:.2f} GiB (by the planner not even one request fits the {worker.ceiling / 2**30:.2f} GiB "
+            f"ceiling in this mode)"]  # fmt: skip
 
 
 def _planned(worker: Any, plan: Any, max_text: int) -> dict[str, int]:
@@ -396,6 +399,18 @@ def _phase_hooks(session: FakeCudaSession) -> list[tuple[Any, str, Any]]:
     ]
 
 
+def _kernels_by_component(model: Any) -> dict[str, dict[str, int]]:
+    """Weight class of the quantized Linears per component (vision, language, lm_head): the kernel each runs."""
+    from cogbatch.model.quant_plan import component_of
+
+    out: dict[str, Counter[str]] = {}
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if w is not None and is_traceable_wrapper_subclass(w.data):
+            out.setdefault(component_of(name + "."), Counter())[type(w.data).__name__] += 1
+    return {k: dict(v) for k, v in sorted(out.items())}
+
+
 def _load_figures(session: FakeCudaSession, model: Any, memo: LoaderMemo, quant_arg: Any, dtype: Any) -> dict:
     from cogbatch.model.quant_plan import QuantConfig, predict_weight_bytes
 
@@ -407,6 +422,7 @@ def _load_figures(session: FakeCudaSession, model: Any, memo: LoaderMemo, quant_
         "reserved_after_bytes": session.allocator.stats.reserved,
         "host_bytes": report.host_bytes,
         "kernels": dict(report.kernels),
+        "kernels_by_component": _kernels_by_component(model),
         "fallback_layers": report.fallback_layers,
         "traced_layers": memo.traced,
         "replayed_layers": memo.replayed,

@@ -15,6 +15,9 @@
   and dtypes only; `check_int4_op` adds the TORCH_CHECKs of aten/src/ATen/native/cuda/int4mm.cu
   (A bf16, contiguous, 2-D; B int32, contiguous, 4-D with k/(innerKTiles*16) tiles; group size
   32/64/128/256; scales-and-zeros (k/group, n, 2) in bf16; sm80 or newer) and fails as CUDA would.
+* **AWQ.** quanto's fused fp16 int4 kernel (`quanto::gemm_f16i4_awq`, sm80+) exists only once its
+  CUDA extension is built with nvcc; `awq_gemm` stands in for it with the checks of its Python
+  wrapper and its output size, and `define_awq_op` declares the operator where quanto did not.
 * **Counters** of the kernels that decide speed and memory: every int4/int8 packing and matmul op by
   name, SDPA calls by backend (and by phase, via `phase_of`).
 """
@@ -104,6 +107,36 @@ def check_int4_op(name: str, args: tuple, capability: tuple[int, int]) -> None:
     )
     if p:
         raise KernelCheckError(f"{name} (CUDA): " + "; ".join(p))
+
+
+AWQ_SCHEMA = ("(Tensor input, Tensor other, Tensor other_scale, Tensor other_shift, int rows, int out_cols, "
+              "int in_cols, int bits, int group_size) -> Tensor")  # fmt: skip
+
+
+def define_awq_op() -> None:
+    """Declare `quanto::gemm_f16i4_awq` as quanto's CUDA extension does when CUDA is present at import."""
+    if not hasattr(torch.ops.quanto, "gemm_f16i4_awq"):
+        torch.library.define("quanto::gemm_f16i4_awq", AWQ_SCHEMA)
+
+
+def awq_gemm(x: torch.Tensor, other: torch.Tensor, scales: torch.Tensor, shift: torch.Tensor, rows: int,
+             out_cols: int, in_cols: int, bits: int, group_size: int) -> torch.Tensor:  # fmt: skip
+    """The AWQ kernel's result for fake tensors, after the checks of quanto's wrapper (library/extensions/cuda)."""
+    p: list[str] = []
+    _check(p, out_cols >= 128, f"out_cols {out_cols} < 128")
+    _check(p, x.dtype == torch.float16, f"input must be fp16, got {x.dtype}")
+    _check(p, x.numel() == rows * in_cols, f"input has {x.numel()} elements, not rows x in_cols = {rows * in_cols}")
+    _check(p, other.dtype == torch.int16, f"packed weight must be int16, got {other.dtype}")
+    _check(p, scales.dtype == torch.float16 and scales.shape[-1] == out_cols, "scales must be fp16 (.., out_cols)")
+    _check(p, shift.dtype == torch.float16 and shift.shape[-1] == out_cols, "shift must be fp16 (.., out_cols)")
+    _check(p, bits == 4 and group_size == 128, f"bits {bits}, group {group_size}: only 4 and 128")
+    if p:
+        raise KernelCheckError("quanto gemm_f16i4_awq (CUDA): " + "; ".join(p))
+    return x.new_empty((*x.shape[:-1], out_cols))
+
+
+# quanto operators whose only kernels are compiled CUDA code: what runs in their place on fake tensors.
+FAKE_QUANTO_KERNELS: dict[str, Callable[..., torch.Tensor]] = {"gemm_f16i4_awq": awq_gemm}
 
 
 class SdpaMirror:

@@ -8,6 +8,7 @@ concerns share one mode, in this order:
 2. int4 CUDA kernels are checked (`kernels.check_int4_op`), interesting operators counted;
 3. quanto's custom operators run their CUDA (else default) Python kernel *under this mode*, so
    that their temporaries (the dense copy of an int8 weight) are seen like any other allocation;
+   those that exist only as compiled CUDA code (AWQ) run a stand-in (`kernels.FAKE_QUANTO_KERNELS`);
 4. new storages of the results are tracked (views and in-place results share theirs);
 5. the oracle gives int64/bool results their values.
 """
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cogbatch.dryrun.kernels import COUNTED_OPS, check_int4_op
+from cogbatch.dryrun.kernels import COUNTED_OPS, FAKE_QUANTO_KERNELS, check_int4_op
 from cogbatch.dryrun.memtrace import MemTrace
 from cogbatch.dryrun.oracle import ValueOracle
 
@@ -29,7 +30,7 @@ _DK = torch._C.DispatchKey
 
 
 class _OpInfo:
-    __slots__ = ("allocates", "counted", "int4", "name", "python_kernel")
+    __slots__ = ("allocates", "counted", "fake_kernel", "int4", "name", "python_kernel")
 
     def __init__(self, func: Any) -> None:
         self.name = func.__name__.split(".")[0]
@@ -39,7 +40,8 @@ class _OpInfo:
         self.counted = self.name in COUNTED_OPS or func.namespace == "quanto"
         self.int4 = self.name in ("_convert_weight_to_int4pack", "_weight_int4pack_mm")
         self.python_kernel = None
-        if func.namespace == "quanto":
+        self.fake_kernel = FAKE_QUANTO_KERNELS.get(self.name) if func.namespace == "quanto" else None
+        if func.namespace == "quanto" and self.fake_kernel is None:
             cuda = torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CUDA")
             self.python_kernel = _DK.CUDA if cuda else _DK.CompositeExplicitAutograd
 
@@ -80,7 +82,9 @@ class TraceMode(TorchDispatchMode):
                 if self.strict:
                     raise
                 self.check_failures[str(e)] += 1
-        if info.python_kernel is not None and _on_cuda(args):
+        if info.fake_kernel is not None:
+            out = info.fake_kernel(*args, **kwargs)
+        elif info.python_kernel is not None and _on_cuda(args):
             with self:
                 out = func._op_dk(info.python_kernel, *args, **kwargs)
         else:

@@ -9,6 +9,9 @@
 * `FakeTensor.tolist` answers from the value oracle; `FakeTensor.data_ptr` gives each storage its own
   address (fake tensors report 0, which makes the loader's `_owned` copy tensors a real move never copies).
 * `F.scaled_dot_product_attention` goes to the CUDA backend mirror (`kernels.SdpaMirror`).
+* On sm80+, quanto's CUDA extension counts as available (`is_extension_available("quanto_cuda")`),
+  as it is on a Linux machine with CUDA (quanto registers it at import and builds it on first use):
+  fp16 int4 weights then get the AWQ class there, as on the GPU.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
-from cogbatch.dryrun.kernels import SdpaMirror
+from cogbatch.dryrun.kernels import SdpaMirror, define_awq_op
 from cogbatch.dryrun.oracle import ValueOracle
 
 # quanto 0.2.x modules whose `type(x) is torch.Tensor` tests run on fake tensors in a trace.
@@ -74,10 +77,35 @@ class AttrPatches:
                 setattr(owner, name, value)
 
 
+class _QuantoCudaExtension:
+    """Registered under quanto's name while a fake sm80+ device is on: never built, its kernel has a stand-in."""
+
+    name = "quanto_cuda"
+
+    def __init__(self) -> None:
+        self._registry: dict[str, Any] = {}
+        self._added = False
+
+    def __enter__(self) -> None:
+        from optimum.quanto.library.extensions import extension
+
+        define_awq_op()
+        self._registry = extension._extensions
+        if self.name not in self._registry:
+            self._registry[self.name] = self
+            self._added = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._added:
+            del self._registry[self.name]
+            self._added = False
+
+
 class Patches(AttrPatches):
     """Every patch a fake run needs; exit restores the originals (also after an error)."""
 
-    def __init__(self, oracle: ValueOracle, sdpa: SdpaMirror | None) -> None:
+    def __init__(self, oracle: ValueOracle, sdpa: SdpaMirror | None, capability: tuple[int, int] = (8, 0)) -> None:
+        self.extension = _QuantoCudaExtension() if capability >= (8, 0) else None
         patches: list[tuple[Any, str, Any]] = [
             (importlib.import_module(name), "type", _plain_type) for name in QUANTO_TYPE_CHECKED
         ]
@@ -89,3 +117,14 @@ class Patches(AttrPatches):
         if sdpa is not None:
             patches.append((F, "scaled_dot_product_attention", sdpa))
         super().__init__(patches)
+
+    def __enter__(self) -> Patches:
+        super().__enter__()
+        if self.extension is not None:
+            self.extension.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.extension is not None:
+            self.extension.__exit__()
+        super().__exit__()

@@ -134,10 +134,7 @@ def build_report(cfg: Any, session: Any, out: dict[str, Any]) -> TraceReport:
         "segments": a.segments,
         "kernel_check_failures": dict(session.mode.check_failures),
         "oracle": dict(session.oracle.stats),
-        "largest_allocations": [
-            {"bytes": n, "phase": ph, "shape": list(shape), "dtype": dt}
-            for n, ph, shape, dt in sorted(session.trace.largest, reverse=True)[:12]
-        ],
+        "largest_allocations": _largest(session.trace.largest),
         "timings": {k: (round(v, 2) if isinstance(v, float) else v) for k, v in out["timings"].items()},
         "notes": out["notes"],
     }
@@ -146,6 +143,16 @@ def build_report(cfg: Any, session: Any, out: dict[str, Any]) -> TraceReport:
         if key in out:
             data[key] = out[key]
     return TraceReport(data)
+
+
+def _largest(allocations: list[tuple[int, str, tuple[int, ...], str]]) -> list[dict[str, Any]]:
+    """The device allocations of 256 MiB or more, one entry per (phase, shape, dtype) with its count."""
+    seen: dict[tuple[str, tuple[int, ...], str], dict[str, Any]] = {}
+    for nbytes, phase, shape, dtype in allocations:
+        entry = seen.setdefault((phase, shape, dtype), {"bytes": nbytes, "phase": phase, "shape": list(shape),
+                                                        "dtype": dtype, "count": 0})  # fmt: skip
+        entry["count"] += 1
+    return sorted(seen.values(), key=lambda e: -e["bytes"])[:12]
 
 
 def _describe_quant(cfg: Any) -> str:

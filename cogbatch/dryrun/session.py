@@ -72,7 +72,7 @@ class FakeCudaSession:
         stack = contextlib.ExitStack()
         try:
             stack.enter_context(FakeCuda(self.allocator, self.capability, self.card_bytes))
-            stack.enter_context(Patches(self.oracle, self.sdpa))
+            stack.enter_context(Patches(self.oracle, self.sdpa, self.capability))
             stack.enter_context(torch.no_grad())
             stack.enter_context(_FakeMode(allow_non_fake_inputs=True))
             stack.enter_context(self.mode)
