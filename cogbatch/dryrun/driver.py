@@ -294,6 +294,10 @@ def _run_worker(session: FakeCudaSession, cfg: TraceConfig, jcfg: Any, model: An
     out["plan"] = plan.to_dict()
     weights = {"vision": worker.memory.weights_vision, "language": worker.memory.weights_language}
     out["planned_phases"] = _planned(worker, plan, plan.max_text)
+    # The same at the prompt's real length (the plan assumes 128 tokens until it has seen the prompts).
+    prompt = max(len(model.build_inputs(None, cfg.prompt, None, t.template).input_ids) - 1 for t in jcfg.tasks)
+    out["planned_phases_at_prompt"] = _planned(worker, plan, prompt)
+    out["prompt_tokens"] = prompt
     size = model.config.vision.image_size
     chunk = []
     for i in range(cfg.images):
@@ -318,9 +322,6 @@ def _run_worker(session: FakeCudaSession, cfg: TraceConfig, jcfg: Any, model: An
         "plan_after": worker.plan.to_dict(),
         "max_text": worker.max_text,
     }
-    actual_text = max(len(model.build_inputs(None, cfg.prompt, None, t.template).input_ids) - 1 for t in jcfg.tasks)
-    out["planned_phases_at_prompt"] = _planned(worker, plan, actual_text)
-    out["prompt_tokens"] = actual_text
 
 
 def _run_generate(session: FakeCudaSession, cfg: TraceConfig, model: Any, out: dict[str, Any]) -> None:
