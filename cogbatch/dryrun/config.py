@@ -33,17 +33,18 @@ def shipped_config(model: str) -> dict[str, Any]:
 def small_config(model: str) -> dict[str, Any]:
     """A shipped config with small sizes and the real structure: generation, GQA ratio, vocabulary, token ids.
 
-    Hidden sizes stay multiples of 128 (TinyGemm's group) and of the kernels' tiles, two layers each;
-    CogVLM2 keeps its 4:1 grouped KV heads and its 128256-token vocabulary (the Llama-3 special tokens
-    need their ids), so its lm_head is the largest weight, as in the real model.
+    Hidden sizes stay multiples of 128 (TinyGemm's group) and of the kernels' tiles, heads keep the real
+    head dim (128), two layers each; CogVLM2 keeps grouped KV heads (2:1 here, 4:1 real) and its
+    128256-token vocabulary (the Llama-3 special tokens need their ids), so its lm_head is the largest
+    weight, as in the real model.
     """
     d = shipped_config(model)
     v2 = "num_multi_query_heads" in d
-    d.update(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4)
+    d.update(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2)
     if v2:
         d["num_multi_query_heads"] = 1
     image_size = 112 if v2 else 56  # grid 8 (even, for CogVLM2's 2x2 convolution) / 4
-    d["vision_config"] = {**d["vision_config"], "hidden_size": 256, "intermediate_size": 512, "num_heads": 2,
+    d["vision_config"] = {**d["vision_config"], "hidden_size": 128, "intermediate_size": 256, "num_heads": 1,
                           "num_hidden_layers": 2, "image_size": image_size,
                           "num_positions": (image_size // 14) ** 2 + 1}  # fmt: skip
     return d

@@ -4,6 +4,7 @@ Every operator of a fake run passes through Python several times already (`FakeT
 of the cost of a trace); each extra `TorchDispatchMode` adds a hop per operator, so the trace's
 concerns share one mode, in this order:
 
+0. an operator on a quanto tensor runs that tensor's own dispatch under this mode;
 1. the oracle answers value operators (`item`, `nonzero`) and rewrites boolean-mask indices;
 2. int4 CUDA kernels are checked (`kernels.check_int4_op`), interesting operators counted;
 3. quanto's custom operators run their CUDA (else default) Python kernel *under this mode*, so
@@ -19,7 +20,8 @@ from collections import Counter
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass_type
 
 from cogbatch.dryrun.kernels import COUNTED_OPS, FAKE_QUANTO_KERNELS, check_int4_op
 from cogbatch.dryrun.memtrace import MemTrace
@@ -63,6 +65,13 @@ class TraceMode(TorchDispatchMode):
         if func is _DEVICE:
             return func(*args)
         kwargs = kwargs or {}
+        if types and (len(types) > 1 or types[0] is not FakeTensor):
+            subclass = next((t for t in types if t is not FakeTensor and is_traceable_wrapper_subclass_type(t)), None)
+            if subclass is not None:
+                # A quanto tensor's own dispatch (fake mode declines it): run it under this mode, so that what it
+                # computes from its inner tensors (the dense copy of a fallback weight) is seen and tracked.
+                with self:
+                    return subclass.__torch_dispatch__(func, types, args, kwargs)
         info = self._info.get(func)
         if info is None:
             info = self._info[func] = _OpInfo(func)

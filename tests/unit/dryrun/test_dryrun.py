@@ -37,7 +37,7 @@ KERNEL_CLASS = {
 
 
 def small(model, **kw):
-    kw = {"batch": 2, "images": 2, "tasks": 1, "new_tokens": 3, **kw}
+    kw = {"batch": 2, "images": 2, "tasks": 1, "new_tokens": 2, **kw}
     return TraceConfig(model=model, config=small_config(model), **kw)
 
 
@@ -45,7 +45,7 @@ def small(model, **kw):
 def test_gpu_path_runs(model, capability, dtype, quant, mode):
     r = trace(small(model, capability=capability, dtype=dtype, quantization=quant, mode=mode))
     assert r["rows_ok"] == r["rows"] == 2, r["row_errors"]
-    assert r["tokens_out"] == [3, 3]
+    assert r["tokens_out"] == [2, 2]
     assert r["plan"]["mode"] == mode
     assert r["kernels"] == {KERNEL_CLASS[capability, dtype, quant]: 33}  # every planned Linear
     ops = r["int4_ops"]
@@ -61,21 +61,12 @@ def test_gpu_path_runs(model, capability, dtype, quant, mode):
     assert set(sdpa["decode"]) == ({"math"} if model == "cogvlm2" else {"efficient"})
     assert r["oom_events"] == 0
     assert r["peak_allocated_bytes"] <= r["peak_reserved_bytes"]
-
-
-@pytest.mark.parametrize("mode", ["swap", "resident"])
-def test_phase_placement(mode):
-    """In swap mode the phase not running holds no device bytes; resident mode keeps every weight."""
-    r = trace(small("cogvlm2", mode=mode))
-    w = r["worker"]["weights"]
-    vision, language = w["vision"], w["language"]
-    assert vision > 0 and language > 0
-    phases = r["phases"]
-    at_vision = phases["vision_encode"]["start_exact"]  # live device bytes when the vision phase begins
-    at_language = phases["slot_cache"]["start_exact"]  # ... when the language phase begins (before its cache)
+    # In swap mode the phase not running holds no device bytes; resident mode keeps every weight.
+    vision, language = r["worker"]["weights"]["vision"], r["worker"]["weights"]["language"]
+    at_vision = r["phases"]["vision_encode"]["start_exact"]  # live device bytes when the vision phase begins
+    at_language = r["phases"]["slot_cache"]["start_exact"]  # ... when the language phase begins (before its cache)
     if mode == "swap":
-        assert at_vision == vision
-        assert at_language == language
+        assert (at_vision, at_language) == (vision, language)
     else:
         assert at_vision == at_language == vision + language
 
@@ -116,16 +107,35 @@ def test_weights_match_the_planner_and_the_card_is_enforced():
     # per layer), which the checkpoint does not store.
     layers, head_dim = cfg.config["num_hidden_layers"], cfg.config["hidden_size"] // cfg.config["num_attention_heads"]
     assert r["load"]["weights_exact_bytes"] - r["load"]["planned_device_bytes"] == layers * head_dim // 2 * 4
-    tiny_card = trace(small("cogvlm", worker=False, card_bytes=24 * 2**20, context_bytes=0))
-    assert tiny_card["oom_events"] > 0  # 22 MB of weights do not fit 24 MiB with segment rounding
+    half = r["load"]["weights_exact_bytes"] // 2  # a card for half the weights
+    assert trace(small("cogvlm", worker=False, card_bytes=half, context_bytes=0))["oom_events"] > 0
     with pytest.raises(torch.OutOfMemoryError):
-        trace(small("cogvlm", worker=False, card_bytes=8 * 2**20, context_bytes=0, raise_oom=True))
+        trace(small("cogvlm", worker=False, card_bytes=half, context_bytes=0, raise_oom=True))
 
 
-def test_generate_and_expandable_segments():
-    r = trace(small("cogvlm", worker=False, generate=True, expandable_segments=True))
-    assert r["generate"]["tokens"] == [3, 3]
+def test_generate_and_expandable_segments_and_no_patch_left_behind():
+    import importlib
+
+    import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    import cogbatch.model.engine as engine
+    import cogbatch.model.quantize as quantize
+    from cogbatch.dryrun.patches import QUANTO_TYPE_CHECKED
+    from cogbatch.model.cogvlm import CogVLM
+
+    def patchable():
+        return (F.scaled_dot_product_attention, engine.DecodeEngine._step, quantize._stream_quantized_weight,
+                FakeTensor.tolist, torch.cuda.memory_allocated)  # fmt: skip
+
+    before = patchable()
+    r = trace(small("cogvlm", generate=True, expandable_segments=True, new_tokens=2))
+    assert r["generate"]["tokens"] == [2, 2] and r["rows_ok"] == 2
     assert r["phases"]["generate"]["peak_allocated"] <= r["phases"]["generate"]["peak_reserved"]
+    assert patchable() == before
+    assert not torch.cuda.is_available() and torch.version.cuda is None
+    assert "to" not in CogVLM.__dict__ and "encode_images" in CogVLM.__dict__
+    assert all("type" not in vars(importlib.import_module(m)) for m in QUANTO_TYPE_CHECKED)
 
 
 def test_old_cuda_packing_api_fails(monkeypatch):
@@ -160,25 +170,3 @@ def test_trace_config_refuses_bad_values():
         TraceConfig(batch=0)
     with pytest.raises(ValueError, match="mode"):
         TraceConfig(mode="both")
-
-
-def test_a_trace_leaves_no_patch_behind():
-    import importlib
-
-    import torch.nn.functional as F
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    import cogbatch.model.engine as engine
-    import cogbatch.model.quantize as quantize
-    from cogbatch.dryrun.patches import QUANTO_TYPE_CHECKED
-    from cogbatch.model.cogvlm import CogVLM
-
-    before = (F.scaled_dot_product_attention, engine.DecodeEngine._step, quantize._stream_quantized_weight,
-              FakeTensor.tolist, torch.cuda.memory_allocated)  # fmt: skip
-    trace(small("cogvlm", new_tokens=1))
-    after = (F.scaled_dot_product_attention, engine.DecodeEngine._step, quantize._stream_quantized_weight,
-             FakeTensor.tolist, torch.cuda.memory_allocated)  # fmt: skip
-    assert before == after
-    assert not torch.cuda.is_available() and torch.version.cuda is None
-    assert "to" not in CogVLM.__dict__ and "encode_images" in CogVLM.__dict__
-    assert all("type" not in vars(importlib.import_module(m)) for m in QUANTO_TYPE_CHECKED)
