@@ -1,54 +1,44 @@
-"""cogbatch: run CogVLM-family vision-language models over large image collections."""
+"""cogbatch: run CogVLM-family vision-language models over large image collections.
+
+The Python API (`cogbatch.api`) is re-exported here and imported on first use, so that `import cogbatch`
+stays light (no torch, no pyarrow):
+
+    import cogbatch
+    summary = cogbatch.run_job("jobs/caption.yaml", input="photos/", limit=10)
+"""
+
+from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from cogbatch.model.sources import register_scheme
 
 try:
     __version__ = version("cogbatch")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
+_API = ("run_job", "plan_job", "quantize_checkpoint", "export_job", "job_status", "compact_output", "gallery_job",
+        "compare_job")
+__all__ = ["__version__", *_API]
 
-def run_job(
-    config_or_path,
-    *,
-    engine: str = "local",
-    redo_changed: bool = False,
-    retry_errors: bool = False,
-    fail_on_error: bool = False,
-    quiet: bool = False,
-    pipeline=None,
-    **overrides,
-) -> dict:
-    """Run a job from a notebook or a script and return its summary dict (as `cogbatch run --json`).
 
-    `config_or_path`: a job file, a job mapping, or a `JobConfig` from `cogbatch.config.load_job`.
-    `overrides` are the command-line overrides, validated like the job's own keys: `input`, `output`,
-    `limit`, `device`, `vram_ceiling`, `batch_size`, `workers` (None = not given); any other keyword
-    raises TypeError rather than being ignored. `engine="ray"` runs on Ray (`pip install 'cogbatch[ray]'`).
+def _tiny_checkpoint(name: str, cache_dir: Path | None) -> Path:
+    from cogbatch.job.names import tiny_checkpoint
 
-        cogbatch.run_job("jobs/caption.yaml", input="photos/", limit=10)
-    """
-    from cogbatch.config import OVERRIDE_KEYS, JobConfig, load_job, with_overrides
-    from cogbatch.runner import RunOptions, check_output, run
+    return tiny_checkpoint(name, cache_dir)
 
-    unknown = sorted(set(overrides) - set(OVERRIDE_KEYS))
-    if unknown:
-        known = ", ".join(OVERRIDE_KEYS)
-        raise TypeError(f"run_job() got unknown override(s) {', '.join(unknown)}; overrides are {known}")
-    if engine not in ("local", "ray"):
-        raise TypeError(f"run_job() engine must be 'local' or 'ray', got {engine!r}")
-    if isinstance(config_or_path, JobConfig):
-        if pipeline is not None:
-            raise TypeError("run_job() pipeline= applies to a job file, not to a JobConfig (it is already merged)")
-        cfg = with_overrides(config_or_path, overrides)
-    else:
-        cfg = load_job(config_or_path, overrides, pipeline)
-    options = RunOptions(
-        redo_changed=redo_changed, retry_errors=retry_errors, fail_on_error=fail_on_error, quiet=quiet
-    )
-    if engine == "ray":
-        from cogbatch.engines.ray import run_ray
 
-        check_output(cfg)
-        return run_ray(cfg, options, workers=cfg.workers)
-    return run(cfg, options)
+# The model package cannot build a `tiny-random:` model (it imports nothing outside itself): it is told how
+# here, before any of its modules can be imported, so `CogVLM.from_pretrained("tiny-random:cogvlm2")` works.
+register_scheme("tiny-random:", _tiny_checkpoint)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from cogbatch import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'cogbatch' has no attribute {name!r}")

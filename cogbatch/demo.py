@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cogbatch.config import JobConfig, load_job
+from cogbatch.job import JobConfig, load_job
 
 # The same job as jobs/demo.yaml, with paths under the chosen output directory.
 DEMO_TASKS = [

@@ -31,73 +31,23 @@ import filecmp
 import json
 import os
 import sys
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cogbatch.config import JobConfig
-from cogbatch.manifest import ImageEntry, build_entries
+from cogbatch.errors import DestinationError, ExportError
+from cogbatch.fsio import atomic_file
+from cogbatch.inputs.entries import ImageEntry
+from cogbatch.inputs.pending import build_entries
+from cogbatch.job.config import JobConfig
+from cogbatch.results import ExportReport
 from cogbatch.store import RESULT_SCHEMA, latest_rows, list_parts, read_results
 
 FORMATS = ("txt", "jsonl", "csv")
 _TXT_COLUMNS = ["image_id", "path", "task", "text", "status", "error", "created_at"]
-
-
-class ExportError(Exception):
-    """A request that cannot be exported as asked (the CLI turns it into a usage error)."""
-
-
-class DestinationError(ExportError):
-    """DEST cannot be created or written (read-only file system, a file in the way, disk full): exit 2, with
-    the path and the system's reason, not a usage message."""
-
-
-@dataclass
-class ExportReport:
-    format: str
-    output: str
-    dest: str | None
-    task: str | None = None
-    rows: int = 0  # rows exported (jsonl / csv)
-    written: int = 0
-    overwritten: int = 0  # of `written`: files that existed with other content (--overwrite)
-    unchanged: int = 0
-    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
-    conflicts: list[dict[str, str]] = field(default_factory=list)  # {"path", "target", "reason"}
-
-    def describe(self, limit: int = 20) -> str:
-        """The human summary: counts, then the first `limit` conflicts and skips with their reasons."""
-        where = self.dest or ("beside the images" if self.format == "txt" else "stdout")
-        what = f"task {self.task!r}" if self.task else "all tasks"
-        if self.format != "txt" and self.dest is None:
-            return f"{self.format} export of {what}: {self.rows} rows -> stdout"
-        rows = f"{self.rows} rows; " if self.format != "txt" else ""
-        lines = [
-            f"{self.format} export of {what} -> {where}: {rows}{self.written} written "
-            f"({self.overwritten} overwritten), {self.unchanged} unchanged, {len(self.skipped)} skipped, "
-            f"{len(self.conflicts)} conflicts"
-        ]
-        problems = [("conflict", c) for c in self.conflicts] + [("skipped", c) for c in self.skipped]
-        lines += [f"  {kind}: {p['path']}: {p['reason']}" for kind, p in problems[:limit]]
-        if len(problems) > limit:
-            lines.append(f"  ... and {len(problems) - limit} more (--json lists them all)")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **self.__dict__,
-            "counts": {
-                "written": self.written,
-                "unchanged": self.unchanged,
-                "skipped": len(self.skipped),
-                "conflicts": len(self.conflicts),
-            },
-        }
 
 
 # -- choosing rows -------------------------------------------------------------------------------
@@ -157,39 +107,11 @@ def _check_task(cfg: JobConfig, task: str | None) -> None:
 # -- files ---------------------------------------------------------------------------------------
 
 
-def _temp_for(target: Path) -> Path:
-    return target.with_name(f".tmp-{target.name}.{uuid.uuid4().hex}")
-
-
-def _remove_temp(temp: Path) -> None:
-    """Best-effort cleanup that never masks the error being raised (on a read-only file system even
-    unlinking a file that was never created fails, with EROFS rather than ENOENT)."""
-    with contextlib.suppress(OSError):
-        temp.unlink()
-
-
 def _make_dest(dest: Path) -> None:
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DestinationError(f"cannot write {dest}: {e.strerror or e}") from None
-
-
-@contextlib.contextmanager
-def _atomic_file(target: Path, mode: str = "wb", **kw: Any) -> Iterator[IO[Any]]:
-    """Write `target` through a temp file renamed into place when the block succeeds."""
-    temp = _temp_for(target)
-    created = False
-    try:
-        with open(temp, mode, **kw) as f:
-            created = True
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, target)
-    finally:
-        if created:  # gone once renamed; never created when open failed
-            _remove_temp(temp)
 
 
 def _inside(root_real: Path, target: Path) -> bool:
@@ -370,7 +292,7 @@ def _write_one(
                 report.conflicts.append({"path": label, "target": str(target), "reason": reason})
                 return
         target.parent.mkdir(parents=True, exist_ok=True)
-        with _atomic_file(target) as f:
+        with atomic_file(target) as f:
             f.write(content)
     except OSError as e:
         report.skipped.append({"path": label, "reason": f"cannot write {target}: {e.strerror or e}"})
@@ -433,12 +355,9 @@ def export_rows(
     _make_dest(dest)
     target = dest / f"{cfg.output.name}.{fmt}"
     label = str(target)
-    temp = _temp_for(target)
-    created = False
-    try:
-        with open(temp, "w", encoding="utf-8", newline="") as f:
-            created = True
-            report.rows = _write_rows(table, fmt, f)
+
+    def commit(temp: Path) -> bool:
+        """Replace `target` only when that is safe and changes something; the report says what happened."""
         if target.is_symlink():
             report.skipped.append({"path": label, "reason": "is a symlink (not followed)"})
         elif target.exists() and filecmp.cmp(temp, target, shallow=False):
@@ -448,11 +367,13 @@ def export_rows(
             report.conflicts.append({"path": label, "target": label, "reason": reason})
         else:
             report.overwritten += int(target.exists())
-            os.replace(temp, target)
             report.written += 1
+            return True
+        return False
+
+    try:
+        with atomic_file(target, "w", commit=commit, encoding="utf-8", newline="") as f:
+            report.rows = _write_rows(table, fmt, f)
     except OSError as e:  # read-only file system, disk full, a directory named like the target…
         raise DestinationError(f"cannot write {target}: {e.strerror or e}") from None
-    finally:
-        if created:  # gone once renamed; never created when open failed
-            _remove_temp(temp)
     return report

@@ -21,7 +21,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from cogbatch.exits import exit_code_for
+from cogbatch.errors import exit_code_for
+from cogbatch.results import RunSummary
 
 try:
     import fcntl
@@ -58,7 +59,7 @@ def outcome_of(exit_code: int) -> str:
 def run_record(
     cfg: Any,
     started: float,
-    summary: dict[str, Any] | None,
+    summary: RunSummary | None,
     error: BaseException | None,
     new_parts: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, Any]:
@@ -66,11 +67,11 @@ def run_record(
     ended = time.time()
     record: dict[str, Any] = {"run_id": None, "started": _iso(started), "ended": _iso(ended)}
     if summary is not None:
-        record["run_id"] = summary.get("run_id")
-        record.update({k: summary[k] for k in _COUNTS if k in summary})
-        code = int(summary.get("exit_code", 0))
-        if summary.get("message"):
-            record["message"] = summary["message"]
+        record["run_id"] = summary.run_id
+        record.update({k: getattr(summary, k) for k in _COUNTS})
+        code = summary.exit_code
+        if summary.message:
+            record["message"] = summary.message
     else:
         code = exit_code_for(error) if error is not None else 1
         if isinstance(error, KeyboardInterrupt):
@@ -81,14 +82,14 @@ def run_record(
             record["run_id"] = next(iter(new_parts)) if len(new_parts) == 1 else ",".join(sorted(new_parts))
             record["done"] = sum(p.get("ok", 0) for p in new_parts.values())
             record["failed"] = sum(p.get("error", 0) for p in new_parts.values())
-        record["run_id"] = getattr(error, "cogbatch_run_id", None) or record["run_id"]  # set by the runner
+        record["run_id"] = getattr(error, "cogbatch_run_id", None) or record["run_id"]  # set by the run prologue
     record.update(
         {
             "wall_s": round(ended - started, 3),
             "exit_code": code,
             "outcome": outcome_of(code),
             "model": cfg.model,
-            "quant": cfg.quantization.describe(),
+            "quant": cfg.quantization.label(),
             "versions": versions(),
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -191,7 +192,7 @@ def part_names(output: Path) -> set[str]:
 
 
 def record_run(
-    cfg: Any, started: float, before: set[str], summary: dict[str, Any] | None, error: BaseException | None
+    cfg: Any, started: float, before: set[str], summary: RunSummary | None, error: BaseException | None
 ) -> None:
     """Append the run's line; never let a history problem (read-only disk…) hide the run's own outcome."""
     import logging

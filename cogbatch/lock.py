@@ -31,35 +31,15 @@ try:
 except ImportError:  # Windows: no flock; the sidecar alone guards, checked by pid (same host only)
     fcntl = None  # type: ignore[assignment]
 
+from cogbatch.errors import JobLocked, describe_holder
+from cogbatch.fsio import atomic_write
+from cogbatch.results import RunSummary
+
 log = logging.getLogger("cogbatch")
 
 LOCK_DIR = ".cogbatch"
 LOCK_NAME = "run.lock"
 INFO_NAME = "run.lock.json"
-LOCKED_EXIT = 75
-
-
-class JobLocked(Exception):
-    """Another live process is running a job on this output dataset."""
-
-    exit_code = LOCKED_EXIT
-
-    def __init__(self, output: Path, holder: dict[str, Any] | None) -> None:
-        self.output = output
-        self.holder = holder or {}
-        super().__init__(f"another cogbatch run is writing to {output}: {describe_holder(self.holder)}")
-
-
-def describe_holder(info: dict[str, Any]) -> str:
-    """`pid 4242 on host gpu1, started 2025-01-02T02:00:00Z: cogbatch run jobs/caption.yaml`."""
-    if not info.get("pid"):
-        return "holder unknown (it has only just started)"
-    text = f"pid {info['pid']} on host {info.get('host', '?')}"
-    if info.get("started"):
-        text += f", started {info['started']}"
-    if info.get("command"):
-        text += f": {info['command']}"
-    return text
 
 
 def pid_alive(pid: int) -> bool:
@@ -86,9 +66,7 @@ def _read_info(path: Path) -> dict[str, Any] | None:
 
 
 def _write_info(path: Path, info: dict[str, Any]) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(info, indent=1))
 
 
 def holder_info(command: str | None = None) -> dict[str, Any]:
@@ -179,11 +157,11 @@ def current_holder(output: str | os.PathLike[str]) -> dict[str, Any] | None:
     return info
 
 
-def run_exclusive(cfg: Any, body: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+def run_exclusive(cfg: Any, body: Callable[[dict[str, Any]], RunSummary]) -> RunSummary:
     """Run `body(holder)` (an engine's whole run, returning its summary) under `cfg.output`'s lock, and
     append the run's line to `<output>/runs.jsonl` however it ends (`cogbatch.history`).
 
-    Every engine (local runner, Ray) goes through here, so "one run per output" and the history do
+    Every engine (local, Ray) goes through here, so "one run per output" and the history do
     not depend on how a run was started. Raises JobLocked, before doing anything, when another run
     holds the output.
     """

@@ -41,12 +41,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cogbatch.errors import EXIT_LOCKED, CronError, ScheduleError, UnsafePathError
+
 MARKER = "# cogbatch:"
 _DIGITS = re.compile("[0-9]+")  # not str.isdigit(): it accepts "²" (int() then fails) and "７" (cron does not)
 _MARKER_RE = re.compile(r"\s#\scogbatch:(?P<id>[0-9a-f]{12})(?:\sjob=(?P<job>.*))?$")
 LOG_NAME = "cogbatch.log"
 CRON_LOCK = Path(".cogbatch") / "cron.lock"
-LOCKED_EXIT = 75  # EX_TEMPFAIL: "try again later", what a run that finds the job running exits with
 
 SPECIAL = ("@reboot", "@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
 _MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
@@ -61,23 +62,6 @@ _FIELDS = (
 )
 
 
-class CronError(ValueError):
-    """An invalid cron expression; the message names the field."""
-
-
-class ScheduleError(Exception):
-    """crontab or flock is missing or failed; the message says what to install or what went wrong."""
-
-    exit_code = 1
-
-
-class UnsafePathError(ScheduleError):
-    """A path that cannot go into a crontab line safely (a line break would start a new entry).
-
-    The user's to fix (rename, or schedule from another directory), hence exit code 2.
-    """
-
-    exit_code = 2
 
 
 # -- cron expressions ----------------------------------------------------------------------------
@@ -225,7 +209,7 @@ def _locked_note(log: Path) -> str:
         '{"event": "skipped", "exit_code": 75, "time": "\'"$(date -u +%Y-%m-%dT%H:%M:%SZ)"\'", '
         '"reason": "another run of this job still holds its lock"}'
     )
-    return f'{{ rc=$?; [ "$rc" -ne {LOCKED_EXIT} ] || echo \'{note}\'; exit "$rc"; }} >> {shlex.quote(str(log))} 2>&1'
+    return f'{{ rc=$?; [ "$rc" -ne {EXIT_LOCKED} ] || echo \'{note}\'; exit "$rc"; }} >> {shlex.quote(str(log))} 2>&1'
 
 
 def build_entry(
@@ -270,7 +254,7 @@ def build_entry(
     q = shlex.quote
     command = (
         f"cd {q(str(cwd))} && mkdir -p {q(str(lock.parent))} && "
-        f"{q(flock)} -n -E {LOCKED_EXIT} {q(str(lock))} {shlex.join(run)} >> {q(str(log))} 2>&1 "
+        f"{q(flock)} -n -E {EXIT_LOCKED} {q(str(lock))} {shlex.join(run)} >> {q(str(log))} 2>&1 "
         f"|| {_locked_note(log)}"
     )
     ident = entry_id(job_path)

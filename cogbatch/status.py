@@ -6,18 +6,16 @@ writes; it reads the parts and the hash cache and writes nothing (not even new h
 
 from __future__ import annotations
 
-from typing import Any
-
-from cogbatch.config import JobConfig
-from cogbatch.manifest import build_entries
+from cogbatch.inputs.pending import build_entries
+from cogbatch.job.config import JobConfig
+from cogbatch.lock import current_holder
+from cogbatch.results import StatusReport
 from cogbatch.store import latest_rows, read_results
 
 
-def job_status(cfg: JobConfig) -> dict[str, Any]:
-    """Per task: ok / failed / pending images, and rows made with other settings (stale)."""
-    from cogbatch.worker import resolved_dtype
-
-    dtype = resolved_dtype(cfg)
+def job_status(cfg: JobConfig) -> StatusReport:
+    """Per task: ok / failed / pending images, rows made with other settings (stale), and a run going on now."""
+    dtype = cfg.source.compute_dtype()
     fingerprints = {t.name: cfg.fingerprint(t, dtype) for t in cfg.tasks}
     ids = {e.image_id for e in build_entries(cfg, persist=False)}  # read-only: never create the output
     newest = latest_rows(read_results(cfg.output, ["image_id", "task", "status", "fingerprint", "created_at"]))
@@ -38,4 +36,5 @@ def job_status(cfg: JobConfig) -> dict[str, Any]:
             else:
                 counts[row[0]] += 1
         tasks[task.name] = counts
-    return {"output": str(cfg.output), "images": len(ids), "rows": newest.num_rows, "tasks": tasks}
+    running = current_holder(cfg.output)  # a run holding the output's lock now, or None
+    return StatusReport(str(cfg.output), len(ids), newest.num_rows, tasks, running)

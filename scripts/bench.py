@@ -168,7 +168,7 @@ LOAD_MODES = {"baseline: imports only, no load": "baseline", "fp16 ckpt -> bf16,
 
 def bench_load(mode: dict, work: Path) -> dict:
     """Best of N fresh-process loads per mode; the first INT4 load of each round gets an empty cache."""
-    from cogbatch.model.tiny import write_tiny_checkpoint
+    from cogbatch.testing.tiny import write_tiny_checkpoint
 
     ckpt = work / "load-ckpt"
     write_tiny_checkpoint(ckpt, arch="cogvlm2", image_size=224, dtype="fp16", shard_size="50MB", seed=0,
@@ -249,7 +249,7 @@ def bench_pipeline(mode: dict, work: Path) -> dict:
     """End-to-end `cogbatch run` wall time, split into start+load, model compute and the rest (overhead)."""
     import yaml
 
-    from cogbatch.model.tiny import write_tiny_checkpoint
+    from cogbatch.testing.tiny import write_tiny_checkpoint
 
     shape = {**PIPELINE_SHAPE, **mode["pipe_shape"]}
     ckpt = work / "pipe-ckpt"
@@ -315,13 +315,14 @@ def bench_pipeline(mode: dict, work: Path) -> dict:
 
 
 def model_compute_s(job: Path) -> dict:
-    """Model load time and Worker.process time alone over the job's images (decoded beforehand), batched as `run`."""
+    """Model load time and ModelWorker.process time over the job's images (decoded beforehand), batched as `run`."""
     import torch
 
-    from cogbatch.config import load_job
-    from cogbatch.manifest import build_entries, expand_requests
+    from cogbatch.inputs.pending import build_entries, expand_requests
+    from cogbatch.job import load_job
     from cogbatch.model.cogvlm import CogVLM
-    from cogbatch.worker import Worker, load_entry
+    from cogbatch.worker.loading import load_entry
+    from cogbatch.worker.worker import ModelWorker
 
     cfg = load_job(str(job), pipeline=None)
     t0 = time.perf_counter()
@@ -331,7 +332,7 @@ def model_compute_s(job: Path) -> dict:
     by_image: dict[str, tuple] = {}
     for r in requests:
         by_image.setdefault(r.image.image_id, (r.image, []))[1].append(r)
-    worker = Worker(cfg, "bench", model=model)
+    worker = ModelWorker(cfg, "bench", model=model)
     chunk = [(load_entry(e, cfg, worker.image_size, None), reqs) for e, reqs in by_image.values()]
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -410,7 +411,7 @@ def bench_loader(mode: dict, work: Path) -> dict:
     """Decode + preprocess at 1344 px on one thread, the work one loader thread does per image."""
     import torch
 
-    from cogbatch.images import decode_image
+    from cogbatch.inputs.decode import decode_image
     from cogbatch.model.preprocess import preprocess_image
 
     paths = make_jpegs(work / "jpegs", mode["jpegs"], mode["jpeg_size"])
@@ -439,7 +440,7 @@ def bench_loader(mode: dict, work: Path) -> dict:
         "loader: decode + preprocess to 1344 px, one core",
         ["image", "decode ms", "preprocess ms", "images/s per core"],
         rows,
-        f"median over {len(datas)} generated photo-like JPEGs; cogbatch.images.decode_image + "
+        f"median over {len(datas)} generated photo-like JPEGs; cogbatch.inputs.decode.decode_image + "
         "cogbatch.model.preprocess.preprocess_image, torch 1 thread",
     )
     return {"tables": [t1, consumption_table(rate)]}

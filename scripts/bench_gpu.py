@@ -2,9 +2,9 @@
 """Everything of issue 7 that needs CUDA, in one call that ends well inside 10 minutes on one H100 / H200.
 
 For each full-size model shape (CogVLM2-19B by default; CogVLM-17B with `--models cogvlm2,cogvlm1`;
-the real config.json files of tests/data/) it writes a random-weight bf16 checkpoint, filled on the
-GPU and written by background threads (~39 GB for CogVLM2, under /dev/shm when it has room, deleted
-before the next model), then for int4 and bf16:
+the real config.json files of tests/data/golden/real_configs/) it writes a random-weight bf16
+checkpoint, filled on the GPU and written by background threads (~39 GB for CogVLM2, under /dev/shm
+when it has room, deleted before the next model), then for int4 and bf16:
 
   * loads it through the streaming quantizing loader (`CogVLM.from_pretrained`, quantized-weights
     cache off: the cache is measured on CPU by scripts/bench.py), recording load time, weight bytes
@@ -14,7 +14,7 @@ before the next model), then for int4 and bf16:
     against the memory-bandwidth floor (bytes the step must read / measured device copy bandwidth;
     a text decode step reads only the language-expert path and the LM head, a prefill every weight
     but the embedding table);
-  * the pipeline's own path: `cogbatch.worker.Worker.process` over a batch of 4 images under an
+  * the pipeline's own path: `cogbatch.worker.worker.ModelWorker.process` over a batch of 4 images under an
     11 GiB ceiling (the planner picks resident or phase-swapped execution), with its peak reserved
     VRAM: the issue's goal is CogVLM2 int4 batch 4 under 11 GiB.
 
@@ -47,13 +47,11 @@ import math
 import os
 import platform
 import shutil
-import struct
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +59,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # cogbatch from this checkout: on the device machine it is not installed
 
-CONFIGS = {"cogvlm2": REPO / "tests" / "data" / "cogvlm2-llama3-chat-19B" / "config.json",
-           "cogvlm1": REPO / "tests" / "data" / "cogvlm-chat-hf" / "config.json"}  # fmt: skip
+REAL_CONFIGS = REPO / "tests" / "data" / "golden" / "real_configs"
+CONFIGS = {"cogvlm2": REAL_CONFIGS / "cogvlm2-llama3-chat-19B" / "config.json",
+           "cogvlm1": REAL_CONFIGS / "cogvlm-chat-hf" / "config.json"}  # fmt: skip
 # --simulate: the same code path on shapes a 2-core CPU runs in seconds (int4 group 128 still applies)
 SIM_SHAPES = {
     "cogvlm2": {"arch": "cogvlm2", "hidden_size": 128, "layers": 2, "heads": 2, "kv_heads": 1,
@@ -134,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def checkpoint_config(model: str, simulate: bool = False) -> dict[str, Any]:
     """config.json of the benchmark checkpoint: the real model's, verbatim (tiny shapes with --simulate)."""
     if simulate:
-        from cogbatch.model.tiny import tiny_config
+        from cogbatch.testing.tiny import tiny_config
 
         return tiny_config(**SIM_SHAPES[model], torch_dtype="bfloat16")
     return {**json.loads(CONFIGS[model].read_text()), "torch_dtype": "bfloat16"}
@@ -147,87 +146,20 @@ def checkpoint_bytes(config: dict[str, Any]) -> int:
     return 2 * sum(math.prod(s) for s in checkpoint_tensor_shapes(CogVLMConfig.from_dict(config)).values())
 
 
-_ST_DTYPES = {"torch.bfloat16": "BF16", "torch.float16": "F16", "torch.float32": "F32"}
-
-
-def write_safetensors(path: Path, tensors: dict[str, Any]) -> None:
-    """A safetensors file written straight from the tensors' memory (safetensors' `save_file` copies each first).
-
-    Format: 8-byte little-endian header length, a JSON header padded with spaces to 8 bytes, then the
-    tensors' bytes back to back in header order.
-    """
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        header[name] = {
-            "dtype": _ST_DTYPES[str(t.dtype)],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    import torch
-
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for t in tensors.values():
-            if t.numel():
-                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    os.replace(tmp, path)
-
-
 def write_random_checkpoint(out: Path, config: dict[str, Any], device: str, seed: int = 0) -> dict[str, Any]:
-    """A bf16 checkpoint in the official layout, drawn on `device` with a seeded generator.
+    """A bf16 checkpoint in the official layout, drawn on `device` (`cogbatch.testing.tiny.write_checkpoint`).
 
-    torch's CPU sampler draws ~125 M normals per CPU-second (37 B parameters would take ~5 minutes);
-    on the GPU drawing is free and the time is the copy to the host plus the file writes, which two
-    threads do while the GPU draws the next shard. Scales follow cogbatch.model.tiny's recipe
-    (weights / sqrt(fan_in), norms around 1), so activations stay finite through 32 layers.
+    On the GPU drawing is nearly free and the time is the copy to the host plus the file writes, which a
+    thread does while the GPU draws the next shard. Scales follow the tiny checkpoints' recipe (weights /
+    sqrt(fan_in), norms around 1), so activations stay finite through 32 layers.
     """
-    import torch
-
-    from cogbatch.model.config import CogVLMConfig, checkpoint_tensor_shapes
-    from cogbatch.model.tiny import build_tokenizer, init_recipe, plan_shards, rotary_inv_freq
+    from cogbatch.testing.tiny import write_checkpoint
 
     t0 = time.perf_counter()
-    cfg = CogVLMConfig.from_dict(config)
-    tokenizer, tokenizer_config, special_tokens = build_tokenizer(cfg)
-    shapes = checkpoint_tensor_shapes(cfg)
-    shards = plan_shards(shapes, 2, SHARD_BYTES)
-    out.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    weight_map: dict[str, str] = {}
-    pending: list[Future] = []
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        for k, names in enumerate(shards, start=1):
-            filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {}
-            for name in names:
-                if name.endswith("rotary_emb.inv_freq"):
-                    tensors[name] = rotary_inv_freq(cfg).to(torch.bfloat16)
-                    continue
-                mul, div, add = init_recipe(name, shapes[name], cfg)
-                x = torch.randn(shapes[name], generator=gen, device=device, dtype=torch.float32)
-                tensors[name] = x.mul_(mul / div).add_(add).to(torch.bfloat16).cpu()
-                del x
-            while len(pending) >= 2:  # at most two shards waiting in host memory
-                pending.pop(0).result()
-            pending.append(pool.submit(write_safetensors, out / filename, tensors))
-            weight_map.update(dict.fromkeys(names, filename))
-        for f in pending:
-            f.result()
-    total = sum(math.prod(s) for s in shapes.values()) * 2
-    index = {"metadata": {"total_size": total}, "weight_map": {n: weight_map[n] for n in shapes}}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    tokenizer.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(special_tokens, indent=2) + "\n")
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")  # last: a config means complete
-    return {"bytes": total, "params": total // 2, "shards": len(shards), "write_s": round(time.perf_counter() - t0, 1)}
+    write_checkpoint(out, config, dtype="bf16", shard_size=SHARD_BYTES, seed=seed, device=device, overwrite=True)
+    total = checkpoint_bytes(config)
+    shards = len(list(out.glob("model-*-of-*.safetensors")))
+    return {"bytes": total, "params": total // 2, "shards": shards, "write_s": round(time.perf_counter() - t0, 1)}
 
 
 def mem_available_bytes() -> int | None:
@@ -489,7 +421,7 @@ def random_batch(model: Any, batch: int, seed: int = 0) -> Any:
 def bench_generate(model: Any, dev: Device, batch: int, new_tokens: int, bandwidth: float, split: dict[str, int],
                    warm_up: bool) -> dict[str, Any]:  # fmt: skip
     """Plain `model.generate` of `batch` random images, every sequence exactly `new_tokens` long."""
-    from cogbatch.model.generate import GenerationConfig
+    from cogbatch.model.settings import GenerationConfig
 
     inputs = random_batch(model, batch)
     cfg = GenerationConfig(max_new_tokens=1 + new_tokens, stop_token_ids=())  # the first token comes from the prefill
@@ -530,12 +462,14 @@ def bench_worker(model: Any, dev: Device, quant: str, images: int, new_tokens: i
 
     import torch
 
-    from cogbatch.config import load_job
-    from cogbatch.manifest import ImageEntry, Request
-    from cogbatch.planner import DoesNotFit
-    from cogbatch.worker import LoadedImage, Worker
+    from cogbatch.errors import DoesNotFit
+    from cogbatch.inputs.entries import ImageEntry
+    from cogbatch.inputs.pending import Request
+    from cogbatch.job import load_job
+    from cogbatch.worker.loading import LoadedImage
+    from cogbatch.worker.worker import ModelWorker
 
-    class BenchWorker(Worker):
+    class BenchWorker(ModelWorker):
         def _generation_config(self, task, attempt):
             return replace(super()._generation_config(task, attempt), stop_token_ids=(), stop_on_repetition=False)
 
@@ -577,21 +511,21 @@ def bench_worker(model: Any, dev: Device, quant: str, images: int, new_tokens: i
         "oom": False,
         "ok_rows": sum(r["status"] == "ok" for r in rows),
         "errors": sorted({r["error"] for r in rows if r["status"] != "ok"})[:3],
-        "mode": stats["execution_mode"],
-        "planned_batch": stats["planned_batch"],
+        "mode": stats.execution_mode,
+        "planned_batch": stats.planned_batch,
         "planned_peak_gib": round(worker.plan.peak_bytes / GiB, 2),
         "ceiling_gib": ceiling_gib,
         "reserved_before_gib": before,
         "peak_reserved_gib": peak,
         "peak_allocated_gib": peaks.gib("allocated"),
         "seconds": round(seconds, 2),
-        "model_compute_s": stats.get("model_compute_s"),
-        "phase_swap_s": stats.get("phase_swap_s"),
+        "model_compute_s": stats.model_compute_s,
+        "phase_swap_s": stats.phase_swap_s,
         "images_per_s": round(images / seconds, 3),
-        "generated_tokens": int(worker.stats["generated_tokens"]),
-        "tokens_per_s": round(worker.stats["generated_tokens"] / seconds, 1),
-        "oom_splits": stats["oom_splits"],
-        "goal_met": None if peak is None else bool(peak < ceiling_gib and not stats["oom_splits"]),
+        "generated_tokens": int(worker.stats.generated_tokens),
+        "tokens_per_s": round(worker.stats.generated_tokens / seconds, 1),
+        "oom_splits": stats.oom_splits,
+        "goal_met": None if peak is None else bool(peak < ceiling_gib and not stats.oom_splits),
     }
 
 

@@ -26,8 +26,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # cogbatch from this checkout, installed or not (a GPU machine's bare python)
 
 from cogbatch.model.cogvlm import CogVLM  # noqa: E402
-from cogbatch.model.generate import GenerationConfig  # noqa: E402
-from cogbatch.model.tiny import write_tiny_checkpoint  # noqa: E402
+from cogbatch.model.settings import GenerationConfig  # noqa: E402
+from cogbatch.testing.tiny import write_tiny_checkpoint  # noqa: E402
 
 SHAPE = {"arch": "cogvlm2", "hidden_size": 1024, "layers": 8, "heads": 8, "kv_heads": 2,
          "vision_hidden_size": 768, "vision_layers": 8, "image_size": 224, "dtype": "fp16"}  # fmt: skip

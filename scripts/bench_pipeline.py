@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-from cogbatch.config import load_job
-from cogbatch.manifest import build_entries, expand_requests
+from cogbatch.inputs.pending import build_entries, expand_requests
+from cogbatch.job import load_job
 from cogbatch.model.cogvlm import CogVLM
-from cogbatch.model.tiny import write_tiny_checkpoint
-from cogbatch.worker import Worker, load_entry
+from cogbatch.testing.tiny import write_tiny_checkpoint
+from cogbatch.worker.loading import load_entry
+from cogbatch.worker.worker import ModelWorker
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPE = {
@@ -77,7 +78,7 @@ def measure(model, ckpt: Path, images: Path, n_tasks: int, batch: int | None, ne
         by_image.setdefault(r.image.image_id, (r.image, []))[1].append(r)
     times, worker = [], None
     for _ in range(repeats):
-        worker = Worker(cfg, "bench", model=model)
+        worker = ModelWorker(cfg, "bench", model=model)
         chunk = [(load_entry(e, cfg, worker.image_size, None), reqs) for e, reqs in by_image.values()]
         t0 = time.perf_counter()
         for i in range(0, len(chunk), worker.chunk_images):
@@ -88,15 +89,15 @@ def measure(model, ckpt: Path, images: Path, n_tasks: int, batch: int | None, ne
     return {
         "tasks": n_tasks,
         "batch": "planner" if batch is None else batch,
-        "planned_batch": s["planned_batch"],
+        "planned_batch": s.planned_batch,
         "images": len(by_image),
-        "requests": s["requests"],
+        "requests": s.requests,
         "seconds": round(t, 2),
         "images_per_s": round(len(by_image) / t, 3),
-        "requests_per_s": round(s["requests"] / t, 3),
-        "vision_encodes": s["vision_encodes"],
-        "prefix_reuses": s["prefix_reuses"],
-        "mean_batch_size": s["mean_batch_size"],
+        "requests_per_s": round(s.requests / t, 3),
+        "vision_encodes": s.vision_encodes,
+        "prefix_reuses": s.prefix_reuses,
+        "mean_batch_size": s.mean_batch_size,
     }
 
 

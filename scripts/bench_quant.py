@@ -84,7 +84,7 @@ def make_layer(out_f: int, in_f: int, config: str) -> nn.Module:
     """One Linear in `config`: fp32, bf16, int8, int4 (fused kernel) or int4-dense (dequantize + matmul)."""
     from optimum.quanto import qint4, qint8
 
-    from cogbatch.model.quant_linear import DequantQLinear
+    from cogbatch.model.quant.linear import DequantQLinear
 
     gen = torch.Generator().manual_seed(0)
     lin = nn.Linear(in_f, out_f, bias=False)
@@ -223,7 +223,7 @@ def bench_loads(ckpt: Path, repeats: int, threads: int, pages: tuple[str, ...] =
 
 def checkpoint(path: Path) -> Path:
     if not (path / "model.safetensors.index.json").is_file():
-        from cogbatch.model.tiny import write_tiny_checkpoint
+        from cogbatch.testing.tiny import write_tiny_checkpoint
 
         print(f"writing the benchmark checkpoint to {path} ...", file=sys.stderr, flush=True)
         write_tiny_checkpoint(path, **CKPT_SHAPE, seed=0, overwrite=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Unset sizes take the defaults documented in cogbatch.model.tiny.write_tiny_checkpoint.",
+        epilog="Unset sizes take the defaults documented in cogbatch.testing.tiny.write_tiny_checkpoint.",
     )
     p.add_argument("--out", required=True, type=Path, help="output directory (must be empty or absent)")
     p.add_argument("--arch", default="cogvlm1", choices=["cogvlm", "cogvlm1", "cogvlm2"])
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from cogbatch.model.config import CogVLMConfig, checkpoint_tensor_shapes
-    from cogbatch.model.tiny import write_tiny_checkpoint
+    from cogbatch.testing.tiny import write_tiny_checkpoint
 
     start = time.perf_counter()
     try:

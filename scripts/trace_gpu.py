@@ -55,8 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from cogbatch.config import ConfigError, parse_size
     from cogbatch.dryrun.config import TraceConfig, parse_capability, small_config
+    from cogbatch.model.errors import ConfigError
+    from cogbatch.model.settings import parse_size
+
+    def size(value: str, option: str) -> int:
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            raise ValueError(f"{option}: {e}") from None
 
     try:
         cfg = TraceConfig(
@@ -70,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             images=args.images,
             tasks=args.tasks,
             new_tokens=args.new_tokens,
-            card_bytes=parse_size(args.vram, "--vram"),
-            context_bytes=parse_size(args.context, "--context") if args.context not in ("0", "") else 0,
-            vram_ceiling=parse_size(args.vram_ceiling, "--vram-ceiling") if args.vram_ceiling else None,
+            card_bytes=size(args.vram, "--vram"),
+            context_bytes=size(args.context, "--context") if args.context not in ("0", "") else 0,
+            vram_ceiling=size(args.vram_ceiling, "--vram-ceiling") if args.vram_ceiling else None,
             mode=args.mode,
             expandable_segments=args.expandable_segments,
             generate=args.generate,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.golden import golden_root
+from tests.golden import GoldenError, materialize
 
 _SANDBOX = Path(tempfile.mkdtemp(prefix="cogbatch-tests-"))
 os.environ.update(
@@ -48,24 +48,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    """The golden fixtures: $COGBATCH_GOLDEN_DIR, else ../shared/golden beside the repository.
+    """The reference fixtures of tests/data/golden, checked against SHA256SUMS and completed in the sandbox.
 
-    Missing fixtures fail the run instead of skipping it, so CI cannot pass by testing nothing.
+    A missing or changed fixture fails the run instead of skipping it, so CI cannot pass by testing nothing.
     """
-    path = golden_root()
-    if not (path / "README.md").is_file():
-        pytest.fail(
-            f"golden fixtures not found at {path} (set COGBATCH_GOLDEN_DIR to the folder that holds "
-            "README.md, cogvlm1/ and cogvlm2/)",
-            pytrace=False,
-        )
-    return path
+    try:
+        return materialize(_SANDBOX / "golden")
+    except GoldenError as e:
+        message = str(e)
+    pytest.fail(message, pytrace=False)  # outside the except: the message alone, no chained traceback
 
 
 @pytest.fixture(scope="session")
 def tiny_cogvlm1(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CogVLM checkpoint with the maker's defaults (the golden cogvlm1/dev shapes), fp32."""
-    from cogbatch.model.tiny import write_tiny_checkpoint
+    from cogbatch.testing.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_cogvlm1"), arch="cogvlm1")
 
@@ -73,7 +70,7 @@ def tiny_cogvlm1(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_cogvlm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small, fast CogVLM2 checkpoint (GQA 4/2 heads, 8x8 patch grid), fp32, ~35 MB of weights."""
-    from cogbatch.model.tiny import write_tiny_checkpoint
+    from cogbatch.testing.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(
         tmp_path_factory.mktemp("tiny_cogvlm2"), arch="cogvlm2", hidden_size=32, heads=4, kv_heads=2, image_size=112

@@ -27,7 +27,7 @@ def shipped_config(model: str) -> dict[str, Any]:
     name = MODELS.get(model, model.rpartition("/")[2])
     if name not in MODELS.values():
         raise ValueError(f"unknown model {model!r}: expected one of {', '.join(MODELS)}")
-    return json.loads(resources.files("cogbatch.model.configs").joinpath(name, "config.json").read_text())
+    return json.loads(resources.files("cogbatch.model").joinpath("configs", name, "config.json").read_text())
 
 
 def small_config(model: str) -> dict[str, Any]:

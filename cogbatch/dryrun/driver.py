@@ -5,18 +5,18 @@ What runs is the project's code, unmodified, on fake `cuda` tensors (`session.Fa
 * **load**: `CogVLM.from_pretrained(..., device="cuda", quantization=...)` through the quantizing
   loader. Only reading the checkpoint is replaced: `weight_files`, `scan_tensors` and
   `stream_lazy_tensors` hand out fake tensors of the checkpoint's shapes, from the real config.json
-  and a tokenizer built by `cogbatch.model.tiny.build_tokenizer` (no weights on disk).
+  and a tokenizer built by `cogbatch.testing.tokenizer.build_tokenizer` (no weights on disk).
   `_stream_quantized_weight` runs in full for the first Linear of each (shape, rule); for the others
   its allocations are replayed into the allocator and a weight of the same classes, shapes and
   strides is assigned (`LoaderMemo`); `trace_every_layer` traces them all.
-* **worker**: `Worker.process` of `images` images x `tasks` prompts under the job's plan (the
+* **worker**: `ModelWorker.process` of `images` images x `tasks` prompts under the job's plan (the
   planner's mode, or a forced one), with stop tokens off so that every request makes `new_tokens`
   tokens (as `scripts/bench_gpu.py` does).
 * **generate** (optional): plain `model.generate` of a batch, every weight resident.
 
-Phases are the project's own functions: `Worker._place` (placement), `CogVLM.encode_images` (vision
-encode), `engine.prefill_prefixes` (prefix prefill), `DecodeEngine.__init__` (slot cache),
-`DecodeEngine._prefill` (prompt prefill), `DecodeEngine._step` (decode). When the package is
+Phases are the project's own functions: `ModelWorker._place` (placement), `CogVLM.encode_images`
+(vision encode), `decoding.prefill_prefixes` (prefix prefill), `ContinuousDecoder.__init__` (slot
+cache), `ContinuousDecoder._prefill` (prompt prefill), `ContinuousDecoder._step` (decode). When the package is
 reorganised, this module is the one to re-point.
 """
 
@@ -38,8 +38,8 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes, is_traceable_wrapper_subclass
 
 import cogbatch.model.cogvlm as cogvlm_module
-import cogbatch.model.engine as engine_module
-import cogbatch.model.quantize as quantize_module
+import cogbatch.model.decoding as decoding_module
+import cogbatch.model.quant.loader as loader_module
 from cogbatch.dryrun.config import DryRunError, TraceConfig
 from cogbatch.dryrun.memtrace import storage_key
 from cogbatch.dryrun.patches import AttrPatches
@@ -76,7 +76,7 @@ def _in_phase(session: FakeCudaSession, name: str, fn: Callable[..., Any]) -> Ca
 def write_checkpoint_dir(config: dict[str, Any], out: Path, dtype: str) -> Path:
     """A checkpoint directory without weights: config.json and a tokenizer (prompts need only lengths)."""
     from cogbatch.model.config import CogVLMConfig
-    from cogbatch.model.tiny import build_tokenizer
+    from cogbatch.testing.tokenizer import build_tokenizer
 
     config = {**config, "torch_dtype": _DTYPE_NAMES[dtype]}
     tokenizer, tokenizer_config, special = build_tokenizer(CogVLMConfig.from_dict(config))
@@ -124,7 +124,7 @@ class LoaderMemo:
         s.trace.replay(script)
         s.mode.counts.update(counts)
         try:
-            quantize_module._assign_quantized(module, _same_structure(weight.data, {}), kw["dtype"], kw["device"])
+            loader_module.assign_quantized(module, _same_structure(weight.data, {}), kw["dtype"], kw["device"])
         finally:
             s.trace.release_unadopted()
         self.replayed += 1
@@ -173,7 +173,7 @@ def _fake_checkpoint_io(cfg_dict: dict[str, Any], dtype: torch.dtype) -> list[tu
 
     # Skeletons live on `meta` with real nn.Parameters: under fake mode nn.Parameter(meta) is a FakeTensor,
     # which accelerate cannot rebuild (`type(param)(value)` needs a fake_mode argument).
-    build_skeleton = quantize_module.build_skeleton
+    build_skeleton = loader_module.build_skeleton
     init_empty_weights = accelerate.init_empty_weights
 
     def build_skeleton_outside(*args: Any, **kwargs: Any) -> Any:
@@ -208,13 +208,14 @@ def _fake_checkpoint_io(cfg_dict: dict[str, Any], dtype: torch.dtype) -> list[tu
         (cogvlm_module, "weight_files", weight_files),
         (cogvlm_module, "scan_tensors", scan_tensors),
         (cogvlm_module, "stream_tensors", stream_tensors),
-        (quantize_module, "stream_lazy_tensors", stream_lazy_tensors),
-        (quantize_module, "build_skeleton", build_skeleton_outside),
+        (loader_module, "stream_lazy_tensors", stream_lazy_tensors),
+        (loader_module, "build_skeleton", build_skeleton_outside),
     ]
 
 
 def _job(cfg: TraceConfig, ckpt: Path, work: Path) -> Any:
-    from cogbatch.config import ConfigError, load_job
+    from cogbatch.job import load_job
+    from cogbatch.model.errors import ConfigError
 
     (work / "images").mkdir(parents=True, exist_ok=True)
     (work / "pipeline.yaml").write_text("{}\n")  # not a pipeline.yaml of the current directory
@@ -231,9 +232,9 @@ def _job(cfg: TraceConfig, ckpt: Path, work: Path) -> Any:
 
 
 def _trace_worker_class(session: FakeCudaSession) -> type:
-    from cogbatch.worker import Worker
+    from cogbatch.worker.worker import ModelWorker
 
-    class TraceWorker(Worker):
+    class TraceWorker(ModelWorker):
         """The pipeline's worker; every request makes exactly max_new_tokens (no stop token, no loop stop)."""
 
         def _generation_config(self, task: Any, attempt: int) -> Any:
@@ -248,17 +249,17 @@ def _trace_worker_class(session: FakeCudaSession) -> type:
 
 def _force_mode(worker: Any, mode: str) -> list[str]:
     """Replace the planner's choice by `mode`: its own plan for that mode, or the same batches if none fits."""
-    from cogbatch.planner import _plan_mode
+    from cogbatch.planning.batches import plan_mode
 
     if mode == "auto" or worker.plan.mode == mode:
         return []
     mm, plan = worker.memory, worker.plan
-    forced = _plan_mode(mm, worker.ceiling, worker.max_text, worker.max_new, worker.slot_limit, None, mode)
+    forced = plan_mode(mm, worker.ceiling, worker.max_text, worker.max_new, worker.slot_limit, None, mode)
     if forced is not None:
         worker.plan = forced
         return [f"mode {mode} forced (the planner chose {plan.mode})"]
     both = mode == "resident"
-    peak = max(mm.engine_peak(plan.slots, plan.max_text, plan.max_new, both), mm.encode_peak(plan.encode_batch, both))
+    peak = max(mm.decode_peak(plan.slots, plan.max_text, plan.max_new, both), mm.encode_peak(plan.encode_batch, both))
     worker.plan = replace(plan, mode=mode, peak_bytes=peak)
     return [f"mode {mode} forced with the {plan.mode} plan's batches, for which the planner predicts "
             f"{peak / 2**30:.2f} GiB (by the planner not even one request fits the {worker.ceiling / 2**30:.2f} GiB "
@@ -269,7 +270,7 @@ def _planned(worker: Any, plan: Any, max_text: int) -> dict[str, int]:
     """The planner's predicted peak per phase for `plan` (margin included, as `plan.peak_bytes`)."""
     mm = worker.memory
     resident = plan.mode == "resident"
-    engine = mm.engine_peak(plan.slots, max_text, plan.max_new, resident)
+    engine = mm.decode_peak(plan.slots, max_text, plan.max_new, resident)
     both = mm.weights(True, True)
     return {
         "placement": both if resident else max(mm.weights(True, False), mm.weights(False, True)),
@@ -282,12 +283,13 @@ def _planned(worker: Any, plan: Any, max_text: int) -> dict[str, int]:
 
 
 def _run_worker(session: FakeCudaSession, cfg: TraceConfig, jcfg: Any, model: Any, out: dict[str, Any]) -> None:
-    from cogbatch.manifest import ImageEntry, Request
-    from cogbatch.planner import job_plan
-    from cogbatch.worker import LoadedImage
+    from cogbatch.inputs.entries import ImageEntry
+    from cogbatch.inputs.pending import Request
+    from cogbatch.planning.report import plan_report
+    from cogbatch.worker.loading import LoadedImage
 
     with session.outside():
-        out["plan_from_config"] = job_plan(jcfg)
+        out["plan_from_config"] = plan_report(jcfg).to_dict()
     worker = _trace_worker_class(session)(jcfg, "dryrun", model=model)
     out["notes"] += _force_mode(worker, cfg.mode)
     plan = worker.plan
@@ -325,7 +327,7 @@ def _run_worker(session: FakeCudaSession, cfg: TraceConfig, jcfg: Any, model: An
 
 
 def _run_generate(session: FakeCudaSession, cfg: TraceConfig, model: Any, out: dict[str, Any]) -> None:
-    from cogbatch.model.generate import GenerationConfig
+    from cogbatch.model.settings import GenerationConfig
 
     size = model.config.vision.image_size
     samples = [model.build_inputs(None, cfg.prompt, torch.empty(3, size, size), "chat") for _ in range(cfg.batch)]
@@ -358,9 +360,9 @@ def trace(cfg: TraceConfig) -> TraceReport:
         work = Path(tmp)
         ckpt = write_checkpoint_dir(cfg_dict, work / "checkpoint", cfg.dtype)
         jcfg = _job(cfg, ckpt, work)
-        quant_arg = jcfg.quantization.to_model_arg()
-        memo = LoaderMemo(session, quantize_module._stream_quantized_weight, cfg.trace_every_layer)
-        patches = [*_fake_checkpoint_io(cfg_dict, torch.bfloat16), (quantize_module, "_stream_quantized_weight", memo)]
+        quant_arg = jcfg.quantization.effective()
+        memo = LoaderMemo(session, loader_module._stream_quantized_weight, cfg.trace_every_layer)
+        patches = [*_fake_checkpoint_io(cfg_dict, torch.bfloat16), (loader_module, "_stream_quantized_weight", memo)]
         with session, AttrPatches(patches), AttrPatches(_phase_hooks(session)):
             t0 = time.perf_counter()
             session.oracle.enabled = False  # the loader reads no values: no shadows to keep
@@ -390,9 +392,9 @@ def _phase_hooks(session: FakeCudaSession) -> list[tuple[Any, str, Any]]:
     """The project functions whose calls are the phases of the report."""
     from cogbatch.model.cogvlm import CogVLM
 
-    engine = engine_module.DecodeEngine
+    engine = decoding_module.ContinuousDecoder
     return [
-        (engine_module, "prefill_prefixes", _in_phase(session, "prefix_prefill", engine_module.prefill_prefixes)),
+        (decoding_module, "prefill_prefixes", _in_phase(session, "prefix_prefill", decoding_module.prefill_prefixes)),
         (engine, "__init__", _in_phase(session, "slot_cache", engine.__init__)),
         (engine, "_prefill", _in_phase(session, "prompt_prefill", engine._prefill)),
         (engine, "_step", _in_phase(session, "decode", engine._step)),
@@ -402,7 +404,7 @@ def _phase_hooks(session: FakeCudaSession) -> list[tuple[Any, str, Any]]:
 
 def _kernels_by_component(model: Any) -> dict[str, dict[str, int]]:
     """Weight class of the quantized Linears per component (vision, language, lm_head): the kernel each runs."""
-    from cogbatch.model.quant_plan import component_of
+    from cogbatch.model.quant.plan import component_of
 
     out: dict[str, Counter[str]] = {}
     for name, m in model.named_modules():
@@ -413,7 +415,8 @@ def _kernels_by_component(model: Any) -> dict[str, dict[str, int]]:
 
 
 def _load_figures(session: FakeCudaSession, model: Any, memo: LoaderMemo, quant_arg: Any, dtype: Any) -> dict:
-    from cogbatch.model.quant_plan import QuantConfig, predict_weight_bytes
+    from cogbatch.model.quant.plan import predict_weight_bytes
+    from cogbatch.model.quant.spec import QuantConfig
 
     planned = predict_weight_bytes(model.config, QuantConfig.parse(quant_arg), dtype)["device"]
     report = model.load_report
@@ -433,6 +436,6 @@ def _load_figures(session: FakeCudaSession, model: Any, memo: LoaderMemo, quant_
 
 def _guard_build_dir() -> Path:
     """Where the fallback guard extension is built, if ever: under the cogbatch cache directory."""
-    from cogbatch.model.quant_cache import default_cache_dir
+    from cogbatch.model.quant.cache import default_cache_dir
 
     return default_cache_dir() / "dryrun-guard"

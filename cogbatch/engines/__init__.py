@@ -1,14 +1,7 @@
-"""Engines that schedule a job's pending work: the local runner (`cogbatch.runner.run`) and Ray Data.
+"""Engines that schedule a job's pending work: the local engine (`local.run_local`) and Ray Data (`ray.run_ray`).
 
-Every engine computes pending work with `cogbatch.runner.plan_run`, hands chunks of decoded images to
-`cogbatch.worker.Worker.process` and writes rows with `cogbatch.store.PartWriter`; only scheduling
-differs. Importing this package is cheap: an engine imports its framework only when it runs.
+Every engine goes through the same run prologue (`prologue.run_engine`: checks, the output's lock, the
+pending work, the summary), hands chunks of decoded images to `cogbatch.worker.worker.ModelWorker.process`
+and writes rows with `cogbatch.store.PartWriter`; only scheduling differs. Importing this package is
+cheap: an engine imports its framework only when it runs.
 """
-
-from __future__ import annotations
-
-ENGINES = ("local", "ray")
-
-
-class EngineError(Exception):
-    """The engine cannot run as asked (missing extra, impossible --workers): a user's problem, exit 2."""

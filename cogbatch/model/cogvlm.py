@@ -1,5 +1,9 @@
 """`CogVLM`: the whole model (both generations) and the small API the pipeline and tests use.
 
+Adapted from THUDM's `modeling_cogvlm.py` (cogvlm-chat-hf, cogvlm2-llama3-chat-19B): `CogVLMModel` is the
+reference's module of that name (embeddings, decoder, vision tower: `model.*` in the checkpoint) and
+`CogVLM` its `CogVLMForCausalLM` (plus `lm_head`), without the remote code's generation machinery.
+
     model = CogVLM.from_pretrained("THUDM/cogvlm2-llama3-chat-19B", dtype=torch.bfloat16, device="cuda")
     sample = model.build_inputs(None, "Describe this image.", image=pil_image, template="chat")
     out = model.generate(model.collate([sample]), GenerationConfig(max_new_tokens=128))
@@ -23,14 +27,25 @@ import torch
 from torch import nn
 
 from cogbatch.model.config import CogVLMConfig, checkpoint_tensor_shapes
-from cogbatch.model.generate import GenerationConfig, GenerationOutput, generate
-from cogbatch.model.language import CogVLMModel, padding_invariant_position_ids
+from cogbatch.model.errors import CheckpointError
+from cogbatch.model.generate import GenerationOutput, generate
+from cogbatch.model.kvcache import KVCache
+from cogbatch.model.language import (
+    VISION,
+    DecoderLayer,
+    PassInputs,
+    RMSNorm,
+    attention_bias,
+    padding_invariant_position_ids,
+    vision_expert_mask,
+)
 from cogbatch.model.preprocess import preprocess_image
 from cogbatch.model.prompts import BatchInputs, PromptInputs, build_inputs, collate
-from cogbatch.model.quant_plan import describe_int4_kernel
+from cogbatch.model.quant.plan import describe_int4_kernel
+from cogbatch.model.settings import DTYPE_NAMES, GenerationConfig, torch_dtype
+from cogbatch.model.vision import VisionTower
 from cogbatch.model.weights import (
     DERIVED_SUFFIXES,
-    CheckpointError,
     check_tensors,
     has_tokenizer,
     load_tokenizer,
@@ -42,8 +57,6 @@ from cogbatch.model.weights import (
 
 log = logging.getLogger("cogbatch.model")
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
 # cogvlm-chat-hf ships no tokenizer: the official demo loads vicuna's.
 _DEFAULT_TOKENIZER = {"cogvlm1": "lmsys/vicuna-7b-v1.5"}
 
@@ -61,9 +74,9 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
             return _auto_cuda_dtype(device)
         return torch.float32
     try:
-        return _DTYPES[dtype]
+        return torch_dtype(dtype)
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; expected auto, {', '.join(_DTYPES)}") from None
+        raise ValueError(f"unknown dtype {dtype!r}; expected auto, {', '.join(DTYPE_NAMES)}") from None
 
 
 def _auto_cuda_dtype(device: torch.device) -> torch.dtype:
@@ -82,14 +95,69 @@ def _auto_cuda_dtype(device: torch.device) -> torch.dtype:
 _logged_choices: set[tuple[str, int, int]] = set()
 
 
+class CogVLMModel(nn.Module):
+    """Embeddings, decoder layers, final norm and the vision tower (`model.*` in the checkpoint)."""
+
+    def __init__(self, cfg: CogVLMConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.vision = VisionTower(cfg)
+
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, image_features: torch.Tensor | None):
+        """Token embeddings with image features written into the image slots, row-major over the batch."""
+        x = self.embed_tokens(input_ids)  # (B, L, D)
+        slots = token_type_ids == VISION
+        n_slots = int(slots.sum())
+        if image_features is None:
+            if n_slots:
+                raise ValueError(f"input has {n_slots} image positions but no images were given")
+            return x
+        feats = image_features.reshape(-1, x.shape[-1]).to(x.dtype)  # (n_img * n_vis, D)
+        if feats.shape[0] != n_slots:
+            raise ValueError(f"{feats.shape[0]} image feature rows for {n_slots} image positions")
+        x[slots] = feats
+        return x
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        attn_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Decoder over (B, L, D) embeddings; `attention_mask` covers cached + new tokens (B, T).
+
+        `attn_bias` replaces the mask built from `attention_mask` (slot caches build their own).
+        The caller advances the cache afterwards: only it knows how many of the L tokens are real.
+        """
+        L = inputs_embeds.shape[1]
+        vision_mask = vision_expert_mask(token_type_ids) if L > 1 else None
+        if vision_mask is not None and not bool(vision_mask.any()):
+            vision_mask = None
+        if attn_bias is None:
+            past = cache.length if cache is not None else 0
+            attn_bias = attention_bias(attention_mask, L, past, inputs_embeds.dtype)
+        pass_in = PassInputs(vision_mask, position_ids, attn_bias, cache)
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, pass_in)
+        return self.norm(x)
+
+
 class CogVLM(nn.Module):
+    """The whole model: `CogVLMModel` and the `lm_head`, loaded from an official checkpoint."""
+
     def __init__(self, config: CogVLMConfig) -> None:
         super().__init__()
         self.config = config
         self.model = CogVLMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tokenizer: Any = None
-        self.load_report: Any = None  # set by from_pretrained (cogbatch.model.load_report.LoadReport)
+        self.load_report: Any = None  # set by from_pretrained (cogbatch.model.quant.report.LoadReport)
 
     @property
     def device(self) -> torch.device:
@@ -98,6 +166,15 @@ class CogVLM(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
+
+    @property
+    def vision_tower(self) -> VisionTower:
+        """The vision phase's part of the model (`model.vision.*`)."""
+        return self.model.vision
+
+    def language_parts(self) -> list[nn.Module]:
+        """What the language phase runs: `lm_head`, the token embeddings, the decoder layers, the final norm."""
+        return [self.lm_head, *(m for name, m in self.model.named_children() if name != "vision")]
 
     @classmethod
     def from_pretrained(
@@ -111,24 +188,26 @@ class CogVLM(nn.Module):
         cache_dir: str | Path | bool | None = None,
         dequant_threshold: Any = None,
     ) -> CogVLM:
-        """Load an official checkpoint (local directory or hub id) with our implementation.
+        """Load an official checkpoint (local directory, hub id or `tiny-random:<arch>`) with our implementation.
 
+        `tiny-random:cogvlm2` (or `:cogvlm`) names a small random model, built once under the cache
+        directory (`model.sources`; for smoke runs: its text is meaningless).
         `tokenizer` names a tokenizer to use when the checkpoint has none (cogvlm-chat-hf).
         `quantization`: None/"none", "int4" (group 128), "int4-g32"/"-g64"/"-g128", "int8", or a
-        dict / `QuantConfig` with per-module rules (see `cogbatch.model.quant_plan`). Quantized loads
+        dict / `QuantConfig` with per-module rules (see `cogbatch.model.quant.spec`). Quantized loads
         stream the checkpoint layer by layer and use the quantized-weights cache under `cache_dir`
         (default `$COGBATCH_CACHE_DIR`, else `~/.cache/cogbatch`; False disables it).
         `dequant_threshold`: rows above which a quantized layer uses a transient dense weight
         (None = the device's default, `math.inf` = never, or a dict per device type).
         The load report is `model.load_report`.
         """
-        from cogbatch.model.load_report import LoadTracker, build_report
-        from cogbatch.model.quant_plan import QuantConfig
+        from cogbatch.model.quant.report import LoadTracker, build_report
+        from cogbatch.model.quant.spec import QuantConfig
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = resolve_dtype(dtype, device)
         quant = QuantConfig.parse(quantization)
-        ckpt = resolve_checkpoint(path_or_id)
+        ckpt = resolve_checkpoint(path_or_id, cache_dir=Path(cache_dir) if isinstance(cache_dir, str | Path) else None)
         cfg = CogVLMConfig.from_json(ckpt)
         files = weight_files(ckpt)
         found = scan_tensors(files)
@@ -141,7 +220,7 @@ class CogVLM(nn.Module):
         if quant is None:
             import accelerate  # noqa: F401
         else:
-            from cogbatch.model.quantize import load_quantized
+            from cogbatch.model.quant.loader import load_quantized
 
         cache: dict[str, Any] = {}
         with LoadTracker(device) as tracker:
@@ -215,15 +294,29 @@ class CogVLM(nn.Module):
         attention_mask: torch.Tensor,
         images: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        *,
+        image_features: torch.Tensor | None = None,
+        last: int | None = None,
     ) -> torch.Tensor:
-        """Full-sequence logits (B, L, V) in float32 for a left- or un-padded batch, without a cache."""
+        """Full-sequence logits (B, L, V) in float32 for a left- or un-padded batch, without a cache.
+
+        `image_features` (from `encode_images`) stand in for `images` when the vision tower ran
+        elsewhere (phase swapping). `last` keeps only the last `last` positions (B, last, V): scoring a
+        continuation needs those, not V logits for each of CogVLM2's 2,306 image positions.
+        """
+        if last is not None and last < 1:
+            raise ValueError(f"last must be at least 1, got {last}")
         dev = self.device
         input_ids, token_type_ids, attention_mask = input_ids.to(dev), token_type_ids.to(dev), attention_mask.to(dev)
-        feats = self.encode_images(images) if images is not None else None
+        feats = image_features
+        if feats is None and images is not None:
+            feats = self.encode_images(images)
         if position_ids is None:
             position_ids = padding_invariant_position_ids(token_type_ids, attention_mask)
         embeds = self.model.embed(input_ids, token_type_ids, feats)
         hidden = self.model(embeds, token_type_ids, position_ids.to(dev), attention_mask)
+        if last is not None:
+            hidden = hidden[:, -last:]
         return self.lm_head(hidden).float()
 
     def generate(

@@ -1,5 +1,8 @@
 """Model configuration for both CogVLM generations, read from the checkpoint's own `config.json`.
 
+Adapted from THUDM's `configuration_cogvlm.py` (cogvlm-chat-hf, cogvlm2-llama3-chat-19B), whose keys
+it reads; the constants the reference's `modeling_cogvlm.py` hard-codes are named here.
+
 The official checkpoints ship a `config.json` for remote code we never execute, so this module
 reads the same keys into a plain dataclass. The generation is recognised from the keys themselves:
 only CogVLM2 has `num_multi_query_heads` (grouped-query attention), and with it come the Llama-3
@@ -13,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cogbatch.model.errors import ConfigError
+
 Generation = Literal["cogvlm1", "cogvlm2"]
 
 # Rotary bases are not stored in the official configs: the reference code hard-codes them.
@@ -20,10 +25,6 @@ _DEFAULT_ROPE_THETA = {"cogvlm1": 10_000.0, "cogvlm2": 500_000.0}
 # CogVLM2's reference hard-codes `<|reserved_special_token_0|>` as pad and image placeholder.
 COGVLM2_PLACEHOLDER_ID = 128_002
 _ARCHITECTURE = "CogVLMForCausalLM"
-
-
-class ConfigError(ValueError):
-    """A checkpoint config that cannot describe a CogVLM model."""
 
 
 @dataclass

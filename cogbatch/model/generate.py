@@ -1,5 +1,8 @@
 """Batched generation: one prefill over the whole left-padded prompt, then token-by-token decode.
 
+Follows the greedy / sampling semantics of transformers' `generate()` that THUDM's `modeling_cogvlm.py`
+(cogvlm-chat-hf, cogvlm2-llama3-chat-19B) relies on, without its remote code.
+
 Decoding is deterministic per request: greedy picks the argmax, sampling draws from a generator
 seeded per sequence (not per batch), so a request gives the same text alone or in any batch.
 Sequences that finish are dropped from the batch (and from the KV cache) so they stop costing work.
@@ -13,39 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cogbatch.model.language import KVCache, padding_invariant_position_ids
+from cogbatch.model.kvcache import KVCache
+from cogbatch.model.language import padding_invariant_position_ids
 from cogbatch.model.prompts import BatchInputs
+from cogbatch.model.settings import GenerationConfig
 
 if TYPE_CHECKING:
     from cogbatch.model.cogvlm import CogVLM
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = no top-k filtering
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the output
-    seed: int = 0
-    stop_token_ids: tuple[int, ...] | None = None  # None: the model's eos ids; (): never stop early
-    no_repeat_ngram_size: int = 0  # > 0: never repeat an n-gram of the prompt text or the output
-    stop_on_repetition: bool = False  # stop a sequence whose tail loops (finish reason "repetition")
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be a positive integer")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0 (use do_sample=False for greedy decoding)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
-        if self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be > 0")
-        if self.no_repeat_ngram_size < 0:
-            raise ValueError("no_repeat_ngram_size must be >= 0")
 
 
 @dataclass

@@ -1,19 +1,23 @@
-"""The language model with visual experts: a Llama decoder whose every layer has two sets of weights.
+"""The decoder layers with visual experts: a Llama decoder whose every layer has two sets of weights.
 
-Image tokens (token type 1) go through the vision expert's QKV / dense / MLP, text tokens through
-the language expert's; both attend to each other in one causal attention. Names follow the
-official checkpoints (`model.layers.{i}.self_attn.vision_expert_query_key_value`, ...).
+Adapted from THUDM's `modeling_cogvlm.py` (cogvlm-chat-hf and cogvlm2-llama3-chat-19B): image tokens
+(token type 1) go through the vision expert's QKV / dense / MLP, text tokens through the language
+expert's; both attend to each other in one causal attention. Names follow the official checkpoints
+(`model.layers.{i}.self_attn.vision_expert_query_key_value`, ...); the whole model is `cogvlm.CogVLM`.
 
 Shapes: B batch, L new tokens, T cached + new tokens, H query heads, Hkv key/value heads, hd head dim.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cogbatch.model.config import CogVLMConfig
+from cogbatch.model.kvcache import KVCache
 
 LANGUAGE, VISION = 0, 1
 
@@ -105,103 +109,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x * cos + rotate_half(x) * sin).to(x.dtype)
 
 
-class KVCache:
-    """Preallocated keys and values of every layer: (B, Hkv, T_max, hd), un-expanded for GQA."""
+@dataclass
+class PassInputs:
+    """What every decoder layer of one forward pass reads besides its hidden states (built once per pass)."""
 
-    def __init__(self, cfg: CogVLMConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.length = 0  # tokens stored; the layers of one forward all write at [length, length + L)
-
-    @property
-    def max_len(self) -> int:
-        return self.k[0].shape[2]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} tokens; {end} needed")
-        self.k[layer][:, :, self.length : end] = k
-        self.v[layer][:, :, self.length : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.length += n
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Drop finished sequences so that they stop costing memory bandwidth in decode."""
-        self.k = [k.index_select(0, rows) for k in self.k]
-        self.v = [v.index_select(0, rows) for v in self.v]
-
-
-class SlotKVCache:
-    """Per-sequence ("slot") caches of different lengths, for continuous batching.
-
-    Each slot holds one sequence contiguously (its image prefix, its prompt, its output) with its
-    own length, so a finished sequence's slot can take a new request while the others decode. A
-    forward pass works on the contiguous slots `[start, start + B)` set by `select`; new keys and
-    values are written at each slot's own length. Lengths grow only through `advance`, by each
-    row's real (unpadded) token count.
-    """
-
-    def __init__(self, cfg: CogVLMConfig, slots: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
-        shape = (slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        # Zeros, not `empty`: a shorter slot's attention spans keys past its own length (masked by
-        # an additive -inf bias), and a weight of exactly 0 times uninitialised NaN/Inf is still NaN.
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
-        self.start, self.stop = 0, slots
-
-    @property
-    def max_len(self) -> int:
-        return self.k[0].shape[2]
-
-    def select(self, start: int, stop: int) -> None:
-        self.start, self.stop = start, stop
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        B, _, L, _ = k.shape
-        lengths = self.lengths[self.start : self.stop]
-        pos = lengths.unsqueeze(1) + torch.arange(L, device=k.device)  # (B, L) cache index per new token
-        end = int(pos.max()) + 1
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} tokens per sequence; {end} needed")
-        rows = torch.arange(B, device=k.device).unsqueeze(1)  # (B, 1)
-        kc, vc = self.k[layer][self.start : self.stop], self.v[layer][self.start : self.stop]
-        kc[rows, :, pos] = k.transpose(1, 2)  # (B, L, Hkv, hd) scattered into (B, Hkv, T, hd)
-        vc[rows, :, pos] = v.transpose(1, 2)
-        return kc[:, :, :end], vc[:, :, :end]
-
-    def bias(self, query_len: int, dtype: torch.dtype) -> torch.Tensor:
-        """(B, 1, L, T) additive mask: query i of a slot sees that slot's keys up to its own position."""
-        lengths = self.lengths[self.start : self.stop]
-        T = int(lengths.max()) + query_len
-        q_pos = lengths.unsqueeze(1) + torch.arange(query_len, device=lengths.device)  # (B, L)
-        k_pos = torch.arange(T, device=lengths.device)
-        allowed = k_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)  # (B, L, T)
-        bias = torch.zeros(allowed.shape, dtype=dtype, device=lengths.device)
-        return bias.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
-
-    def advance(self, n: torch.Tensor | int) -> None:
-        self.lengths[self.start : self.stop] += n
-
-    def move(self, src: int, dst: int) -> None:
-        """Copy slot `src` into slot `dst` (to keep the active slots contiguous)."""
-        n = int(self.lengths[src])
-        for kv in (self.k, self.v):
-            for t in kv:
-                t[dst, :, :n] = t[src, :, :n]
-        self.lengths[dst] = self.lengths[src]
-
-    def load_prefix(self, slot: int, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
-        """Start slot `slot` with a precomputed prefix: per layer (Hkv, P, hd)."""
-        P = k[0].shape[1]
-        for layer in range(len(self.k)):
-            self.k[layer][slot, :, :P] = k[layer]
-            self.v[layer][slot, :, :P] = v[layer]
-        self.lengths[slot] = P
+    vision_mask: torch.Tensor | None  # (B, L) tokens routed to the vision expert; None: all language
+    position_ids: torch.Tensor  # (B, L) rotary positions
+    attn_bias: torch.Tensor | None  # (B, 1, L, T) additive mask; None: SDPA's plain causal path
+    cache: KVCache | None  # where each layer stores and reads its keys and values
 
 
 def _route(x: torch.Tensor, vision_mask: torch.Tensor | None, vision: nn.Module, language: nn.Module) -> torch.Tensor:
@@ -237,8 +152,9 @@ class VisionExpertMLP(nn.Module):
 
 
 class VisionExpertAttention(nn.Module):
-    def __init__(self, cfg: CogVLMConfig) -> None:
+    def __init__(self, cfg: CogVLMConfig, layer_idx: int = 0) -> None:
         super().__init__()
+        self.layer_idx = layer_idx  # which of the cache's layers this one's keys and values are
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
@@ -251,26 +167,19 @@ class VisionExpertAttention(nn.Module):
         self.language_expert_dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        vision_mask: torch.Tensor | None,
-        position_ids: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        cache: KVCache | SlotKVCache | None,
-        layer_idx: int,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pass_in: PassInputs) -> torch.Tensor:
         B, L, _ = x.shape
         H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        vision_mask, attn_mask = pass_in.vision_mask, pass_in.attn_bias
         qkv = _route(x, vision_mask, self.vision_expert_query_key_value, self.language_expert_query_key_value)
         q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
         q = q.view(B, L, H, hd).transpose(1, 2)  # (B, H, L, hd)
         k = k.view(B, L, Hkv, hd).transpose(1, 2)  # (B, Hkv, L, hd)
         v = v.view(B, L, Hkv, hd).transpose(1, 2)  # (B, Hkv, L, hd)
-        cos, sin = self.rotary_emb(position_ids)
+        cos, sin = self.rotary_emb(pass_in.position_ids)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer_idx, k, v)  # (B, Hkv, T, hd)
+        if pass_in.cache is not None:
+            k, v = pass_in.cache.update(self.layer_idx, k, v)  # (B, Hkv, T, hd)
         # GQA: query head h reads kv head h // (H / Hkv); SDPA does it without copying the cache.
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and L > 1, enable_gqa=Hkv != H
@@ -280,24 +189,16 @@ class VisionExpertAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: CogVLMConfig) -> None:
+    def __init__(self, cfg: CogVLMConfig, layer_idx: int = 0) -> None:
         super().__init__()
-        self.self_attn = VisionExpertAttention(cfg)
+        self.self_attn = VisionExpertAttention(cfg, layer_idx)
         self.mlp = VisionExpertMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        vision_mask: torch.Tensor | None,
-        position_ids: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        cache: KVCache | SlotKVCache | None,
-        layer_idx: int,
-    ) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), vision_mask, position_ids, attn_mask, cache, layer_idx)
-        return h + self.mlp(self.post_attention_layernorm(h), vision_mask)
+    def forward(self, x: torch.Tensor, pass_in: PassInputs) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), pass_in)
+        return h + self.mlp(self.post_attention_layernorm(h), pass_in.vision_mask)
 
 
 def attention_bias(
@@ -321,57 +222,3 @@ def attention_bias(
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
     bias.masked_fill_(~allowed, torch.finfo(dtype).min)
     return bias.unsqueeze(1)
-
-
-class CogVLMModel(nn.Module):
-    """Embeddings, decoder layers, final norm and the vision tower (`model.*` in the checkpoint)."""
-
-    def __init__(self, cfg: CogVLMConfig) -> None:
-        super().__init__()
-        from cogbatch.model.vision import VisionTower
-
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.vision = VisionTower(cfg)
-
-    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, image_features: torch.Tensor | None):
-        """Token embeddings with image features written into the image slots, row-major over the batch."""
-        x = self.embed_tokens(input_ids)  # (B, L, D)
-        slots = token_type_ids == VISION
-        n_slots = int(slots.sum())
-        if image_features is None:
-            if n_slots:
-                raise ValueError(f"input has {n_slots} image positions but no images were given")
-            return x
-        feats = image_features.reshape(-1, x.shape[-1]).to(x.dtype)  # (n_img * n_vis, D)
-        if feats.shape[0] != n_slots:
-            raise ValueError(f"{feats.shape[0]} image feature rows for {n_slots} image positions")
-        x[slots] = feats
-        return x
-
-    def forward(
-        self,
-        inputs_embeds: torch.Tensor,
-        token_type_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        cache: KVCache | SlotKVCache | None = None,
-        attn_bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Decoder over (B, L, D) embeddings; `attention_mask` covers cached + new tokens (B, T).
-
-        `attn_bias` replaces the mask built from `attention_mask` (slot caches build their own).
-        The caller advances the cache afterwards: only it knows how many of the L tokens are real.
-        """
-        L = inputs_embeds.shape[1]
-        vision_mask = vision_expert_mask(token_type_ids) if L > 1 else None
-        if vision_mask is not None and not bool(vision_mask.any()):
-            vision_mask = None
-        if attn_bias is None:
-            past = cache.length if cache is not None else 0
-            attn_bias = attention_bias(attention_mask, L, past, inputs_embeds.dtype)
-        x = inputs_embeds
-        for i, layer in enumerate(self.layers):
-            x = layer(x, vision_mask, position_ids, attn_bias, cache, i)
-        return self.norm(x)

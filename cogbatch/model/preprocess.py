@@ -1,5 +1,7 @@
 """The reference image transform: squash-resize to S x S with PIL bicubic, scale to [0, 1], CLIP mean/std.
 
+Adapted from the transform in THUDM's `modeling_cogvlm.py` (`build_conversation_input_ids`, both generations).
+
 Identical, bit for bit, to the official `Resize((S, S), BICUBIC) -> ToTensor -> Normalize` on a
 PIL image, without torchvision. Like the official demos it converts to RGB first, which *drops* an
 alpha channel; the pipeline's safe decoder composites alpha on white before calling this.

@@ -1,5 +1,8 @@
 """Prompt templates and the input layout of the reference `build_conversation_input_ids`.
 
+Adapted from THUDM's `modeling_cogvlm.py` (cogvlm-chat-hf: `_history_to_prompt` and its templates;
+cogvlm2-llama3-chat-19B: the same layout with Llama-3 tokens).
+
 Layout of one sample: `[bos] + [placeholder] * n_vis (only with an image) + tokens(prompt)`, with
 token types `0, 1 * n_vis, 0 ...`. The image always comes right after bos, before the whole text.
 Batches are left-padded so that every sample's next token is predicted from its own last token.

@@ -1,5 +1,7 @@
 """EVA2-CLIP-E vision tower and the GLU adapter that maps its output into the language model.
 
+Adapted from THUDM's `visual.py` (cogvlm-chat-hf and cogvlm2-llama3-chat-19B; CogVLM2 adds the 2x2 conv).
+
 Module and parameter names follow the official checkpoints (`model.vision.*`) so that weights load
 by name. Attention uses `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU,
 the math kernel on CPU) instead of the reference's xformers call: same formula, no extra dependency.

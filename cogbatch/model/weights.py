@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from cogbatch.model.errors import CheckpointError
+
 # Files worth fetching from the hub: configs, weights, tokenizer. Never `*.py`, never `*.bin`.
 HUB_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "*.tiktoken")
 # For a tokenizer-only repo (vicuna for cogvlm-chat-hf): never its multi-GB weights.
@@ -24,15 +26,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 DERIVED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used, with a message meant for the user."""
-
-
-def resolve_checkpoint(path_or_id: str | Path, patterns: tuple[str, ...] = HUB_PATTERNS) -> Path:
+def resolve_checkpoint(
+    path_or_id: str | Path, patterns: tuple[str, ...] = HUB_PATTERNS, cache_dir: Path | None = None
+) -> Path:
     """A local checkpoint directory, downloading a hub id once if it is not cached yet.
 
-    `HF_HUB_OFFLINE=1` is honoured by huggingface_hub: an uncached hub id is then an error.
+    A name with a registered scheme (`tiny-random:cogvlm2`, `model.sources`) is made by its resolver,
+    under `cache_dir` when given. `HF_HUB_OFFLINE=1` is honoured by huggingface_hub: an uncached hub id
+    is then an error.
     """
+    from cogbatch.model.sources import resolve_scheme
+
+    made = resolve_scheme(str(path_or_id), cache_dir)
+    if made is not None:
+        return made
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path

@@ -1,11 +1,11 @@
-"""The notebook API: `cogbatch.run_job(path_or_config, **overrides)` returns the run summary."""
+"""The notebook API: `cogbatch.run_job(path_or_config, **overrides)` returns the run summary (a RunSummary)."""
 
 from __future__ import annotations
 
 import pytest
 
 import cogbatch
-from cogbatch.config import load_job
+from cogbatch.job import load_job
 from cogbatch.store import read_results
 from tests.e2e.conftest import make_images
 
@@ -13,16 +13,16 @@ from tests.e2e.conftest import make_images
 def test_run_job_in_process(tmp_path, job_factory):
     make_images(tmp_path / "images", 3)
     summary = cogbatch.run_job(job_factory(), batch_size=2, quiet=True)
-    assert summary["exit_code"] == 0 and summary["done"] == 6
+    assert summary.exit_code == 0 and summary.done == 6
     assert read_results(tmp_path / "out").num_rows == 6
-    assert cogbatch.run_job(job_factory(), quiet=True)["model_loaded"] is False
+    assert cogbatch.run_job(job_factory(), quiet=True).model_loaded is False
 
 
 def test_overrides_apply_to_a_loaded_config_too(tmp_path, job_factory):
     make_images(tmp_path / "images", 3)
     cfg = load_job(job_factory())
     summary = cogbatch.run_job(cfg, output=str(tmp_path / "o2"), limit=1, quiet=True)
-    assert summary["done"] == 2 and summary["output"] == str(tmp_path / "o2")  # one image, both tasks
+    assert summary.done == 2 and summary.output == str(tmp_path / "o2")  # one image, both tasks
     assert read_results(tmp_path / "o2").num_rows == 2
     assert not (tmp_path / "out").exists()
 

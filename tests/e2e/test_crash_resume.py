@@ -55,8 +55,8 @@ def test_kill_nine_anywhere_then_resume(tmp_path, job_factory):
 
     out = tmp_path / "out"
     crashes = [
-        ("during the first part write, before its rename", {"COGBATCH_CRASH_AT": "part-temp-written"}, None),
-        ("right after a part's rename", {"COGBATCH_CRASH_AT": "part-renamed"}, None),
+        ("during the first part write, before its rename", {"COGBATCH_FAULT": "part-temp-written"}, None),
+        ("right after a part's rename", {"COGBATCH_FAULT": "part-renamed"}, None),
         ("while starting up / loading the model", None, 0),
         ("after the next part", None, 1),
         ("half way", None, 12),

@@ -10,7 +10,8 @@ from tests.e2e.conftest import cogbatch_cmd, make_images, summary_of
 def test_quantize_ahead_then_run_from_the_cache(tmp_path, tiny_cogvlm1, job_factory):
     cache = tmp_path / "qcache"
     res = cogbatch_cmd(
-        "quantize", str(tiny_cogvlm1), "--out", str(cache), "-q", "int8", "--rule", "lm_head=none", "--json"
+        "quantize", str(tiny_cogvlm1), "--out", str(cache), "--quantization", "int8", "--rule", "lm_head=none",
+        "--json",
     )
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
@@ -50,7 +51,7 @@ def test_mistakes_stop_before_quantizing(tmp_path, tiny_cogvlm1, monkeypatch):
     cases = {
         ("--device", "cuda"): "--device cuda: torch sees no CUDA device here",
         ("--device", "tpu"): "--device: must be cpu, cuda or cuda:N",
-        ("-q", "none"): "none has nothing to cache",
+        ("--quantization", "none"): "none has nothing to cache",
         ("--out", str(tmp_path / "afile" / "cache")): "cannot create it (Not a directory)",
     }
     for args, message in cases.items():

@@ -226,9 +226,9 @@ def _nodes(*cpus: int, gpus: int = 0) -> list[dict[str, float]]:
 
 
 def test_actor_plan_keeps_a_cpu_free_and_gives_one_gpu_per_actor(tmp_path, job_factory):
-    from cogbatch.config import load_job
-    from cogbatch.engines import EngineError
     from cogbatch.engines.ray import plan_actors
+    from cogbatch.errors import EngineError
+    from cogbatch.job import load_job
 
     make_images(tmp_path / "images", 1)
     cpu_job = load_job(job_factory())  # device: cpu
@@ -249,9 +249,9 @@ def test_actor_plan_keeps_a_cpu_free_and_gives_one_gpu_per_actor(tmp_path, job_f
 
 def test_a_cpu_actor_is_never_larger_than_the_largest_node(tmp_path, job_factory):
     """4 nodes x 4 CPUs and 2 actors: 15 // 2 = 7 CPUs each would wait forever for a 7-CPU node."""
-    from cogbatch.config import load_job
-    from cogbatch.engines import EngineError
     from cogbatch.engines.ray import plan_actors
+    from cogbatch.errors import EngineError
+    from cogbatch.job import load_job
 
     make_images(tmp_path / "images", 1)
     cpu_job = load_job(job_factory())
@@ -264,12 +264,12 @@ def test_a_cpu_actor_is_never_larger_than_the_largest_node(tmp_path, job_factory
 
 def test_the_jobs_workers_key_sets_the_actors_and_the_flag_wins(tmp_path, job_factory, monkeypatch):
     import cogbatch.engines.ray as engine
-    from cogbatch.config import load_job
+    from cogbatch.job import load_job
 
     make_images(tmp_path / "images", 1)
     seen = []
-    monkeypatch.setattr(engine, "_check_ray_installed", lambda: None)
-    monkeypatch.setattr(engine, "_run_ray_locked", lambda cfg, opts, workers, holder: seen.append(workers) or {})
+    monkeypatch.setattr(engine, "run_engine", lambda cfg, opts, execute, preflight: execute(None))
+    monkeypatch.setattr(engine, "_execute", lambda run, workers: seen.append(workers))
     cfg = load_job(job_factory(workers=3))
     engine.run_ray(cfg)
     engine.run_ray(cfg, workers=1)
@@ -277,9 +277,8 @@ def test_the_jobs_workers_key_sets_the_actors_and_the_flag_wins(tmp_path, job_fa
 
 
 def test_a_failed_ray_job_is_one_line_and_a_wrapped_user_error_keeps_its_exit_code():
-    from cogbatch.engines.ray import RayRunFailed, _failure
-    from cogbatch.exits import EXIT_CONFIG, exit_code_for
-    from cogbatch.planner import DoesNotFit
+    from cogbatch.engines.ray import _failure
+    from cogbatch.errors import EXIT_CONFIG, DoesNotFit, RayRunFailed, exit_code_for
 
     died = _failure(RuntimeError("The actor died unexpectedly before finishing this task.\n\tclass_name: MapWorker"))
     assert isinstance(died, RayRunFailed) and "\n" not in str(died)
@@ -290,13 +289,13 @@ def test_a_failed_ray_job_is_one_line_and_a_wrapped_user_error_keeps_its_exit_co
 
 
 def test_input_blocks_group_tasks_by_image_and_spread_small_manifests(tmp_path, job_factory):
-    from cogbatch.config import load_job
+    from cogbatch.engines.prologue import RunOptions, prepare_run
     from cogbatch.engines.ray import input_blocks
-    from cogbatch.runner import RunOptions, plan_run
+    from cogbatch.job import load_job
 
     make_images(tmp_path / "images", 30)
-    plan = plan_run(load_job(job_factory()), RunOptions())
-    blocks = input_blocks(plan.todo, batch=8)
+    work = prepare_run(load_job(job_factory()), RunOptions())
+    blocks = input_blocks(work.todo, batch=8)
     assert [b.num_rows for b in blocks] == [8, 8, 8, 6]  # one actor batch per block: 4 blocks for 2+ actors
     first = blocks[0].to_pylist()[0]
     assert first["tasks"] == ["caption", "colors"] and first["prompts"][1].startswith("What colors are in img_")
@@ -304,8 +303,8 @@ def test_input_blocks_group_tasks_by_image_and_spread_small_manifests(tmp_path, 
 
 
 def test_an_actor_batch_is_about_flush_rows_rows_but_every_actor_gets_work(tmp_path, job_factory):
-    from cogbatch.config import load_job
     from cogbatch.engines.ray import images_per_batch
+    from cogbatch.job import load_job
 
     make_images(tmp_path / "images", 1)
     cfg = load_job(job_factory(flush_rows=256))  # two tasks: 128 images make 256 rows
@@ -317,17 +316,20 @@ def test_an_actor_batch_is_about_flush_rows_rows_but_every_actor_gets_work(tmp_p
 def test_the_actors_stats_merge_into_one_workers_summary():
     """Counters add up, ratios are recomputed from the summed counters, plan settings are the common value."""
     from cogbatch.engines.ray import merge_worker_stats
+    from cogbatch.results import WorkerCounters
 
-    counters = {"requests": 7, "batches": 3, "decode_rows": 30, "decode_steps": 8, "prefill_padding": 5,
-                "prefill_tokens": 40, "model_compute_s": 1.23456, "generated_tokens": 21}  # fmt: skip
-    actor = {"requests": 4, "batches": 2, "mean_batch_size": 9.0, "padding_fraction": 0.5, "model_compute_s": 0.7,
-             "execution_mode": "resident", "planned_batch": 8}  # fmt: skip
-    other = {**actor, "requests": 3, "batches": 1, "planned_batch": 4}
-    third = {**actor, "execution_mode": "swap"}
+    counters = WorkerCounters()
+    for added in ({"requests": 4, "batches": 2, "decode_rows": 20, "decode_steps": 5, "prefill_padding": 5,
+                   "prefill_tokens": 30, "model_compute_s": 0.7, "generated_tokens": 12},
+                  {"requests": 3, "batches": 1, "decode_rows": 10, "decode_steps": 3, "prefill_tokens": 10,
+                   "model_compute_s": 0.53456, "generated_tokens": 9}):  # fmt: skip
+        counters.add(added)  # what two actors reported, batch by batch
+    actor = {"mode": "resident", "slots": 8}
+    other, third = {**actor, "slots": 4}, {**actor, "mode": "swap"}
     merged = merge_worker_stats(counters, [actor, other, third])
-    assert merged == {"requests": 7, "batches": 3, "mean_batch_size": 3.75, "padding_fraction": 0.125,
-                      "model_compute_s": 1.235, "execution_mode": "resident", "planned_batch": 8}  # fmt: skip
-    assert list(merged) == list(actor)  # the local engine's key order
+    assert (merged.requests, merged.batches, merged.mean_batch_size, merged.padding_fraction) == (7, 3, 3.75, 0.125)
+    assert (merged.model_compute_s, merged.execution_mode, merged.planned_batch) == (1.235, "resident", 8)
+    assert counters.generated_tokens == 21
 
 
 def test_the_trace_check_catches_what_plain_ray_does(tmp_path):
@@ -466,9 +468,9 @@ def test_failures_in_the_actors_become_error_rows_never_duplicates_or_a_hang(tmp
     crash = tmp_path / "crashed-once"
     env = {
         **ray_env,
-        "COGBATCH_RAY_CRASH_ONCE": str(crash),  # the first actor to write a part dies right after
-        "COGBATCH_RAY_CRASH_ON": "img_004.png",
-    }  # an actor given this image dies before generating, always
+        # the first actor to write a part dies right after; a batch holding img_004.png kills its actor each time
+        "COGBATCH_FAULT": f"ray-part-written!{crash},ray-batch@img_004.png",
+    }
     cmd = _cogbatch("run", str(job), "--engine", "ray", "--input", str(images), "--output", str(tmp_path / "out"),
                     "--json", "--quiet")  # fmt: skip
     code, stdout, stderr = _finish(_start(_isolated(cmd), env))

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 
 import cogbatch
 from cogbatch.cli import cli
-from cogbatch.config import ConfigError
+from cogbatch.errors import ConfigError
 from cogbatch.history import read_history
-from cogbatch.manifest import HashCache
+from cogbatch.inputs.hashes import HashCache
 from cogbatch.model.weights import CheckpointError
 from cogbatch.store import RESULT_SCHEMA, read_results
 from tests.e2e.conftest import cogbatch_cmd, make_images, summary_of
@@ -143,7 +143,7 @@ def test_a_wrong_model_writes_no_row_so_the_right_one_can_run_next(tmp_path, job
     assert read_results(tmp_path / "out").num_rows == 0
 
     right = cogbatch.run_job(job_factory(input={"manifest": str(manifest)}), quiet=True)
-    assert right["exit_code"] == 0 and right["done"] == 4 and right["failed"] == 2
+    assert right.exit_code == 0 and right.done == 4 and right.failed == 2
 
 
 def test_error_rows_stay_until_retried_then_the_retry_is_the_current_row(tmp_path, job_factory):
@@ -194,16 +194,16 @@ def test_a_signal_while_hashing_the_input_stops_with_nothing_done(tmp_path, job_
 
     monkeypatch.setattr(HashCache, "image_id", hash_then_terminate)
     summary = cogbatch.run_job(job, quiet=True)
-    assert summary["exit_code"] == 143 and summary["interrupted"] and summary["done"] == 0
-    assert "nothing was done" in summary["message"]
+    assert summary.exit_code == 143 and summary.interrupted and summary.done == 0
+    assert "nothing was done" in summary.message
     assert read_results(tmp_path / "out").num_rows == 0
     assert len(HashCache(tmp_path / "out").entries) == 1  # hashed before the signal: kept
     monkeypatch.setattr(HashCache, "image_id", real)
-    assert cogbatch.run_job(job, quiet=True)["done"] == 8
+    assert cogbatch.run_job(job, quiet=True).done == 8
 
 
 def test_a_signal_before_the_run_starts_exits_143(tmp_path, job_factory, monkeypatch):
-    import cogbatch.config
+    import cogbatch.api
 
     make_images(tmp_path / "images", 1)
 
@@ -211,33 +211,33 @@ def test_a_signal_before_the_run_starts_exits_143(tmp_path, job_factory, monkeyp
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("the signal should have stopped the command")
 
-    monkeypatch.setattr(cogbatch.config, "load_job", terminated_while_loading)
+    monkeypatch.setattr(cogbatch.api, "load_job", terminated_while_loading)
     res = CliRunner().invoke(cli, ["run", str(job_factory()), "--quiet"])
     assert res.exit_code == 143 and "interrupted" in res.stderr
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the caller's handler is back
 
 
 def test_a_second_ctrl_c_stops_at_once_with_130_and_the_output_resumes(tmp_path, job_factory, monkeypatch):
-    from cogbatch.runner import _Progress
+    from cogbatch.engines.progress import Progress
 
     make_images(tmp_path / "images", 9)
     job = job_factory(batch_size=1)  # one decode slot: chunks of a few images, so several chunks
-    real = _Progress.update
+    real = Progress.update
 
     def ctrl_c_twice_after_the_first_chunk(self, *args, **kwargs):
         real(self, *args, **kwargs)
         os.kill(os.getpid(), signal.SIGINT)  # finish the batch in flight...
         os.kill(os.getpid(), signal.SIGINT)  # ...no: stop at once
 
-    monkeypatch.setattr(_Progress, "update", ctrl_c_twice_after_the_first_chunk)
+    monkeypatch.setattr(Progress, "update", ctrl_c_twice_after_the_first_chunk)
     res = CliRunner().invoke(cli, ["run", str(job), "--quiet"])
     assert res.exit_code == 130 and "stopped at once" in res.stderr and "Aborted" not in res.output
     kept = read_results(tmp_path / "out").num_rows
     assert 0 < kept < 18  # the first chunk's rows were flushed, the rest not done
     assert read_history(tmp_path / "out")[-1]["exit_code"] == 130
 
-    monkeypatch.setattr(_Progress, "update", real)
-    assert cogbatch.run_job(job, quiet=True)["done"] == 18 - kept
+    monkeypatch.setattr(Progress, "update", real)
+    assert cogbatch.run_job(job, quiet=True).done == 18 - kept
     rows = read_results(tmp_path / "out").to_pylist()
     assert len({(r["image_id"], r["task"]) for r in rows}) == len(rows) == 18
 
@@ -251,8 +251,8 @@ def test_jobs_demo_yaml_runs_on_its_own_from_the_repository(tmp_path):
 
 
 def test_demo_job_and_jobs_demo_yaml_ask_the_same(tmp_path, monkeypatch):
-    from cogbatch.config import load_job
     from cogbatch.demo import demo_job
+    from cogbatch.job import load_job
 
     monkeypatch.chdir(Path(__file__).resolve().parents[2])
     yaml_job = load_job("jobs/demo.yaml", {"output": str(tmp_path / "out")}, pipeline=None)
@@ -264,9 +264,9 @@ def test_an_input_without_images_says_so_rather_than_already_done(tmp_path, job_
     make_images(tmp_path / "images", 1)
     summary = cogbatch.run_job(job_factory(input={"folder": str(tmp_path / "images"), "extensions": ["jpeg"]}),
                                quiet=True)  # fmt: skip
-    assert summary["exit_code"] == 0 and not summary["model_loaded"]
-    assert summary["message"] == f"nothing to do: no images in or under {tmp_path / 'images'} (extensions: .jpeg)"
+    assert summary.exit_code == 0 and not summary.model_loaded
+    assert summary.message == f"nothing to do: no images in or under {tmp_path / 'images'} (extensions: .jpeg)"
     manifest = tmp_path / "empty.parquet"
     pq.write_table(pa.table({"path": pa.array([], pa.string())}), manifest)
     summary = cogbatch.run_job(job_factory(input={"manifest": str(manifest)}), quiet=True)
-    assert summary["message"] == f"nothing to do: the manifest {manifest} has no rows"
+    assert summary.message == f"nothing to do: the manifest {manifest} has no rows"

@@ -8,7 +8,7 @@ import sys
 from PIL import Image
 
 from cogbatch.model.cogvlm import CogVLM
-from cogbatch.model.generate import GenerationConfig
+from cogbatch.model.settings import GenerationConfig
 from tests.golden import REPO
 
 

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from cogbatch.model.cogvlm import CogVLM
-from cogbatch.model.generate import GenerationConfig
 from cogbatch.model.prompts import BatchInputs
+from cogbatch.model.settings import GenerationConfig
 
 pytestmark = pytest.mark.gpu
 

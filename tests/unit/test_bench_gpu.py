@@ -23,28 +23,6 @@ def bench_gpu():
     return import_script("bench_gpu")
 
 
-def test_written_safetensors_read_back_exactly(bench_gpu, tmp_path):
-    from safetensors import safe_open
-
-    g = torch.Generator().manual_seed(0)
-    tensors = {
-        "a.weight": torch.randn(5, 3, generator=g).to(torch.bfloat16),
-        "b.bias": torch.randn(7, generator=g).to(torch.float16),
-        "c.boi": torch.randn(1, 1, 4, generator=g),
-        "d.empty": torch.zeros(0, 4, dtype=torch.bfloat16),
-    }
-    path = tmp_path / "x.safetensors"
-    bench_gpu.write_safetensors(path, tensors)
-    with safe_open(path, framework="pt") as f:
-        assert f.metadata() == {"format": "pt"}
-        assert sorted(f.keys()) == sorted(tensors)
-        for name, t in tensors.items():
-            back = f.get_tensor(name)
-            assert back.dtype == t.dtype and back.shape == t.shape
-            assert torch.equal(back.view(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
-    assert not list(tmp_path.glob("*.tmp"))
-
-
 def test_random_checkpoint_loads_through_the_model_loader(bench_gpu, tmp_path):
     from safetensors import safe_open
 

@@ -19,8 +19,8 @@ import yaml
 from click.testing import CliRunner
 
 from cogbatch.cli import cli
-from cogbatch.config import load_job
 from cogbatch.export import DestinationError, ExportError, export_rows, export_txt, latest_by_path
+from cogbatch.job import load_job
 from cogbatch.store import PartWriter, make_row, read_results
 
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
@@ -528,11 +528,18 @@ def test_a_failed_csv_write_is_not_masked_by_its_cleanup(folder_job, tmp_path, m
     dest = tmp_path / "dest"
     dest.mkdir()
 
-    def read_only(path, *args, **kwargs):
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+    real_open, real_unlink = open, Path.unlink
 
-    monkeypatch.setattr("cogbatch.export.open", read_only, raising=False)
-    monkeypatch.setattr(Path, "unlink", read_only)
+    def read_only(real):
+        def refuse(path, *args, **kwargs):
+            if Path(path).is_relative_to(dest):  # the output (and its hash cache) stays writable
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            return real(path, *args, **kwargs)
+
+        return refuse
+
+    monkeypatch.setattr("cogbatch.fsio.open", read_only(real_open), raising=False)
+    monkeypatch.setattr(Path, "unlink", read_only(real_unlink))
     with pytest.raises(DestinationError, match=rf"cannot write {dest / 'out.csv'}: Read-only file system"):
         export_rows(cfg, "csv", dest=dest)
     report = export_txt(cfg, "caption", dest)  # txt reports each file it could not write, and goes on

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 from click.testing import CliRunner
 
 from cogbatch.cli import cli
-from cogbatch.config import QuantSettings
 from cogbatch.history import (
     HISTORY_NAME,
     append_record,
@@ -22,11 +21,13 @@ from cogbatch.history import (
     read_history,
     run_record,
 )
+from cogbatch.model.quant.spec import QuantConfig
+from cogbatch.results import RunSummary
 from cogbatch.store import PartWriter, make_row
 
 
 def _cfg(output):
-    return SimpleNamespace(output=output, model="m", quantization=QuantSettings(default="none"), path=None)
+    return SimpleNamespace(output=output, model="m", quantization=QuantConfig(default="none"), path=None)
 
 
 def test_append_and_read_back(tmp_path):
@@ -102,7 +103,7 @@ def test_concurrent_appenders_never_interleave(tmp_path):
 
 
 def test_record_of_a_finished_run(tmp_path):
-    summary = {"run_id": "r1", "exit_code": 0, "done": 4, "failed": 1, "skipped": 2, "pending": 5, "images": 3}
+    summary = RunSummary("r1", str(tmp_path), "m", "none", images=3, skipped=2, pending=5, done=4, failed=1)
     rec = run_record(_cfg(tmp_path), 1_700_000_000.0, summary, None)
     assert rec["run_id"] == "r1" and rec["exit_code"] == 0 and rec["outcome"] == "ok"
     assert rec["done"] == 4 and rec["failed"] == 1 and rec["skipped"] == 2
@@ -130,22 +131,16 @@ def test_record_of_an_aborted_run_counts_its_parts(tmp_path):
 def test_a_second_signal_is_recorded_with_the_exit_code_the_cli_exits_with(tmp_path):
     import signal
 
-    from cogbatch.exits import Interrupted
+    from cogbatch.errors import Interrupted
 
     assert run_record(_cfg(tmp_path), 0.0, None, Interrupted(signal.SIGTERM), {})["exit_code"] == 143
     assert run_record(_cfg(tmp_path), 0.0, None, Interrupted(signal.SIGINT), {})["exit_code"] == 130
 
 
 def test_user_errors_are_recorded_as_exit_2_like_the_cli(tmp_path):
-    from cogbatch.config import ConfigError
-    from cogbatch.engines import EngineError
-    from cogbatch.model.config import ConfigError as ModelConfigError
-    from cogbatch.model.weights import CheckpointError
-    from cogbatch.planner import DoesNotFit
-    from cogbatch.runner import SettingsChanged
+    from cogbatch.errors import CheckpointError, ConfigError, DoesNotFit, EngineError, SettingsChanged
 
-    for error in (SettingsChanged("x"), DoesNotFit("x"), EngineError("x"), CheckpointError("x"),
-                  ModelConfigError("x"), ConfigError("x")):  # fmt: skip
+    for error in (SettingsChanged("x"), DoesNotFit("x"), EngineError("x"), CheckpointError("x"), ConfigError("x")):
         assert run_record(_cfg(tmp_path), 0.0, None, error, {})["exit_code"] == 2, error
     assert run_record(_cfg(tmp_path), 0.0, None, ValueError("a bug"), {})["exit_code"] == 1
 

@@ -460,7 +460,7 @@ def test_list_and_remove_together_leave_the_entry_alone(job, crontab):
 def test_cli_bad_job_fails_before_touching_the_crontab(tmp_path, crontab, monkeypatch):
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model: x\ninput: {folder: nowhere}\noutput: out\ntasks: [{name: c, prompt: p}]\n")
+    bad.write_text("model: test/x\ninput: {folder: nowhere}\noutput: out\ntasks: [{name: c, prompt: p}]\n")
     res = CliRunner().invoke(cli, ["schedule", str(bad), "--cron", "@daily", "--install"])
     assert res.exit_code == 2 and "input.folder" in res.output
     assert not crontab.exists()

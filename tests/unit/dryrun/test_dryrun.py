@@ -119,13 +119,13 @@ def test_generate_and_expandable_segments_and_no_patch_left_behind():
     import torch.nn.functional as F
     from torch._subclasses.fake_tensor import FakeTensor
 
-    import cogbatch.model.engine as engine
-    import cogbatch.model.quantize as quantize
+    import cogbatch.model.decoding as decoding
+    import cogbatch.model.quant.loader as loader
     from cogbatch.dryrun.patches import QUANTO_TYPE_CHECKED
     from cogbatch.model.cogvlm import CogVLM
 
     def patchable():
-        return (F.scaled_dot_product_attention, engine.DecodeEngine._step, quantize._stream_quantized_weight,
+        return (F.scaled_dot_product_attention, decoding.ContinuousDecoder._step, loader._stream_quantized_weight,
                 FakeTensor.tolist, torch.cuda.memory_allocated)  # fmt: skip
 
     before = patchable()
@@ -156,7 +156,7 @@ def test_old_cuda_packing_api_fails(monkeypatch):
 
 def test_tinygemm_outside_sm80_fails(monkeypatch):
     """If the loader picked TinyGemm on sm75 (a wrong capability test), the CUDA kernel check refuses it."""
-    import cogbatch.model.quant_pack as qp
+    import cogbatch.model.quant.pack as qp
 
     monkeypatch.setattr(qp, "_tinygemm_target", lambda w: w.qtype.bits == 4 and w._group_size == 128)
     with pytest.raises(KernelCheckError, match="sm80"):

@@ -28,7 +28,7 @@ def test_small_run_writes_the_report(tmp_path, capsys):
     ("args", "message"),
     [
         (["--capability", "sm86"], "capability must look like 8.6"),
-        (["--vram", "lots"], "--vram: must be a size"),
+        (["--vram", "lots"], "--vram: cannot read a size"),
         (["--batch", "0"], "batch must be a positive integer"),
         (["--json", "/nonexistent/dir/out.json"], "no directory"),
     ],

@@ -1,0 +1,109 @@
+"""Where the model's parts are: phase swapping between the vision tower and the language model, device memory.
+
+In swap mode only the part of the model in use stays on the device: the vision tower while the chunk's
+images are encoded, the language model while they are decoded. The model names its own parts
+(`vision_tower`, `language_parts`); modules the loader left in host memory on purpose (the token
+embeddings with `embeddings_on_cpu`) never move.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+log = logging.getLogger("cogbatch")
+
+
+class PhasePlacement:
+    """Moves the model's parts for each phase; `place` returns the seconds the move took."""
+
+    def __init__(self, model: Any, device: Any) -> None:
+        self.device = device
+        self.vision = model.vision_tower
+        self.host_modules = {id(m) for m in model.modules() if _on_host(m, device)}
+        self.language = model.language_parts()
+        self.current = "resident"
+
+    def place(self, phase: str, mode: str) -> float:
+        """`phase` is "vision" or "language"; outside swap `mode` every part stays (or comes back) on the device."""
+        import torch
+
+        want = phase if mode == "swap" else "resident"
+        if self.device.type == "cpu" or want == self.current:
+            return 0.0
+        language = [m for m in self.language if id(m) not in self.host_modules]
+        off = {"vision": language, "language": [self.vision], "resident": []}[want]
+        on = {"vision": [self.vision], "language": language, "resident": [self.vision, *language]}[want]
+        # Packed quantized weights are copied as they are: `Module.to` would repack them (seconds per layer).
+        from cogbatch.model.quant.linear import move_module
+
+        t0 = time.perf_counter()
+        for m in off:
+            move_module(m, "cpu")
+        for m in on:
+            move_module(m, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.current = want
+        return time.perf_counter() - t0
+
+
+def _on_host(module: Any, device: Any) -> bool:
+    """A module whose own parameters the loader left on the CPU while the model runs on a GPU."""
+    params = list(module.parameters(recurse=False))
+    return device.type != "cpu" and bool(params) and all(p.device.type == "cpu" for p in params)
+
+
+class DeviceMeter:
+    """Wall time of one phase, and with `peak` its device memory; on CUDA it synchronises at the phase's ends only.
+
+    Measuring the peak resets CUDA's peak statistics at the phase start (the load's own peak, or
+    the other phase's, must not count), so the worker measures only until it has calibrated.
+    """
+
+    def __init__(self, device: Any, peak: bool) -> None:
+        import torch
+
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.peak = peak and self.cuda
+        if self.cuda:
+            torch.cuda.synchronize(device)
+        if self.peak:
+            self.base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        self.t = time.perf_counter()
+
+    def stop(self) -> tuple[float, int | None]:
+        """(seconds, device bytes allocated beyond what the phase started with, or None)."""
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - self.t
+        return seconds, torch.cuda.max_memory_allocated(self.device) - self.base if self.peak else None
+
+
+def usable_ceiling(ceiling: int, device: Any) -> int:
+    """The ceiling the planner may use on `device`: `vram_ceiling`, or what the GPU can still give if less.
+
+    `vram_ceiling` is 11 GiB by default whatever the card; on an 8 GiB card, or one another process
+    shares, a plan for 11 GiB would run out of memory batch after batch. Called with the weights
+    loaded: what this process holds (torch's reserved memory) plus what is free is the most it can reach.
+    """
+    import torch
+
+    if device.type != "cuda":
+        return ceiling
+    free, total = torch.cuda.mem_get_info(device)
+    reachable = free + torch.cuda.memory_reserved(device)
+    if ceiling <= reachable:
+        return ceiling
+    gib = 2**30
+    log.warning(
+        "vram_ceiling %.2f GiB is more than this process can use on %s (%.2f GiB: %.2f free + %.2f held by "
+        "cogbatch, of %.2f GiB); planning for %.2f GiB",
+        ceiling / gib, device, reachable / gib, free / gib, (reachable - free) / gib, total / gib, reachable / gib,
+    )  # fmt: skip
+    return reachable

@@ -1,0 +1,19 @@
+"""docs/quantization-quality.md shows the newest docs/bench/compare JSON, as bench_compare prints it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.scripts import import_script
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_docs_tables_are_the_committed_measurements():
+    latest = sorted((REPO / "docs" / "bench" / "compare").glob("cpu-*.json"))[-1]
+    tables = import_script("bench_compare").markdown(json.loads(latest.read_text()))
+    doc = (REPO / "docs" / "quantization-quality.md").read_text()
+    missing = [line for line in tables.splitlines() if line and line not in doc.splitlines()]
+    assert not missing, f"docs/quantization-quality.md is not {latest.name}: {missing[:3]}"
+    assert latest.relative_to(REPO).as_posix() in doc
