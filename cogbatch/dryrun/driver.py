@@ -2,10 +2,11 @@
 
 What runs is the project's code, unmodified, on fake `cuda` tensors (`session.FakeCudaSession`):
 
-* **load**: `CogVLM.from_pretrained(..., device="cuda", quantization=...)` through the quantizing
-  loader. Only reading the checkpoint is replaced: `weight_files`, `scan_tensors` and
-  `stream_lazy_tensors` hand out fake tensors of the checkpoint's shapes, from the real config.json
-  and a tokenizer built by `cogbatch.testing.tokenizer.build_tokenizer` (no weights on disk).
+* **load**: the worker's `load_model` (`CogVLM.from_pretrained` on `cuda`, the vision tower parked in
+  host memory when the run swaps phases) through the quantizing loader. Only reading the checkpoint
+  is replaced: `weight_files`, `scan_tensors` and `stream_lazy_tensors` hand out fake tensors of the
+  checkpoint's shapes, from the real config.json and a tokenizer built by
+  `cogbatch.testing.tokenizer.build_tokenizer` (no weights on disk).
   `_stream_quantized_weight` runs in full for the first Linear of each (shape, rule); for the others
   its allocations are replayed into the allocator and a weight of the same classes, shapes and
   strides is assigned (`LoaderMemo`); `trace_every_layer` traces them all.
@@ -48,6 +49,8 @@ from cogbatch.dryrun.session import FakeCudaSession
 
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _FAKE_SHARD = "model-fake.safetensors"  # named in the fake index, never opened
+# A forced mode loads as a run in that mode would; auto lets the worker's loader predict it.
+_PARK = {"swap": True, "resident": False, "auto": None}
 
 
 class _FakeLazyTensor:
@@ -341,7 +344,7 @@ def _run_generate(session: FakeCudaSession, cfg: TraceConfig, model: Any, out: d
 
 def trace(cfg: TraceConfig) -> TraceReport:
     """Run the configured dry run and return its report (see `report.TraceReport`)."""
-    from cogbatch.model.cogvlm import CogVLM
+    from cogbatch.worker.placement import load_model
 
     t_start = time.perf_counter()
     cfg_dict = cfg.config_dict()
@@ -367,10 +370,7 @@ def trace(cfg: TraceConfig) -> TraceReport:
             t0 = time.perf_counter()
             session.oracle.enabled = False  # the loader reads no values: no shadows to keep
             with session.trace.phase("load"):
-                model = CogVLM.from_pretrained(
-                    ckpt, dtype=dtype, device="cuda", quantization=quant_arg, cache_dir=False,
-                    dequant_threshold=jcfg.quantization.dequant_threshold,
-                )  # fmt: skip
+                model = load_model(jcfg, park_vision=_PARK.get(cfg.mode), use_cache=False)
             session.oracle.enabled = True
             memo.clear()
             gc.collect()
@@ -430,6 +430,7 @@ def _load_figures(session: FakeCudaSession, model: Any, memo: LoaderMemo, quant_
         "fallback_layers": report.fallback_layers,
         "traced_layers": memo.traced,
         "replayed_layers": memo.replayed,
+        "vision_parked": all(p.device.type == "cpu" for p in model.vision_tower.parameters()),
         "planned_device_bytes": planned,
     }
 

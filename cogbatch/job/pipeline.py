@@ -111,11 +111,12 @@ class ModelSource:
             return DTYPE_NAMES.get(self.dtype, "bfloat16")  # what `auto` picks on an Ampere or newer GPU
         return str(resolve_dtype(self.dtype, device)).removeprefix("torch.")
 
-    def load(self, use_cache: bool = True) -> Any:
+    def load(self, use_cache: bool = True, park_vision: bool = False) -> Any:
         """The `CogVLM`, loaded with these settings (quantized through the cache under `cache_dir`).
 
         `use_cache=False` quantizes without reading or writing the cache: a one-off load (`compare
-        --per-layer`) must not leave gigabytes of entries no run will read.
+        --per-layer`) must not leave gigabytes of entries no run will read. `park_vision`: see
+        `CogVLM.from_pretrained` (phase-swapped runs).
         """
         from cogbatch.model.cogvlm import CogVLM
 
@@ -127,4 +128,5 @@ class ModelSource:
             tokenizer=self.tokenizer,
             cache_dir=self.cache_dir if use_cache else False,
             dequant_threshold=None if self.quantization is None else self.quantization.dequant_threshold,
+            park_vision=park_vision,
         )

@@ -187,6 +187,7 @@ class CogVLM(nn.Module):
         tokenizer: str | Path | None = None,
         cache_dir: str | Path | bool | None = None,
         dequant_threshold: Any = None,
+        park_vision: bool = False,
     ) -> CogVLM:
         """Load an official checkpoint (local directory, hub id or `tiny-random:<arch>`) with our implementation.
 
@@ -199,12 +200,16 @@ class CogVLM(nn.Module):
         (default `$COGBATCH_CACHE_DIR`, else `~/.cache/cogbatch`; False disables it).
         `dequant_threshold`: rows above which a quantized layer uses a transient dense weight
         (None = the device's default, `math.inf` = never, or a dict per device type).
+        `park_vision`: the vision tower is made for `device` (a quantized weight packed for its kernel
+        there) but kept in host memory, so that a phase-swapped run never holds both parts, even while
+        loading; the run's first vision phase brings it over.
         The load report is `model.load_report`.
         """
         from cogbatch.model.quant.report import LoadTracker, build_report
         from cogbatch.model.quant.spec import QuantConfig
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        host_prefix = "model.vision." if park_vision and device.type != "cpu" else None
         dtype = resolve_dtype(dtype, device)
         quant = QuantConfig.parse(quantization)
         ckpt = resolve_checkpoint(path_or_id, cache_dir=Path(cache_dir) if isinstance(cache_dir, str | Path) else None)
@@ -225,11 +230,12 @@ class CogVLM(nn.Module):
         cache: dict[str, Any] = {}
         with LoadTracker(device) as tracker:
             if quant is None:
-                model = cls._load_unquantized(cfg, files, dtype, device, tracker)
+                model = cls._load_unquantized(cfg, files, dtype, device, tracker, host_prefix)
             else:
                 model, cache = load_quantized(
                     cls, cfg, ckpt, files, list(found), quant=quant, dtype=dtype, device=device,
                     cache_dir=cache_dir, dequant_threshold=dequant_threshold, tracker=tracker,
+                    host_prefix=host_prefix,
                 )  # fmt: skip
             model.eval().requires_grad_(False)
         model.load_report = build_report(model, tracker, checkpoint=ckpt, dtype=dtype, quant=quant, **cache)
@@ -239,7 +245,13 @@ class CogVLM(nn.Module):
 
     @classmethod
     def _load_unquantized(
-        cls, cfg: CogVLMConfig, files: list[Path], dtype: torch.dtype, device: torch.device, tracker: Any
+        cls,
+        cfg: CogVLMConfig,
+        files: list[Path],
+        dtype: torch.dtype,
+        device: torch.device,
+        tracker: Any,
+        host_prefix: str | None = None,
     ) -> CogVLM:
         """Assign every tensor, cast to `dtype`, into a model built on meta: never two full copies."""
         from accelerate import init_empty_weights
@@ -250,8 +262,16 @@ class CogVLM(nn.Module):
         with tracker.phase("read"):
             for name, tensor in stream_tensors(files, device):
                 if not name.endswith(DERIVED_SUFFIXES):
-                    set_module_tensor_to_device(model, name, device, value=tensor, dtype=dtype)
-            model.to(device)  # the rotary buffers
+                    host = host_prefix is not None and name.startswith(host_prefix)
+                    target = torch.device("cpu") if host else device
+                    set_module_tensor_to_device(model, name, target, value=tensor.to(target), dtype=dtype)
+            if host_prefix is None:
+                model.to(device)  # the rotary buffers
+            else:  # the buffers alone: `model.to` would bring the parked tower back
+                for m in model.modules():
+                    for key, buf in m._buffers.items():
+                        if buf is not None and buf.device != device:
+                            m._buffers[key] = buf.to(device)
         return model
 
     # -- inputs ---------------------------------------------------------------------------------

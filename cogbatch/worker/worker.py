@@ -18,7 +18,7 @@ from cogbatch.planning.batches import DEFAULT_MAX_TEXT, plan_batches
 from cogbatch.planning.memory import calibrate, memory_model_for
 from cogbatch.results import WorkerCounters, WorkerStats
 from cogbatch.worker.loading import LoadedImage
-from cogbatch.worker.placement import DeviceMeter, PhasePlacement, usable_ceiling
+from cogbatch.worker.placement import DeviceMeter, PhasePlacement, load_model, usable_ceiling
 from cogbatch.worker.rows import error_row, ok_row
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ class ModelWorker:
 
     def __init__(self, cfg: JobConfig, run_id: str, model: Any = None, on_result: Any = None) -> None:
         self.cfg, self.run_id = cfg, run_id
-        self.model = model if model is not None else cfg.source.load()
+        self.model = model if model is not None else load_model(cfg)
         # Called with (request, DecodeResult) for every finished text: the token ids a row does not keep
         # (`cogbatch compare` scores them).
         self.on_result = on_result

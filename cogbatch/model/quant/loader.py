@@ -63,6 +63,7 @@ from cogbatch.model.quant.cachefile import CACHE_WEIGHTS, CacheReader, CacheWrit
 from cogbatch.model.quant.linear import (
     DequantQLinear,
     kernel_counts,
+    move_module,
     resolve_dequant_threshold,
     set_dequant_threshold,
 )
@@ -118,6 +119,9 @@ class QuantizedLoad:
     dtype: torch.dtype
     device: torch.device
     tracker: LoadTracker
+    # Modules under this name prefix are made on `device` (their packing is the device's) and then kept in
+    # host memory, one at a time: phase swapping's part that does not run first never fills the device.
+    host_prefix: str | None = None
     plan: dict[str, LayerQuant] = field(init=False)
     layout: Layout = field(init=False)
 
@@ -156,8 +160,9 @@ def _quantize_from_checkpoint(load: QuantizedLoad, writer: CacheWriter | None) -
         if lp is not None and leaf == "weight":
             _stream_quantized_weight(model.get_submodule(module_name), module_name, src, lp,
                                      dtype=dtype, device=device, tracker=tracker, writer=writer)  # fmt: skip
+            _park(load, module_name, model.get_submodule(module_name))
         else:
-            target = placement(name, load.quant, device)
+            target = _target(load, name)
             with tracker.phase("read"):
                 tensor = _read_cast(src, dtype, target)
                 set_module_tensor_to_device(model, name, target, value=tensor, dtype=dtype)
@@ -170,6 +175,19 @@ def _quantize_from_checkpoint(load: QuantizedLoad, writer: CacheWriter | None) -
     materialize_buffers(model, device)
     check_no_meta(model)
     return model
+
+
+def _target(load: QuantizedLoad, name: str) -> torch.device:
+    """Where a tensor that is not a quantized weight goes: the host for `host_prefix` (no packing to keep)."""
+    if load.host_prefix is not None and name.startswith(load.host_prefix):
+        return torch.device("cpu")
+    return placement(name, load.quant, load.device)
+
+
+def _park(load: QuantizedLoad, module_name: str, module: nn.Module) -> None:
+    """Copy a quantized module under `host_prefix` to the host as soon as it is made, its packing unchanged."""
+    if load.host_prefix is not None and f"{module_name}.".startswith(load.host_prefix):
+        move_module(module, "cpu")
 
 
 def _owned(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -269,7 +287,7 @@ def _load_from_cache(load: QuantizedLoad, entry: Path, sidecar: dict[str, Any]) 
             module_name, _, leaf = name.rpartition(".")
             lp = plan.get(module_name)
             if lp is None or leaf != "weight":
-                target = placement(name, load.quant, device)
+                target = _target(load, name)
                 set_module_tensor_to_device(model, name, target, value=get(name, target), dtype=dtype)
                 continue
             module = model.get_submodule(module_name)
@@ -297,6 +315,7 @@ def _load_from_cache(load: QuantizedLoad, entry: Path, sidecar: dict[str, Any]) 
             assign_quantized(module, weight, dtype, device)
             module.input_scale = get(f"{module_name}.input_scale")
             module.output_scale = get(f"{module_name}.output_scale")
+            _park(load, module_name, module)
             release_host_memory(n * k // 2)
         reader.finish()  # every checksum verified before the model is used
     finally:
@@ -319,13 +338,15 @@ def load_quantized(
     cache_dir: str | Path | bool | None,
     dequant_threshold: Any,
     tracker: LoadTracker,
+    host_prefix: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build a quantized model from the cache if a valid entry exists, else by streaming the checkpoint.
 
     `names` are the checkpoint's tensors in stream order (they fix the cache file's layout).
+    `host_prefix`: modules made for `device` but kept in host memory (`QuantizedLoad.host_prefix`).
     Returns the model and the cache facts for the load report.
     """
-    load = QuantizedLoad(model_cls, cfg, ckpt, files, names, quant, dtype, device, tracker)
+    load = QuantizedLoad(model_cls, cfg, ckpt, files, names, quant, dtype, device, tracker, host_prefix)
     groups = {lp.group_size for lp in load.plan.values() if lp.qtype == "int4"}
     for g in sorted(groups, key=lambda x: x or 0):
         line, fallback = describe_int4_kernel(device, dtype, g)
@@ -367,6 +388,8 @@ def load_quantized(
                 model = from_cache()
             if model is None:
                 model = _build(load, target, cache)
+    if host_prefix is not None:  # the parked part's buffers, made on the device at the end of the load
+        move_module(model.get_submodule(host_prefix.rstrip(".")), "cpu")
     _place_work(model, load, dequant_threshold, cache)
     return model, cache
 

@@ -1,4 +1,4 @@
-"""CI runs the GPU path: the real loader, Worker.process and the decoder on fake CUDA tensors, small shapes.
+"""CI runs the GPU path: the real loader, ModelWorker.process and the decoder on fake CUDA tensors, small shapes.
 
 Both generations, sm86 bf16 and sm75 fp16, int4 and int8, phase-swapped and resident; each run
 asserts the rows, the kernel classes the loader must pick on that device, and where the weights
@@ -69,6 +69,9 @@ def test_gpu_path_runs(model, capability, dtype, quant, mode):
         assert (at_vision, at_language) == (vision, language)
     else:
         assert at_vision == at_language == vision + language
+    # A phase-swapped run loads with the vision tower parked in host memory: the load never holds both parts.
+    assert r["load"]["vision_parked"] == (mode == "swap")
+    assert r["load"]["weights_exact_bytes"] == (language if mode == "swap" else vision + language)
 
 
 def test_fp16_on_sm80_gets_awq():
