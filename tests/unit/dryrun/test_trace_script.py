@@ -7,6 +7,7 @@ import pytest
 from tests.scripts import import_script
 
 trace_gpu = import_script("trace_gpu")
+bench_gpu = import_script("bench_gpu")
 
 REQUIRED = ("peak_allocated_bytes", "peak_reserved_bytes", "planned_peak_bytes", "phases", "rows_ok", "kernels",
             "int4_ops", "sdpa", "oom_events", "timings")  # fmt: skip
@@ -22,6 +23,13 @@ def test_small_run_writes_the_report(tmp_path, capsys):
     assert report["rows_ok"] == 2 and report["phases"]["decode"]["calls"] == 1
     assert {"peak_allocated", "peak_reserved", "planned"} <= set(report["phases"]["vision_encode"])
     assert "decode" in capsys.readouterr().out  # the table
+    # bench_gpu.py runs the traced configuration for real (here on the CPU, tiny shapes) and prints both.
+    real = tmp_path / "real.json"
+    code = bench_gpu.main(["--traced", str(out), "--simulate", "--workdir", str(tmp_path / "w"), "--json", str(real)])
+    assert code == 0
+    figures = json.loads(real.read_text())
+    assert figures["worker"]["rows_ok"] == 2 and figures["worker"]["mode"] == report["plan"]["mode"]
+    assert "| worker |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
