@@ -205,7 +205,7 @@ def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     G = H // Hkv
     mask = mask.repeat(1, 1, G, 1) if L > 1 and mask.shape[2] > 1 else mask  # row g * L + l sees row l's keys
     out = F.scaled_dot_product_attention(q.reshape(B, Hkv, G * L, hd), k, v, attn_mask=mask)
-    return out.view(B, H, L, hd)
+    return out.reshape(B, H, L, hd)  # CUDA's fused kernels return (B, rows, heads, hd) memory: not always a view
 
 
 class DecoderLayer(nn.Module):
