@@ -63,6 +63,7 @@ def run_job(
     retry_errors: bool = False,
     fail_on_error: bool = False,
     quiet: bool = False,
+    verbose: bool = False,
     gallery: bool = False,
     pipeline: str | Path | None = None,
     **overrides: Any,
@@ -70,6 +71,8 @@ def run_job(
     """Run a job and return its summary (as `cogbatch run --json`); `exit_code` says how it ended.
 
     `overrides`: `input`, `output`, `limit`, `device`, `vram_ceiling`, `batch_size`, `workers`.
+    `quiet`: no progress or notes on stderr; `verbose`: also the model load's internals and Ray's own
+    logs (progress and notes are log records of `cogbatch`: a notebook shows them once logging is set up).
     `engine="ray"` runs on Ray (`pip install 'cogbatch[ray]'`). `gallery=True` (or the job key
     `gallery: true`) refreshes the job's gallery afterwards; `summary.gallery` says where it is.
 
@@ -80,7 +83,7 @@ def run_job(
     if engine not in ENGINES:
         raise TypeError(f"run_job() engine must be 'local' or 'ray', got {engine!r}")
     cfg = _job(config_or_path, overrides, pipeline, "run_job")
-    options = RunOptions(redo_changed, retry_errors, fail_on_error, quiet)
+    options = RunOptions(redo_changed, retry_errors, fail_on_error, quiet, verbose)
     if engine == "ray":
         from cogbatch.engines.ray import run_ray
 

@@ -124,7 +124,7 @@ class RunSummary:
         return out
 
     def describe(self) -> str:
-        """The human summary (stderr): counts and rates, memory, the model that was loaded."""
+        """The human summary (what `cogbatch run` prints on stdout): counts and rates, memory, the model, Ray."""
         if self.message:
             if self.interrupted:
                 return f"{self.message}; run the same command again."
@@ -141,6 +141,9 @@ class RunSummary:
         lines = [line, memory]
         if self.model_load:
             lines.append(self._describe_model(self.model_load))
+        if self.engine == "ray":
+            startup = f"start-up {self.ray_startup_s:.1f} s" if self.ray_startup_s is not None else "joined a cluster"
+            lines.append(f"ray: {self.workers or '?'} actor(s), {startup}")
         return "\n".join(lines)
 
     def _describe_model(self, load: dict[str, Any]) -> str:

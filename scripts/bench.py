@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One entry point for the CPU benchmarks behind the README's "Performance" claims (issue 7).
+"""One entry point for the CPU benchmarks behind docs/benchmarks.md (issue 7).
 
 Sub-benchmarks (pick with `--only layers,load,pipeline,loader`):
 
@@ -21,7 +21,7 @@ Sub-benchmarks (pick with `--only layers,load,pipeline,loader`):
     python scripts/bench.py --render docs/bench/cpu-2026-11-25.json   # re-print the tables of a JSON (GPU ones too)
 
 Every table is printed in Markdown from the same rows that go to the JSON
-(outputs/bench/<YYYY-MM-DD>.json or --json PATH), so the README can quote the JSON exactly.
+(outputs/bench/<YYYY-MM-DD>.json or --json PATH), so docs/benchmarks.md can quote the JSON exactly.
 Times are minima over repeats: the machine is shared and the minimum is the least disturbed run.
 """
 

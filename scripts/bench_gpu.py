@@ -27,7 +27,7 @@ was measured so far, else from H100 guesses) and a part that would overrun is sk
 A part that fails is recorded as {"error": ...} and the rest still runs. The JSON is rewritten after
 every part, so a device call killed at its time limit still brings back what was measured.
 
-    python scripts/bench_gpu.py --json $OUT/gpu.json          # the device-tool call (README "Performance")
+    python scripts/bench_gpu.py --json $OUT/gpu.json          # on a GPU machine (docs/benchmarks.md)
     python scripts/bench_gpu.py --models cogvlm2,cogvlm1 --budget-s 500
     python scripts/bench_gpu.py --simulate --new-tokens 4     # CPU dry run on tiny shapes (what the tests run)
     python scripts/bench.py --render docs/bench/gpu-<date>.json   # re-print the tables of a committed JSON
@@ -919,8 +919,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     missing = missing_packages()
     if missing:
-        print(f"bench_gpu.py: missing Python packages: {', '.join(missing)}; install them (on the device machine: "
-              "carry their wheels, README section Performance)", file=sys.stderr)  # fmt: skip
+        print(f"bench_gpu.py: missing Python packages: {', '.join(missing)}; install them (pip install -e . "
+              "from this checkout installs them)", file=sys.stderr)  # fmt: skip
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     budget = Budget(args.budget_s)

@@ -12,7 +12,6 @@ import contextlib
 import functools
 import json
 import signal
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,7 +41,9 @@ def output_option(f):
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as one line of JSON on stdout.")
-quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar or log lines; errors only.")
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress, notes or warnings; errors only.")
+verbose_option = click.option("--verbose", "-v", is_flag=True, help="Also the model load's internals (times, "
+                              "bytes, peak memory, kernels) and Ray's own logs and warnings.")
 
 
 def pipeline_option(f):
@@ -54,12 +55,13 @@ class ConfigFailure(click.ClickException):
     exit_code = 2
 
 
-def _setup_logging(quiet: bool) -> None:
-    import logging
+def _setup_logging(quiet: bool, verbose: bool = False) -> None:
+    """stderr for logs and progress at the level asked (see `cogbatch.logs`); stdout stays for results."""
+    if quiet and verbose:
+        raise click.UsageError("--quiet and --verbose exclude each other")
+    from cogbatch.logs import configure_logging
 
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO, format="cogbatch: %(message)s", stream=sys.stderr
-    )
+    configure_logging(quiet, verbose)
 
 
 def _emit(data: Any, human: str, as_json: bool, *, human_on_stdout: bool = False, quiet: bool = False) -> None:

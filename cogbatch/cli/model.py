@@ -7,9 +7,11 @@ import click
 from cogbatch.cli.app import (
     _emit,
     _reported,
+    _setup_logging,
     cli,
     json_option,
     pipeline_option,
+    verbose_option,
 )
 
 
@@ -62,7 +64,8 @@ def plan(job, model, gpu, vram, capability, vram_ceiling, device, pipeline, as_j
 @click.option("--tokenizer", help="Tokenizer to load when the checkpoint has none.")
 @pipeline_option
 @json_option
-def quantize(model, out, quantization, rules, dtype, device, tokenizer, pipeline, as_json) -> None:
+@verbose_option
+def quantize(model, out, quantization, rules, dtype, device, tokenizer, pipeline, as_json, verbose) -> None:
     """Quantize MODEL (alias, hub id or local checkpoint) into the cache, e.g. on a bigger machine.
 
     The next load with the same checkpoint, rules and dtype reads the cache instead of quantizing.
@@ -71,6 +74,7 @@ def quantize(model, out, quantization, rules, dtype, device, tokenizer, pipeline
     """
     from cogbatch.api import quantize_checkpoint
 
+    _setup_logging(False, verbose)
     with _reported("quantize failed"):
         report = quantize_checkpoint(model, out=out, quantization=quantization, rules=rules, dtype=dtype,
                                      device=device, tokenizer=tokenizer, pipeline=pipeline)  # fmt: skip

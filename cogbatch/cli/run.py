@@ -17,6 +17,7 @@ from cogbatch.cli.app import (
     output_option,
     pipeline_option,
     quiet_option,
+    verbose_option,
 )
 
 
@@ -42,13 +43,18 @@ from cogbatch.cli.app import (
 @pipeline_option
 @json_option
 @quiet_option
+@verbose_option
 @exits_on_signals
 def run(job, input_path, output, limit, device, vram_ceiling, batch_size, redo_changed, retry_errors, fail_on_error,
-        engine, workers, refresh_gallery, pipeline, as_json, quiet) -> None:  # fmt: skip
+        engine, workers, refresh_gallery, pipeline, as_json, quiet, verbose) -> None:  # fmt: skip
     """Run JOB (a YAML file) and write one result row per image and task to its Parquet dataset.
 
     Only images and tasks that are not in the output yet are done, so an interrupted run resumes
     where it stopped and a nightly re-run does just the new images.
+
+    Progress and notes go to stderr; the summary (or, with --json, its JSON) to stdout, so
+    `cogbatch run job.yaml > run.log` keeps it. Without a terminal a progress line comes every
+    30 s ($COGBATCH_PROGRESS_INTERVAL).
 
     \b
     Exit codes: 0 done (error rows included), 2 configuration error or changed settings,
@@ -59,15 +65,15 @@ def run(job, input_path, output, limit, device, vram_ceiling, batch_size, redo_c
     """
     from cogbatch.api import run_job
 
-    _setup_logging(quiet)
+    _setup_logging(quiet, verbose)
     if workers is not None and engine != "ray":
         raise click.UsageError("--workers applies to --engine ray only")
     with _reported("run aborted", resumable=True):
         summary = run_job(job, engine=engine, redo_changed=redo_changed, retry_errors=retry_errors,
-                          fail_on_error=fail_on_error, quiet=quiet, gallery=refresh_gallery, pipeline=pipeline,
-                          input=input_path, output=output, limit=limit, device=device, vram_ceiling=vram_ceiling,
-                          batch_size=batch_size, workers=workers)  # fmt: skip
-    _emit(summary.to_dict(), summary.describe(), as_json, quiet=quiet)
+                          fail_on_error=fail_on_error, quiet=quiet, verbose=verbose, gallery=refresh_gallery,
+                          pipeline=pipeline, input=input_path, output=output, limit=limit, device=device,
+                          vram_ceiling=vram_ceiling, batch_size=batch_size, workers=workers)  # fmt: skip
+    _emit(summary.to_dict(), summary.describe(), as_json, human_on_stdout=True)
     sys.exit(summary.exit_code)
 
 
@@ -77,8 +83,9 @@ def run(job, input_path, output, limit, device, vram_ceiling, batch_size, redo_c
 @click.option("--images", "n_images", type=click.IntRange(1, 1000), default=8, show_default=True)
 @json_option
 @quiet_option
+@verbose_option
 @exits_on_signals
-def demo(output, n_images, as_json, quiet) -> None:
+def demo(output, n_images, as_json, quiet, verbose) -> None:
     """Caption a few generated images with a tiny random model, to check an installation.
 
     The model has random weights, so the text it writes is random: this checks the machinery
@@ -88,9 +95,8 @@ def demo(output, n_images, as_json, quiet) -> None:
     from cogbatch.api import run_job
     from cogbatch.demo import demo_job
 
-    _setup_logging(quiet)
-    with _reported("run aborted", resumable=True):  # the run itself warns that its text is random, even if quiet
-        summary = run_job(demo_job(Path(output), n_images), quiet=quiet)
-    _emit(summary.to_dict(), summary.describe() + "\nNOTE: the text is random (random demo model).", as_json,
-          quiet=quiet)  # fmt: skip
+    _setup_logging(quiet, verbose)
+    with _reported("run aborted", resumable=True):  # the run itself notes that its text is random
+        summary = run_job(demo_job(Path(output), n_images), quiet=quiet, verbose=verbose)
+    _emit(summary.to_dict(), summary.describe(), as_json, human_on_stdout=True)
     sys.exit(summary.exit_code)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import tempfile
 import time
 from collections import Counter
@@ -48,7 +49,7 @@ from cogbatch.dryrun.report import TraceReport, build_report
 from cogbatch.dryrun.session import FakeCudaSession
 
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-_FAKE_SHARD = "model-fake.safetensors"  # named in the fake index, never opened
+_FAKE_SHARD = "model-fake.safetensors"  # named in the fake index, never opened (an empty file)
 # A forced mode loads as a run in that mode would; auto lets the worker's loader predict it.
 _PARK = {"swap": True, "resident": False, "auto": None}
 
@@ -59,6 +60,7 @@ class _FakeLazyTensor:
     def __init__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         self.name, self.shape, self._dtype = name, shape, dtype
         self.dtype = {torch.bfloat16: "BF16", torch.float16: "F16"}.get(dtype, "F32")
+        self.nbytes = math.prod(shape) * dtype.itemsize
 
     def read(self) -> torch.Tensor:
         return torch.empty(self.shape, dtype=self._dtype)
@@ -88,6 +90,7 @@ def write_checkpoint_dir(config: dict[str, Any], out: Path, dtype: str) -> Path:
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / _FAKE_SHARD).write_bytes(b"")  # the loader sizes its shards for progress; nothing reads this one
     return out
 
 

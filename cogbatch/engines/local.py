@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
+from cogbatch.engines.progress import LoadProgress, describe_source
 from cogbatch.engines.prologue import (
     Run,
     RunOptions,
@@ -61,7 +62,9 @@ def _process(run: Run, writer: PartWriter) -> None:
     worker = None
     if runnable:
         t0 = time.perf_counter()
-        worker = ModelWorker(cfg, run.run_id)
+        log.info("loading model %s (%s) ...", cfg.model, describe_source(cfg.source))
+        with LoadProgress(run.options.quiet) as on_bytes:
+            worker = ModelWorker(cfg, run.run_id, load_progress=on_bytes)
         summary.model_load_s = round(time.perf_counter() - t0, 3)  # imports, weights, tokenizer, plan
         summary.model_loaded = True
         summary.model_load = worker.load_report()
@@ -69,18 +72,13 @@ def _process(run: Run, writer: PartWriter) -> None:
             log.warning("NOTE: %s has random weights: its text is random (a smoke run, not captions)", cfg.model)
     if stop.signum is not None:
         return
+    run.progress.start()
     for r in known:
         writer.add(error_row(r, r.image.error or r.error, cfg, run.run_id))
         summary.failed += 1
-    if known:
-        run.progress.update(len(known), len(known), len(_ids(known) - _ids(runnable)))  # images with no other work
+        run.progress.request_done(r.image.image_id, error=True)
     if worker is not None:
         _generate(run, worker, runnable, writer)
-
-
-def _ids(requests: list[Request]) -> set[str]:
-    """The distinct images of some requests."""
-    return {r.image.image_id for r in requests}
 
 
 def _generate(run: Run, worker: ModelWorker, runnable: list[Request], writer: PartWriter) -> None:
@@ -92,14 +90,16 @@ def _generate(run: Run, worker: ModelWorker, runnable: list[Request], writer: Pa
     images = [reqs[0].image for reqs in by_image.values()]
     chunk: list[tuple[LoadedImage, list[Request]]] = []
 
+    def row_made(row: dict) -> None:  # as each request finishes, not per chunk
+        run.progress.request_done(row["image_id"], error=row["status"] != "ok")
+
     def flush() -> None:
-        rows = worker.process(chunk)
+        rows = worker.process(chunk, on_row=row_made)
         for row in rows:
             writer.add(row)
         ok = sum(row["status"] == "ok" for row in rows)
         summary.done += ok
         summary.failed += len(rows) - ok
-        run.progress.update(len(rows), len(rows) - ok, len(chunk))
         chunk.clear()
 
     # One chunk decoding ahead while the model works on the current one (the window bounds host memory).

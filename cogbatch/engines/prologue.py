@@ -16,7 +16,6 @@ import contextlib
 import os
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,6 +30,7 @@ from cogbatch.fsio import atomic_write
 from cogbatch.inputs.entries import never_stop
 from cogbatch.inputs.pending import PendingWork, Request, changed_settings, find_pending
 from cogbatch.job.config import JobConfig
+from cogbatch.logs import quiet_known_warnings
 from cogbatch.results import RunSummary
 from cogbatch.store import done_keys, prepare_output
 from cogbatch.store.settings import SettingsRegistry
@@ -41,7 +41,8 @@ class RunOptions:
     redo_changed: bool = False  # redo tasks whose rows were made with other settings
     retry_errors: bool = False  # redo image/task pairs whose current row is an error
     fail_on_error: bool = False  # exit 3 when any image ended as an error row
-    quiet: bool = False
+    quiet: bool = False  # errors only: no progress, no notes
+    verbose: bool = False  # also the model loader's internals, and Ray's own logs
 
 
 @dataclass
@@ -97,7 +98,7 @@ def _run_locked(
                 return finish(summary, PendingWork(0, 0, 0, []), started, e.signum, opts)
             summary = _start_summary(cfg, run_id, work)
             summary.plan_s = round(time.time() - started, 3)  # input scan, hashing, done set
-            progress = Progress(len(work.todo), opts.quiet, len(work.image_ids))
+            progress = Progress((r.image.image_id for r in work.todo), opts.quiet)
             try:
                 execute(Run(cfg, opts, run_id, holder, work.todo, summary, stop, progress))
             finally:
@@ -116,12 +117,7 @@ def prepare_run(cfg: JobConfig, opts: RunOptions, check: Callable[[], None] = ne
     without config.json): rows made with a wrong model's fingerprint would block the right one.
     `check` is called per image scanned and may raise (`StopFlag.check`: a signal while hashing).
     """
-    # Pillow warns once per process about odd EXIF blocks; such an image still decodes fine.
-    warnings.filterwarnings("ignore", message="(Possibly )?[Cc]orrupt EXIF", category=UserWarning)
-    # Above 89 MP Pillow warns on stderr (also under --quiet) for every image; `max_pixels` is the limit here.
-    from PIL import Image
-
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    quiet_known_warnings()
     prepare_output(cfg.output)
     dtype = cfg.source.compute_dtype()
     fingerprints = {t.name: cfg.fingerprint(t, dtype) for t in cfg.tasks}

@@ -4,7 +4,8 @@
 
 What differs from the local engine is only scheduling. Pending work comes from the same
 run prologue (so resume and incremental runs behave identically); it becomes a Ray Dataset with one
-row per image (its requests grouped, so an image is decoded once); `map_batches` sends batches of
+row per image (its requests grouped, so an image is decoded once), built on the driver
+(`from_items`: no Ray task for it); `map_batches` sends batches of
 images to a fixed pool of `CaptionActor`s, each of which loads the model once, decodes with
 `load_entry`, calls `ModelWorker.process` and writes the rows itself as one complete part file per batch
 (`part-<run_id>-a<actor>-NNNNN.parquet`, atomic like every part). The driver only reads the small
@@ -15,13 +16,19 @@ Exactly once on Ray: a batch's rows reach the output only by the atomic rename o
 killed driver or actor loses at most the batches in flight. Ray restarts a dead actor and retries
 its batch; a batch that had written its part before its actor died would then be generated twice, so
 before generating, each actor skips requests that a part of this run already holds. Retries are
-bounded: a batch whose actor died `MAX_BATCH_CRASHES` times becomes error rows (Ray Data's default
-is to retry forever), and an actor is restarted at most `MAX_ACTOR_RESTARTS` times.
+bounded by the actors themselves (Ray Data's default is to retry forever, and Ray 2.60 deprecates
+passing `max_restarts` / `max_task_retries` to `map_batches`): a batch whose actor died
+`MAX_BATCH_CRASHES` times becomes error rows, and an actor started more than `MAX_ACTOR_RESTARTS`
+times refuses to load again, which fails the run (resumable).
 
 Sharp edges of Ray Data 2.60 handled here: a small manifest in one block would feed one actor (blocks of
-one batch each); `max_errored_blocks` drops whole blocks (errors are rows, never exceptions); all-null
-columns get type null (the status table has an explicit schema). The cluster itself (`ray_cluster`) and
-the actor (`ray_actor`) have modules of their own; Ray is imported only when a run asks for it.
+about one batch each); `max_errored_blocks` drops whole blocks (errors are rows, never exceptions); all-null
+columns get type null (the status table has an explicit schema); `from_arrow` runs a Ray task per block
+to read its schema, and on a small machine the workers of those tasks exit as idle while the run goes
+on, where Ray 2.60 sometimes aborts in their shutdown ("Mutex corrupt ... SIGABRT", a crash dump on the
+driver's stderr), so the input is built with `from_items`, on the driver. The cluster itself
+(`ray_cluster`) and the actor (`ray_actor`) have modules of their own; Ray is imported only when a run
+asks for it.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +49,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cogbatch.engines.progress import describe_source
 from cogbatch.engines.prologue import Run, RunOptions, check_new_output_model, check_output, run_engine
 from cogbatch.engines.ray_actor import MAX_BATCH_CRASHES, CaptionActor, attempts_dir
 from cogbatch.engines.ray_cluster import (
@@ -50,6 +59,8 @@ from cogbatch.engines.ray_cluster import (
     import_ray,
     init_cluster,
     plan_actors,
+    quiet_ray_warnings,
+    without_ray_records,
 )
 from cogbatch.errors import EngineError, RayRunFailed, UserError
 from cogbatch.inputs.pending import Request
@@ -60,21 +71,9 @@ from cogbatch.worker.rows import error_row
 
 log = logging.getLogger("cogbatch")
 
-# A manifest becomes at most this many blocks; below it every block is one actor batch, so a small
+# A manifest becomes at most this many blocks; below it every block is about one actor batch, so a small
 # manifest is spread over all actors and a retry redoes one batch.
 _MAX_BLOCKS = 2048
-# One row per image: its requests grouped, so that an actor decodes the image once for all its tasks.
-INPUT_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("path", pa.string()),  # what result rows show
-        ("file", pa.string()),  # where to read the bytes, or null for manifest bytes
-        ("row", pa.int64()),  # manifest row holding inline bytes, or null
-        ("tasks", pa.list_(pa.string())),
-        ("prompts", pa.list_(pa.string())),
-        ("fingerprints", pa.list_(pa.string())),
-    ]
-)
 
 
 def run_ray(cfg: JobConfig, opts: RunOptions | None = None, workers: int | None = None) -> RunSummary:
@@ -137,35 +136,38 @@ def _write_known_errors(known: list[Request], writer: PartWriter, run: Run) -> N
     """Error rows for requests known to fail before decoding (missing file, no question), as locally."""
     for r in known:
         writer.add(error_row(r, r.image.error or r.error, run.cfg, run.run_id))
-    if known:
-        run.summary.failed += len(known)
-        run.progress.update(len(known), len(known), len({r.image.image_id for r in known}))
+        run.progress.request_done(r.image.image_id, error=True)
+    run.summary.failed += len(known)
 
 
-def input_blocks(requests: list[Request], batch: int) -> list[pa.Table]:
-    """Pending requests as tables of one row per image, each a whole number of actor batches.
-
-    Ray Data keeps a small in-memory table as one block, which one actor would process alone; batches
-    never span blocks. Blocks of one batch each spread any manifest over every actor; very large ones
-    get a few batches per block so that the driver does not create millions of objects.
-    """
+def input_rows(requests: list[Request]) -> list[dict[str, Any]]:
+    """Pending requests as one record per image: its requests grouped, so that an actor decodes it once."""
     by_image: dict[str, list[Request]] = {}
     for r in requests:
         by_image.setdefault(r.image.image_id, []).append(r)
-    cols: dict[str, list] = {name: [] for name in INPUT_SCHEMA.names}
+    rows = []
     for image_id, reqs in by_image.items():
         e = reqs[0].image
-        cols["image_id"].append(image_id)
-        cols["path"].append(e.path)
-        cols["file"].append(str(Path(e.file).absolute()) if e.file is not None else None)
-        cols["row"].append(e.row)
-        cols["tasks"].append([r.task.name for r in reqs])
-        cols["prompts"].append([r.prompt for r in reqs])
-        cols["fingerprints"].append([r.fingerprint for r in reqs])
-    table = pa.table(cols, schema=INPUT_SCHEMA)
-    n_batches = math.ceil(table.num_rows / batch)
-    rows_per_block = batch * max(1, math.ceil(n_batches / _MAX_BLOCKS))
-    return [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
+        rows.append({
+            "image_id": image_id,
+            "path": e.path,  # what result rows show
+            "file": str(Path(e.file).absolute()) if e.file is not None else None,  # None: manifest bytes
+            "row": e.row,  # the manifest row holding inline bytes, or None
+            "tasks": [r.task.name for r in reqs],
+            "prompts": [r.prompt for r in reqs],
+            "fingerprints": [r.fingerprint for r in reqs],
+        })  # fmt: skip
+    return rows
+
+
+def input_block_count(n_images: int, batch: int) -> int:
+    """Blocks of the input Dataset: about one actor batch each, at most `_MAX_BLOCKS`.
+
+    Ray Data keeps a small in-memory input as one block, which one actor would process alone. Blocks
+    of about one batch spread any manifest over every actor; very large ones get a few batches per
+    block so that the driver does not create millions of objects.
+    """
+    return max(1, min(math.ceil(n_images / batch), _MAX_BLOCKS))
 
 
 def images_per_batch(cfg: JobConfig, n_images: int, n_actors: int) -> int:
@@ -179,15 +181,27 @@ def images_per_batch(cfg: JobConfig, n_images: int, n_actors: int) -> int:
 
 
 def _run_on_cluster(runnable: list[Request], workers: int | None, state: _Driver) -> None:
-    """Start or join the cluster, run the actor pool over the pending images, count what comes back."""
+    """Start or join the cluster, run the actor pool over the pending images, count what comes back.
+
+    Ray's own warnings and log records are off for the run unless `--verbose` (the warning filters are
+    restored after it: a notebook keeps its own).
+    """
+    verbose = state.run.options.verbose
+    with warnings.catch_warnings(), without_ray_records(enabled=not verbose):
+        if not verbose:
+            quiet_ray_warnings()
+        _run_on_ray(runnable, workers, state)
+
+
+def _run_on_ray(runnable: list[Request], workers: int | None, state: _Driver) -> None:
     run = state.run
-    cfg, summary = run.cfg, run.summary
+    cfg, summary, verbose = run.cfg, run.summary, run.options.verbose
     address = os.environ.get("RAY_ADDRESS") or None
-    ray = import_ray(local=address is None)
+    ray = import_ray(local=address is None, verbose=verbose)
     started_here = not ray.is_initialized()  # a notebook's own ray.init() is used as it is, and kept
     if started_here:
         t0 = time.monotonic()
-        init_cluster(ray, address, cfg, workers)
+        init_cluster(ray, address, cfg, workers, verbose=verbose)
         summary.ray_startup_s = round(time.monotonic() - t0, 3)
     run.stop.handle_again()  # ray.init installs its own SIGTERM handler
     try:
@@ -199,9 +213,11 @@ def _run_on_cluster(runnable: list[Request], workers: int | None, state: _Driver
         n_images = len({r.image.image_id for r in runnable})
         batch = images_per_batch(cfg, n_images, n)
         summary.workers = n
-        log.info("ray: %d actor(s), each with %s", n, ", ".join(f"{k}={v}" for k, v in resources.items()))
-        with data_context(ray, quiet=run.progress.quiet):
-            ds = ray.data.from_arrow(input_blocks(runnable, batch))
+        each = ", ".join(f"{k}={v}" for k, v in resources.items())
+        log.info("ray: %d actor(s), each with %s, loading model %s (%s) ...", n, each, cfg.model,
+                 describe_source(cfg.source))  # fmt: skip
+        with data_context(ray, verbose=verbose):
+            ds = ray.data.from_items(input_rows(runnable), override_num_blocks=input_block_count(n_images, batch))
             ds = ds.map_batches(
                 CaptionActor,
                 fn_constructor_kwargs={
@@ -209,6 +225,8 @@ def _run_on_cluster(runnable: list[Request], workers: int | None, state: _Driver
                     "run_id": run.run_id,
                     "cwd": os.getcwd(),
                     "holder": run.holder,
+                    "quiet": run.options.quiet,  # the driver's logging and warning filters, in every actor
+                    "verbose": verbose,
                 },
                 batch_size=batch,
                 batch_format="pyarrow",
@@ -217,10 +235,9 @@ def _run_on_cluster(runnable: list[Request], workers: int | None, state: _Driver
                 # note, and after MAX_BATCH_CRASHES such losses fail the whole job (seen in a CI run). The
                 # input is image paths, so prefetching the next batch buys nothing.
                 compute=ray.data.ActorPoolStrategy(size=n, max_tasks_in_flight_per_actor=1),
-                # Ray Data's defaults are -1 and -1: a batch that kills its actor would be retried forever.
-                max_restarts=MAX_ACTOR_RESTARTS,
-                max_task_retries=MAX_BATCH_CRASHES,
-                **resources,
+                # Ray Data restarts actors and retries their batches forever: the actors bound both
+                # (MAX_ACTOR_RESTARTS, MAX_BATCH_CRASHES), since passing max_restarts here is deprecated.
+                **resources,  # num_cpus or num_gpus, named parameters of map_batches
             )
             try:
                 _consume(ds, state)
@@ -275,7 +292,8 @@ def _account(status: pa.Table, state: _Driver) -> None:
     for report in cols["stats"]:
         if report:
             _add_stats(state, json.loads(report))
-    state.run.progress.update(len(cols["status"]), failed, len(set(cols["image_id"])))
+    for image_id, status_ in zip(cols["image_id"], cols["status"], strict=True):
+        state.run.progress.request_done(image_id, error=status_ != "ok")
 
 
 def _add_stats(state: _Driver, report: dict[str, Any]) -> None:

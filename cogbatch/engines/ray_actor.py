@@ -4,7 +4,12 @@ Exactly once on Ray: a batch's rows reach the output only by the atomic rename o
 actor loses at most the batch in flight. Ray restarts a dead actor and retries its batch; a batch that
 had written its part before its actor died would then be generated twice, so before generating, each
 actor skips requests that a part of this run already holds. A batch whose actor died MAX_BATCH_CRASHES
-times becomes error rows (Ray Data's default is to retry forever).
+times becomes error rows, and an actor that was started more than MAX_ACTOR_RESTARTS + 1 times refuses
+to load its model again, which ends the run (Ray Data's default is to restart and retry forever).
+
+An actor logs like its driver (`--quiet`, `--verbose`, the same warning filters): Ray forwards what
+it prints to the driver's stderr. A warning every actor would give (the model's int4 kernel, its cache)
+is given once per run, by the first actor.
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cogbatch.engines.ray_cluster import MAX_ACTOR_RESTARTS, quiet_ray_warnings
 from cogbatch.inputs.entries import ImageEntry
 from cogbatch.inputs.manifest import ManifestBytes
 from cogbatch.inputs.pending import Request
 from cogbatch.job.config import JobConfig
+from cogbatch.logs import configure_logging
 from cogbatch.store import PartWriter
 from cogbatch.testing import faults
 from cogbatch.worker.loading import load_entry
@@ -58,9 +65,20 @@ STATUS_SCHEMA = pa.schema(
 class CaptionActor:
     """One model per actor; `__call__` is one batch of images through `ModelWorker.process` into one part file."""
 
-    def __init__(self, cfg: JobConfig, run_id: str, cwd: str, holder: dict[str, Any]) -> None:
+    def __init__(
+        self, cfg: JobConfig, run_id: str, cwd: str, holder: dict[str, Any], quiet: bool = False, verbose: bool = False
+    ) -> None:
+        handler = configure_logging(quiet, verbose, own_process=True)
+        if not verbose:
+            quiet_ray_warnings()
+            handler.addFilter(OncePerRun(attempts_dir(cfg.output, run_id).parent / "said"))
         with contextlib.suppress(OSError):  # relative model / tokenizer paths mean what they meant on the driver
             os.chdir(cwd)
+        starts = count_start(attempts_dir(cfg.output, run_id).parent / "actors")
+        if starts > MAX_ACTOR_RESTARTS + 1:
+            raise RuntimeError(
+                f"this Ray actor died {starts - 1} times (more than {MAX_ACTOR_RESTARTS}): not loading the model again"
+            )
         self.cfg = cfg
         self.holder = holder  # the driver's entry in the output's run lock
         t0 = time.perf_counter()
@@ -211,6 +229,43 @@ def batch_key(todo: list[tuple[ImageEntry, list[Request]]]) -> str:
 
 def attempts_dir(output: Path, run_id: str) -> Path:
     return Path(output) / ".cogbatch" / "ray" / run_id / "attempts"
+
+
+def count_start(directory: Path) -> int:
+    """This actor's starts so far, this one included (one file per actor: Ray keeps its id across restarts)."""
+    import ray
+
+    actor = ray.get_runtime_context().get_actor_id() or f"pid{os.getpid()}"
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / actor, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return (directory / actor).read_text().count("\n")
+
+
+class OncePerRun(logging.Filter):
+    """Lets a message through in the first actor of the run that logs it; errors always pass.
+
+    The actors load the same model with the same settings, so their warnings come N times over; the
+    first to log one claims it with a file in the run's directory (exclusive create: every node of the
+    cluster sees the output directory).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__()
+        self.dir = directory
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        claim = self.dir / hashlib.sha256(record.getMessage().encode()).hexdigest()[:24]
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        except OSError:  # an output that cannot take the claim: say it, rather than lose it
+            return True
+        return True
 
 
 class BatchAttempts:

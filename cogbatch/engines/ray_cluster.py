@@ -1,4 +1,4 @@
-"""Starting or joining a Ray cluster for one run, and sizing its actor pool.
+"""Starting or joining a Ray cluster for one run, sizing its actor pool, and keeping Ray quiet.
 
 Sharp edges of Ray Data 2.60 handled here: actors reserving every CPU deadlock Ray's own tasks (one CPU
 stays free), and an actor larger than every node waits forever (an actor never asks for more CPUs than
@@ -6,6 +6,10 @@ the largest node has). No traffic off the machine for a local cluster (the defau
 unset): usage stats off, a loopback-only single-node cluster, and no API-server process (in Ray 2.60 it
 probes cloud metadata endpoints even with usage stats off and no dashboard). Ray is imported here only
 when a run asks for it; the base install stays free of it.
+
+Quiet unless `--verbose`: Ray's Python loggers at ERROR, its Python warnings ignored, the records of
+its C++ logger on the driver's stderr dropped (`without_ray_records`), no colour codes when stderr is
+no terminal.
 """
 
 from __future__ import annotations
@@ -13,9 +17,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import select
+import sys
+import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
+from cogbatch.engines.progress import is_terminal
 from cogbatch.errors import EngineError
 from cogbatch.job.config import JobConfig
 
@@ -26,7 +36,11 @@ INSTALL_HINT = "the Ray engine needs the ray extra: pip install 'cogbatch[ray]'"
 LOCAL_CLUSTER_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",  # no usage report, no "disabled" report either
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # single node on 127.0.0.1: no 8.8.8.8 probe for the node IP
+    "RAY_AUTH_MODE": "token",  # Ray 2.60's default for a new local cluster, chosen explicitly: no warning about it
 }
+# A record of Ray's C++ logger as the driver writes it to stderr, e.g.
+# `[2026-01-02 03:04:05,678 E 4242 4242] core_worker.cc:2465: Actor with class name: ...`
+_RAY_RECORD = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [TDIWEF] \d+ \d+\] [^\n]*(\n|$)", re.MULTILINE)
 # The object store holds only image paths and status tables (image bytes stay in the manifest).
 _LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
 # How long every actor may take to start and load its model (a first run may download and quantize it).
@@ -68,10 +82,11 @@ def plan_actors(cfg: JobConfig, nodes: list[dict[str, float]], workers: int | No
     return n, {"num_cpus": per}
 
 
-def init_cluster(ray, address: str | None, cfg: JobConfig, workers: int | None) -> None:
+def init_cluster(ray, address: str | None, cfg: JobConfig, workers: int | None, verbose: bool = False) -> None:
     """Join RAY_ADDRESS, or start a loopback-only local cluster with a CPU to spare for Ray's tasks."""
+    level = logging.INFO if verbose else logging.ERROR
     if address is not None:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=level)
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     want = workers or max(2, _local_gpus(cfg))
@@ -80,7 +95,7 @@ def init_cluster(ray, address: str | None, cfg: JobConfig, workers: int | None) 
             num_cpus=max(cores, want + 1),  # logical CPUs: the actors' threads plus one for Ray Data's tasks
             include_dashboard=False,
             object_store_memory=_LOCAL_OBJECT_STORE_BYTES,
-            logging_level=logging.WARNING,
+            logging_level=level,
         )
 
 
@@ -129,12 +144,13 @@ def _no_api_server(*args: Any, **kwargs: Any) -> tuple[str, None]:
 
 
 @contextlib.contextmanager
-def data_context(ray, quiet: bool) -> Iterator[None]:
+def data_context(ray, verbose: bool = False) -> Iterator[None]:
     """Ray Data settings for one run, restored afterwards (a notebook keeps its own).
 
-    Our progress instead of Ray Data's bars and banners. Work starts once every actor has loaded its
-    model: otherwise the first actor ready takes batches while the others load (a short run may never
-    use them), and an actor Ray cannot place would silently shrink the pool instead of failing.
+    Our progress instead of Ray Data's bars and banners, and Ray's loggers at ERROR (INFO with
+    `verbose`). Work starts once every actor has loaded its model: otherwise the first actor ready
+    takes batches while the others load (a short run may never use them), and an actor Ray cannot
+    place would silently shrink the pool instead of failing.
     """
     ctx = ray.data.DataContext.get_current()
     settings = {"enable_progress_bars": False, "print_on_execution_start": False,
@@ -142,11 +158,13 @@ def data_context(ray, quiet: bool) -> Iterator[None]:
     saved = {k: getattr(ctx, k) for k in settings}
     for k, v in settings.items():
         setattr(ctx, k, v)
-    wanted = {"ray": logging.WARNING, "ray.data": logging.WARNING, "ray.data._internal.progress": logging.ERROR}
-    loggers = {logging.getLogger(name): logging.ERROR if quiet else level for name, level in wanted.items()}
+    level = logging.INFO if verbose else logging.ERROR
+    # the progress module only says that its bars are off, which is what we asked
+    wanted = {"ray": level, "ray.data": level, "ray.data._internal.progress": max(level, logging.ERROR)}
+    loggers = {logging.getLogger(name): level for name, level in wanted.items()}
     levels = {lg: lg.level for lg in loggers}
     for lg, level in loggers.items():
-        lg.setLevel(level)  # the progress module only says that its bars are off, which is what we asked
+        lg.setLevel(level)
     try:
         yield
     finally:
@@ -168,14 +186,97 @@ def check_ray_installed() -> None:
         raise EngineError(INSTALL_HINT)
 
 
-def import_ray(local: bool):
+def import_ray(local: bool, verbose: bool = False):
     """`ray`, with the loopback-only environment for a local cluster set first; a clean error if missing."""
-    if local:
-        for key, value in LOCAL_CLUSTER_ENV.items():
-            os.environ.setdefault(key, value)
+    env = dict(LOCAL_CLUSTER_ENV) if local else {}
+    if not is_terminal(sys.stderr):
+        env["RAY_COLOR_PREFIX"] = "0"  # the driver prints its actors' lines without colour codes
+    if not verbose:
+        # The actors give a warning once per run themselves (`ray_actor.OncePerRun`); Ray's own merging
+        # adds a green "[repeated Nx across cluster]" line and a tip about itself.
+        env["RAY_DEDUP_LOGS"] = "0"
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
     try:
         import ray
         import ray.data  # the extra is ray[data]: fail here, not half way through a run
     except ImportError:
         raise EngineError(INSTALL_HINT) from None
     return ray
+
+
+def quiet_ray_warnings() -> None:
+    """Ray's Python warnings (deprecations, tips) off: in the driver for a run, in the actors for their life.
+
+    Call it inside `warnings.catch_warnings()` where the filters must not outlive the run (a notebook).
+    """
+    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*\bRay\b")  # raised at a caller's line
+
+
+@contextlib.contextmanager
+def without_ray_records(enabled: bool = True) -> Iterator[None]:
+    """While Ray runs in this process, the records of Ray's C++ logger on stderr are dropped; all else passes.
+
+    The driver's core worker writes its records of level ERROR and above straight to file descriptor 2,
+    and no Ray setting moves them (`RAY_BACKEND_LOG_LEVEL` also makes every Ray process announce the
+    level it read). In Ray 2.60 every Ray Data actor pool makes one: "Actor ... has constructor
+    arguments in the object store and max_restarts > 0" (ray-project/ray#57733), because Ray Data
+    passes each actor its DataContext and its function as object-store references and enables
+    restarts. It warns of a restart after those objects were lost with a node; the driver owns them
+    for the whole run, and a lost node fails the run (resumable) anyway. Ray's failures reach the run
+    as exceptions, not as these records; `--verbose` shows them.
+
+    Descriptor 2 becomes a pipe that a thread copies to the real stderr without those records (Ray
+    writes each record whole, in one write); Python's own writes take the same way, in order.
+    """
+    if not enabled:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        real = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no descriptor 2 to redirect (an embedding host)
+        yield
+        return
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    stop = threading.Event()
+    thread = threading.Thread(target=_copy_without_records, args=(read_end, real, stop), daemon=True,
+                              name="cogbatch-ray-stderr")  # fmt: skip
+    thread.start()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            sys.stderr.flush()
+        os.dup2(real, 2)  # the pipe's last write end closes: the thread drains it and ends
+        stop.set()
+        thread.join(timeout=5)
+        os.close(real)
+        if not thread.is_alive():
+            os.close(read_end)
+
+
+def _copy_without_records(read_fd: int, out_fd: int, stop: threading.Event) -> None:
+    """Copy `read_fd` to `out_fd` without Ray's records until EOF, or until `stop` and nothing left to read.
+
+    Never stops reading on an error: a writer to a full pipe nobody reads would hang the run.
+    """
+    while True:
+        ready, _, _ = select.select([read_fd], [], [], 0.2)
+        if not ready:
+            if stop.is_set():
+                return
+            continue
+        try:
+            data = os.read(read_fd, 1 << 16)
+        except OSError:
+            return
+        if not data:
+            return
+        data = _RAY_RECORD.sub(b"", data)
+        with contextlib.suppress(OSError):
+            while data:
+                data = data[os.write(out_fd, data) :]

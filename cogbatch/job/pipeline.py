@@ -9,6 +9,7 @@ names the dtype that its model then computes in.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,11 +112,17 @@ class ModelSource:
             return DTYPE_NAMES.get(self.dtype, "bfloat16")  # what `auto` picks on an Ampere or newer GPU
         return str(resolve_dtype(self.dtype, device)).removeprefix("torch.")
 
-    def load(self, use_cache: bool = True, park_vision: bool = False) -> Any:
+    def load(
+        self,
+        use_cache: bool = True,
+        progress: Callable[[str, int, int], None] | None = None,
+        park_vision: bool = False,
+    ) -> Any:
         """The `CogVLM`, loaded with these settings (quantized through the cache under `cache_dir`).
 
         `use_cache=False` quantizes without reading or writing the cache: a one-off load (`compare
-        --per-layer`) must not leave gigabytes of entries no run will read. `park_vision`: see
+        --per-layer`) must not leave gigabytes of entries no run will read. `progress(what, bytes done,
+        bytes total)` is called as the weights are read (see `from_pretrained`). `park_vision`: see
         `CogVLM.from_pretrained` (phase-swapped runs).
         """
         from cogbatch.model.cogvlm import CogVLM
@@ -128,5 +135,6 @@ class ModelSource:
             tokenizer=self.tokenizer,
             cache_dir=self.cache_dir if use_cache else False,
             dequant_threshold=None if self.quantization is None else self.quantization.dequant_threshold,
+            progress=progress,
             park_vision=park_vision,
         )

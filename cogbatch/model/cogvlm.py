@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +187,7 @@ class CogVLM(nn.Module):
         tokenizer: str | Path | None = None,
         cache_dir: str | Path | bool | None = None,
         dequant_threshold: Any = None,
+        progress: Callable[[str, int, int], None] | None = None,
         park_vision: bool = False,
     ) -> CogVLM:
         """Load an official checkpoint (local directory, hub id or `tiny-random:<arch>`) with our implementation.
@@ -200,6 +201,9 @@ class CogVLM(nn.Module):
         (default `$COGBATCH_CACHE_DIR`, else `~/.cache/cogbatch`; False disables it).
         `dequant_threshold`: rows above which a quantized layer uses a transient dense weight
         (None = the device's default, `math.inf` = never, or a dict per device type).
+        `progress(what, bytes done, bytes total)` is called as weights are read, `what` naming the
+        source ("checkpoint", or "quantized-weights cache"): a caller's progress bar over the minutes a
+        large load takes.
         `park_vision`: the vision tower is made for `device` (a quantized weight packed for its kernel
         there) but kept in host memory, so that a phase-swapped run never holds both parts, even while
         loading; the run's first vision phase brings it over.
@@ -228,7 +232,7 @@ class CogVLM(nn.Module):
             from cogbatch.model.quant.loader import load_quantized
 
         cache: dict[str, Any] = {}
-        with LoadTracker(device) as tracker:
+        with LoadTracker(device, progress=progress) as tracker:
             if quant is None:
                 model = cls._load_unquantized(cfg, files, dtype, device, tracker, host_prefix)
             else:
@@ -259,12 +263,14 @@ class CogVLM(nn.Module):
 
         with init_empty_weights():  # parameters on meta; buffers (rotary) stay real
             model = cls(cfg)
+        tracker.reading("checkpoint", sum(f.stat().st_size for f in files))
         with tracker.phase("read"):
             for name, tensor in stream_tensors(files, device):
                 if not name.endswith(DERIVED_SUFFIXES):
                     host = host_prefix is not None and name.startswith(host_prefix)
                     target = torch.device("cpu") if host else device
                     set_module_tensor_to_device(model, name, target, value=tensor.to(target), dtype=dtype)
+                tracker.read(tensor.numel() * tensor.element_size())
             if host_prefix is None:
                 model.to(device)  # the rotary buffers
             else:  # the buffers alone: `model.to` would bring the parked tower back

@@ -8,6 +8,7 @@ executed: pickled `.bin` weights are refused, the `auto_map` remote code is igno
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,9 @@ TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.jso
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 # Buffers the reference stores but we recompute (rotary frequencies): checked for shape, not loaded.
 DERIVED_SUFFIXES = (".rotary_emb.inv_freq",)
+# Bytes per element of safetensors' dtypes (for progress in bytes before a tensor is read).
+ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+              "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
 
 
 def resolve_checkpoint(
@@ -149,6 +153,11 @@ class LazyTensor:
         sl = handle.get_slice(name)
         self.shape: tuple[int, ...] = tuple(sl.get_shape())
         self.dtype: str = sl.get_dtype()  # safetensors' name: F16, BF16, F32, ...
+
+    @property
+    def nbytes(self) -> int:
+        """Its size in the file."""
+        return math.prod(self.shape) * ITEM_BYTES.get(self.dtype, 2)
 
     def read(self) -> torch.Tensor:
         return self._handle.get_tensor(self.name)

@@ -54,18 +54,18 @@ class PhasePlacement:
         return time.perf_counter() - t0
 
 
-def load_model(cfg: Any, park_vision: bool | None = None, use_cache: bool = True) -> Any:
+def load_model(cfg: Any, park_vision: bool | None = None, use_cache: bool = True, progress: Any = None) -> Any:
     """The job's model; on a GPU, with the vision tower kept in host memory when the run will swap phases.
 
     Loading both parts onto the device first would make the load the run's peak (all weights at
     once, which is what phase swapping exists to avoid). The mode is not known before the weights
     are measured, so `park_vision=None` takes the plan `cogbatch plan` makes from config.json; the
     run's own plan rarely differs, and a tower parked for a run that turns out resident comes over
-    with its first chunk.
+    with its first chunk. `progress`: see `CogVLM.from_pretrained`.
     """
     if park_vision is None:
         park_vision = predicted_mode(cfg) == "swap"
-    return cfg.source.load(use_cache=use_cache, park_vision=park_vision)
+    return cfg.source.load(use_cache=use_cache, progress=progress, park_vision=park_vision)
 
 
 def predicted_mode(cfg: Any) -> str | None:

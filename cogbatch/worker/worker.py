@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from cogbatch.errors import DoesNotFit
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
     from cogbatch.job.config import JobConfig, TaskConfig
 
 log = logging.getLogger("cogbatch")
+
+
+def _ignore(row: dict) -> None:
+    pass
 
 
 def is_oom(e: BaseException) -> bool:
@@ -57,9 +62,17 @@ class ModelWorker:
     request, and lowers the plan for the rest of the run.
     """
 
-    def __init__(self, cfg: JobConfig, run_id: str, model: Any = None, on_result: Any = None) -> None:
+    def __init__(
+        self,
+        cfg: JobConfig,
+        run_id: str,
+        model: Any = None,
+        load_progress: Callable[[str, int, int], None] | None = None,
+        on_result: Any = None,
+    ) -> None:
+        """`load_progress(what, bytes done, bytes total)` is called as the model's weights are read."""
         self.cfg, self.run_id = cfg, run_id
-        self.model = model if model is not None else load_model(cfg)
+        self.model = model if model is not None else load_model(cfg, progress=load_progress)
         # Called with (request, DecodeResult) for every finished text: the token ids a row does not keep
         # (`cogbatch compare` scores them).
         self.on_result = on_result
@@ -101,13 +114,26 @@ class ModelWorker:
     def summary_stats(self) -> WorkerStats:
         return WorkerStats.of(self.stats, [self.plan.mode], [self.plan.slots])
 
-    def process(self, chunk: list[tuple[LoadedImage, list[Request]]]) -> list[dict]:
-        """Result rows for every request of the chunk: error rows for images that failed to load."""
+    def process(
+        self, chunk: list[tuple[LoadedImage, list[Request]]], on_row: Callable[[dict], None] | None = None
+    ) -> list[dict]:
+        """Result rows for every request of the chunk: error rows for images that failed to load.
+
+        `on_row(row)` is called as each row is made, while the chunk is still being generated (progress
+        that moves per request); the rows are returned all together, for the engine to write.
+        """
+        on_row = on_row or _ignore
         rows: list[dict] = []
         ok: list[tuple[LoadedImage, list[Request]]] = []
+
+        def fail(requests: list[Request], reason: str, img: LoadedImage) -> None:
+            for req in requests:
+                rows.append(error_row(req, reason, self.cfg, self.run_id, img))
+                on_row(rows[-1])
+
         for img, requests in chunk:
             if img.error:
-                rows += [error_row(req, img.error, self.cfg, self.run_id, img) for req in requests]
+                fail(requests, img.error, img)
             else:
                 ok.append((img, requests))
         feats, failed = self._encode([img for img, _ in ok])
@@ -115,11 +141,11 @@ class ModelWorker:
         for img, requests in ok:
             reason = failed.get(img.entry.image_id)
             if reason:
-                rows += [error_row(req, reason, self.cfg, self.run_id, img) for req in requests]
+                fail(requests, reason, img)
             else:
                 items += [(req, img) for req in requests]
         if items:
-            rows += self._generate(items, feats)
+            rows += self._generate(items, feats, on_row)
         self._calibrate()
         return rows
 
@@ -177,8 +203,10 @@ class ModelWorker:
 
     # -- language phase ----------------------------------------------------------------------------
 
-    def _generate(self, items: list[tuple[Request, LoadedImage]], feats: dict[str, Any]) -> list[dict]:
-        """Every request of the chunk through one continuous decoder, whatever its task."""
+    def _generate(
+        self, items: list[tuple[Request, LoadedImage]], feats: dict[str, Any], on_row: Callable[[dict], None]
+    ) -> list[dict]:
+        """Every request of the chunk through one continuous decoder, whatever its task; `on_row` as each ends."""
         from cogbatch.model.decoding import DecodeRequest, PrefixStore, prefill_prefixes
 
         model = self.model
@@ -200,8 +228,17 @@ class ModelWorker:
 
         self._place("language")
         store = PrefixStore(lambda image_id: prefill_prefixes(model, feats[image_id].unsqueeze(0))[0])
+        ok_rows: list[dict] = []
+
+        def finished(result: Any) -> None:  # called by the decoder as each sequence retires
+            req, img = result.key
+            ok_rows.append(ok_row(req, result, self.cfg, self.run_id, img))
+            on_row(ok_rows[-1])
+            if self.on_result is not None:
+                self.on_result(req, result)
+
         meter = DeviceMeter(self.placement.device, peak=not self.calibrated)
-        results, errors = self._run_decoder(_image_major(requests), store)
+        results, errors = self._run_decoder(_image_major(requests), store, finished)
         seconds, measured = meter.stop()
         self.stats.model_compute_s += seconds
         self.stats.prefix_prefills += store.prefills
@@ -210,14 +247,12 @@ class ModelWorker:
             self._measured.setdefault("language", (self.memory.decode_work(*self._first_decoder), measured))
 
         rows = [error_row(req, reason, self.cfg, self.run_id, img) for (req, img), reason in errors]
+        for row in rows:
+            on_row(row)
         for result in results:
-            req, img = result.key
             self.stats.generated_tokens += len(result.token_ids)
             self.stats.repetition_retries += result.attempts - 1
-            rows.append(ok_row(req, result, self.cfg, self.run_id, img))
-            if self.on_result is not None:
-                self.on_result(req, result)
-        return rows
+        return rows + ok_rows  # the decoder's results, in the order it finished them
 
     @staticmethod
     def _generation_config(task: TaskConfig, attempt: int) -> GenerationConfig:
@@ -236,8 +271,13 @@ class ModelWorker:
             stop_on_repetition=True,
         )
 
-    def _run_decoder(self, requests: list[Any], store: Any) -> tuple[list[Any], list[tuple[Any, str]]]:
+    def _run_decoder(
+        self, requests: list[Any], store: Any, on_result: Callable[[Any], None] | None = None
+    ) -> tuple[list[Any], list[tuple[Any, str]]]:
         """All requests through one continuous decoder; OOM halves the slots and retries what is unfinished.
+
+        `on_result` is called with each result as its sequence finishes (once: a retry after an
+        out-of-memory error only runs what had not finished).
 
         The decoder takes the requests in the order given; after an out-of-memory error the retry
         starts from the prefixes again (the failed decoder's are dropped to free their memory).
@@ -260,6 +300,7 @@ class ModelWorker:
                 decoder = ContinuousDecoder(
                     self.model, pending[0].cfg, slots, max_text, max_new=max_new, prefixes=store
                 )
+                decoder.on_result = on_result
                 decoder.run(pending)
                 oom = False
             except Exception as e:

@@ -1,6 +1,6 @@
 """The benchmark scripts run and report what they print.
 
-The README quotes the JSON that `scripts/bench.py` writes, so every table row it prints must be in
+docs/benchmarks.md quotes the JSON that `scripts/bench.py` writes, so every table row it prints must be in
 that JSON; `scripts/bench_gpu.py` cannot run without CUDA and must say so instead of failing
 half-way. No test here asserts a timing: the machine is shared and timings are the output, not a
 property of the code.
@@ -54,7 +54,7 @@ def test_bench_smoke_prints_the_rows_it_writes(tmp_path):
     assert printed == in_json
     for t in report["tables"]:
         assert t["rows"] and all(len(r) == len(t["columns"]) for r in t["rows"])
-    # --render re-prints the same tables from the JSON (what the README quotes)
+    # --render re-prints the same tables from the JSON (what docs/benchmarks.md quotes)
     again = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench.py"), "--render", str(out)],
         capture_output=True, text=True, timeout=60, check=True,

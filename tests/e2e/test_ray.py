@@ -288,18 +288,20 @@ def test_a_failed_ray_job_is_one_line_and_a_wrapped_user_error_keeps_its_exit_co
     assert exit_code_for(_failure(wrapped)) == EXIT_CONFIG
 
 
-def test_input_blocks_group_tasks_by_image_and_spread_small_manifests(tmp_path, job_factory):
+def test_input_rows_group_tasks_by_image_and_blocks_spread_small_manifests(tmp_path, job_factory):
     from cogbatch.engines.prologue import RunOptions, prepare_run
-    from cogbatch.engines.ray import input_blocks
+    from cogbatch.engines.ray import input_block_count, input_rows
     from cogbatch.job import load_job
 
     make_images(tmp_path / "images", 30)
     work = prepare_run(load_job(job_factory()), RunOptions())
-    blocks = input_blocks(work.todo, batch=8)
-    assert [b.num_rows for b in blocks] == [8, 8, 8, 6]  # one actor batch per block: 4 blocks for 2+ actors
-    first = blocks[0].to_pylist()[0]
+    rows = input_rows(work.todo)
+    assert len(rows) == 30
+    first = rows[0]
     assert first["tasks"] == ["caption", "colors"] and first["prompts"][1].startswith("What colors are in img_")
-    assert Path(first["file"]).is_absolute()
+    assert Path(first["file"]).is_absolute() and first["row"] is None
+    assert input_block_count(30, batch=8) == 4  # about one actor batch per block: 4 blocks for 2+ actors
+    assert input_block_count(1, batch=8) == 1 and input_block_count(10**7, batch=8) == 2048
 
 
 def test_an_actor_batch_is_about_flush_rows_rows_but_every_actor_gets_work(tmp_path, job_factory):
@@ -491,3 +493,21 @@ def test_failures_in_the_actors_become_error_rows_never_duplicates_or_a_hang(tmp
     summary = json.loads(stdout)
     assert (summary["done"], summary["failed"]) == (len(good), 28 - len(good))  # the retried batch counted once
     assert list((tmp_path / "out" / ".cogbatch" / "ray").rglob("*")) == []  # the crash notes are gone
+
+
+@pytest.mark.slow
+def test_two_ray_runs_in_a_row_print_nothing_of_ray_on_stderr(tmp_path, ray_env):
+    """The demo job twice: no token notice, deprecation, core-worker record, colour code or crash dump of
+    Ray's (a crash dump came from the workers of `from_arrow`'s schema tasks exiting while the run went on)."""
+    root = Path(__file__).resolve().parents[2]
+    for i in range(2):
+        cmd = _cogbatch("run", "jobs/demo.yaml", "--engine", "ray", "--output", str(tmp_path / f"out{i}"))
+        proc = subprocess.Popen(_isolated(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=ray_env, cwd=root, start_new_session=True)  # fmt: skip
+        code, stdout, stderr = _finish(proc)
+        assert code == 0, stderr
+        foreign = [line for line in stderr.splitlines() if line.strip() and not line.startswith("cogbatch: ")]
+        assert foreign == [], stderr
+        assert "\x1b" not in stderr and "cogbatch: 8/8 images (100%)" in stderr
+        assert stdout.startswith("16 ok, 0 failed")
+        assert re.search(r"^ray: 2 actor\(s\), start-up [\d.]+ s$", stdout, re.MULTILINE)  # the summary says the cost

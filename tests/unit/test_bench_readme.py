@@ -1,9 +1,9 @@
-"""The README's "Performance" tables are exactly what the committed benchmark JSONs render to.
+"""The tables of docs/benchmarks.md are exactly what the committed benchmark JSONs render to.
 
-Issue 7: "The README table matches a JSON committed under docs/bench/". For the newest JSON of each
+Issue 7: "the table matches a JSON committed under docs/bench/". For the newest JSON of each
 kind (`cpu-<date>.json` from scripts/bench.py, `gpu-<date>.json` from scripts/bench_gpu.py; older ones
-may stay as history), every table that `scripts/bench.py --render` prints must appear in the section,
-title, note and rows (heading levels may differ), and the section holds no other table.
+may stay as history), every table that `scripts/bench.py --render` prints must appear in the page,
+title, note and rows (heading levels may differ), and the page holds no other table.
 """
 
 from __future__ import annotations
@@ -31,14 +31,11 @@ JSONS = newest_per_kind()
 
 
 def performance_section() -> str:
-    text = (REPO / "README.md").read_text()
-    m = re.search(r"^## Performance\n(.*?)(?=^## )", text, flags=re.S | re.M)
-    assert m, "README.md has no '## Performance' section"
-    return m.group(1)
+    return (REPO / "docs" / "benchmarks.md").read_text()
 
 
 def normalized(text: str) -> str:
-    """Heading levels made equal, trailing spaces dropped: what may differ between README and render."""
+    """Heading levels made equal, trailing spaces dropped: what may differ between the page and the render."""
     lines = [re.sub(r"^#+ ", "# ", line.rstrip()) for line in text.splitlines()]
     return "\n".join(lines)
 
@@ -74,7 +71,9 @@ def test_readme_quotes_every_table_of_the_json(path):
     blocks = [b for b in re.split(r"\n(?=#+ )", out.strip()) if b.strip()]
     assert len(blocks) == len(json.loads(path.read_text())["tables"])
     for block in blocks:
-        assert normalized(block.strip()) in section, f"{path.name}: README lacks, or differs from:\n{block[:400]}"
+        assert normalized(block.strip()) in section, (
+            f"{path.name}: docs/benchmarks.md lacks, or differs from:\n{block[:400]}"
+        )
 
 
 def test_readme_has_no_table_without_a_json():

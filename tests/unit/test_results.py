@@ -27,6 +27,16 @@ def test_the_human_summary_says_the_model_in_one_line_and_device_memory_on_cuda(
     assert "device memory" not in SUMMARY.describe()  # CPU runs have no device peak
 
 
+def test_a_ray_run_says_its_actors_and_the_clusters_start_up_cost():
+    from dataclasses import replace
+
+    ray = replace(SUMMARY, engine="ray", workers=2, ray_startup_s=4.83)
+    assert ray.describe().splitlines()[-1] == "ray: 2 actor(s), start-up 4.8 s"
+    joined = replace(ray, ray_startup_s=None)  # a notebook's own ray.init(): no start-up of ours
+    assert joined.describe().splitlines()[-1] == "ray: 2 actor(s), joined a cluster"
+    assert "ray" not in SUMMARY.describe()
+
+
 def test_the_summary_dict_is_flat_and_leaves_out_what_was_not_set():
     d = SUMMARY.to_dict()
     assert d["execution_mode"] == "resident" and d["planned_batch"] == 8 and "worker" not in d

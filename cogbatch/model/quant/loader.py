@@ -151,6 +151,7 @@ def _quantize_from_checkpoint(load: QuantizedLoad, writer: CacheWriter | None) -
 
     dtype, device, tracker = load.dtype, load.device, load.tracker
     model = build_skeleton(load.model_cls, load.cfg, load.plan)
+    tracker.reading("checkpoint", sum(f.stat().st_size for f in load.files))
     for src in stream_lazy_tensors(load.files):
         name = src.name
         if name.endswith(DERIVED_SUFFIXES):
@@ -170,6 +171,7 @@ def _quantize_from_checkpoint(load: QuantizedLoad, writer: CacheWriter | None) -
                 writer.write(name, tensor)
             del tensor
         release_host_memory(math.prod(src.shape) * 2)
+        tracker.read(src.nbytes)
     if writer is not None:
         tracker.times["cache_write"] += writer.seconds
     materialize_buffers(model, device)
@@ -274,12 +276,15 @@ def _load_from_cache(load: QuantizedLoad, entry: Path, sidecar: dict[str, Any]) 
     shapes = checkpoint_tensor_shapes(load.cfg)
     reads = _cache_reads(load.layout, plan, shapes, dtype, device)
     reader = CacheReader(entry / CACHE_WEIGHTS, parse_checksums(sidecar, list(load.layout)), reads)
+    tracker.reading("quantized-weights cache", (entry / CACHE_WEIGHTS).stat().st_size)
     try:
 
         def get(name: str, target: torch.device = device, rows: tuple[int, int] | None = None) -> torch.Tensor:
             with tracker.phase("cache_read"):
                 t = reader.get(name, rows)
-                return t if rows is not None else t.to(target)  # whole tensors: fresh memory of their own
+                t = t if rows is not None else t.to(target)  # whole tensors: fresh memory of their own
+            tracker.read(t.numel() * t.element_size())
+            return t
 
         for name in load.names:
             if name.endswith(DERIVED_SUFFIXES):

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,10 +49,22 @@ def _reset_peak_rss() -> bool:
 
 
 class LoadTracker:
-    """Times the phases of a load and records peak host memory (VmHWM, sampled RssAnon) and device memory."""
+    """Times the phases of a load and records peak host memory (VmHWM, sampled RssAnon) and device memory.
 
-    def __init__(self, device: torch.device, sample_interval: float = 0.002) -> None:
+    It also counts the bytes read for a caller's `progress(what, done, total)`: `reading` names a source
+    and its size (the checkpoint, or the quantized-weights cache), `read` adds what the loader consumed.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        sample_interval: float = 0.002,
+        progress: Callable[[str, int, int], None] | None = None,
+    ) -> None:
         self.device = device
+        self.progress = progress
+        self._source: tuple[str, int] | None = None  # (what, total bytes) being read
+        self._done = 0
         self.times: defaultdict[str, float] = defaultdict(float)
         self.interval = sample_interval
         self.total_s = 0.0
@@ -96,6 +108,24 @@ class LoadTracker:
         self.peak_rss = hwm * 1024 if (hwm is not None and self._hwm_reset) else None
         if self.device.type == "cuda":
             self.peak_device = torch.cuda.max_memory_allocated(self.device)
+        if exc[0] is None and self._source is not None:  # whatever was not counted (headers): done
+            self._done = self._source[1]
+            self._report()
+
+    def reading(self, what: str, total: int) -> None:
+        """The load starts reading `what` (`total` bytes) from its beginning."""
+        self._source, self._done = (what, total), 0
+        self._report()
+
+    def read(self, nbytes: int) -> None:
+        """`nbytes` more of the source were read (and used)."""
+        if self._source is not None:
+            self._done = min(self._source[1], self._done + nbytes)
+            self._report()
+
+    def _report(self) -> None:
+        if self.progress is not None and self._source is not None:
+            self.progress(self._source[0], self._done, self._source[1])
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:

@@ -1,4 +1,4 @@
-"""`cogbatch.engines.prologue` and `progress`: checks made before any work, progress display, the stop flag."""
+"""`cogbatch.engines.prologue` and the stop flag of `progress`: checks made before any work, signals."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from cogbatch.engines.progress import Progress, StopFlag
+from cogbatch.engines.progress import StopFlag
 from cogbatch.engines.prologue import check_device, check_output
 from cogbatch.errors import ConfigError, Interrupted
 from cogbatch.job import load_job
@@ -36,15 +36,6 @@ def test_an_output_that_cannot_be_created_is_a_config_error(tmp_path):
         check_output(cfg)
     check_output(_cfg(tmp_path))
     assert (tmp_path / "out").is_dir()
-
-
-def test_progress_shows_images_and_errors_beside_the_requests():
-    progress = Progress(total=6, quiet=True, images=3)
-    progress.update(2, 1, images=1)
-    progress.update(2, 0, images=1)
-    assert (progress.done, progress.errors) == (4, 1)
-    assert progress.postfix() == "images 2/3, errors 1"
-    progress.close()
 
 
 def test_stop_flag_first_signal_asks_a_second_stops_at_once():

@@ -106,18 +106,36 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(tmp_path, model, tiny_
     worker = ModelWorker(cfg, "oom", model=model)
     assert worker.plan.slots == 6 and worker.plan.encode_batch == 6
     chunk = _chunk(cfg, requests, worker.image_size)
-    rows = worker.process(chunk)
+    reported = []
+    rows = worker.process(chunk, on_row=reported.append)
     stats = worker.summary_stats()
     assert stats.oom_splits >= 2 and stats.vision_encodes == 6
     assert stats.requests == 24  # each request once, however often it was retried
     key = lambda r: (r["image_id"], r["task"])  # noqa: E731
     assert len(rows) == len({key(r) for r in rows}) == 24
+    assert sorted(map(key, reported)) == sorted(map(key, rows))  # each row reported once, retries or not
     assert {key(r): r["text"] for r in rows} == {key(r): r["text"] for r in reference}
     # The rest of the run is planned smaller: the same work again runs without a single failure.
     assert worker.plan.slots <= 2 and worker.plan.encode_batch == 1 and stats.planned_batch <= 2
     again = worker.process(chunk)
     assert worker.summary_stats().oom_splits == stats.oom_splits
     assert {key(r): r["text"] for r in again} == {key(r): r["text"] for r in reference}
+
+
+def test_each_row_is_reported_as_its_request_finishes_not_with_the_chunk(tmp_path, model, tiny_cogvlm2, monkeypatch):
+    """What moves a progress bar per image: `on_row` comes while the chunk is still being decoded."""
+    cfg, requests = _job(tmp_path, tiny_cogvlm2, 6, batch_size=2, generation={"max_new_tokens": 4})
+    (tmp_path / "images" / "img_005.png").write_bytes(b"not a png")  # an error row, reported before any decoding
+    steps = []
+    real_step = ContinuousDecoder._step
+    monkeypatch.setattr(ContinuousDecoder, "_step", lambda self: (steps.append(1), real_step(self))[1])
+    worker = ModelWorker(cfg, "each", model=model)
+    at_step = []
+    rows = worker.process(_chunk(cfg, requests, worker.image_size), on_row=lambda row: at_step.append(len(steps)))
+    assert len(at_step) == len(rows) == 24 and sum(r["status"] == "error" for r in rows) == 4
+    assert at_step == sorted(at_step) and at_step[0] == 0  # the error rows first, then as sequences retire
+    assert len(set(at_step)) > 6  # spread over the decoding, not all at its end
+    assert at_step.count(len(steps)) < len(rows) // 2
 
 
 def test_out_of_memory_allocating_the_slot_cache_splits_and_loses_nothing(tmp_path, model, tiny_cogvlm2, monkeypatch):
