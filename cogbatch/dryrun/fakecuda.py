@@ -187,7 +187,15 @@ class FakeCuda:
             (c, "max_memory_reserved"): per_device(lambda: a.user_peak_reserved),
             (c, "reset_peak_memory_stats"): per_device(a.reset_peak),
             (c, "mem_get_info"): per_device(lambda: (max(0, self.total_memory - a.stats.reserved), self.total_memory)),
+            (c.memory, "_set_allocator_settings"): self._allocator_settings,
         }
+
+    def _allocator_settings(self, settings: str) -> None:
+        """torch's runtime allocator setter: `expandable_segments` applies to the segments made from now on."""
+        for item in settings.split(","):
+            key, _, value = item.partition(":")
+            if key.strip() == "expandable_segments":
+                self.allocator.expandable = value.strip() == "True"
 
     def __enter__(self) -> FakeCuda:
         for (owner, name), value in self._patches().items():

@@ -38,7 +38,7 @@ class TraceReport:
             f"{c['model']} sm{c['capability'][0]}{c['capability'][1]} {c['dtype']} {d['quantization']}, "
             f"batch {c['batch']}, {c['images']} images x {c['tasks']} task(s), {c['new_tokens']} new tokens, "
             f"card {c['card_bytes'] / GiB:.2f} GiB (allocator {d['device']['capacity_bytes'] / GiB:.2f} GiB)"
-            + (", expandable segments" if c["expandable_segments"] else ""),
+            + (", expandable segments" if d.get("allocator_expandable", c["expandable_segments"]) else ""),
         ]
         plan = d.get("plan")
         if plan:
@@ -132,6 +132,8 @@ def build_report(cfg: Any, session: Any, out: dict[str, Any]) -> TraceReport:
         "oom_sizes": a.oom_sizes[:20],
         "segment_releases": a.releases,
         "segments": a.segments,
+        # The worker asks for expandable segments itself (unless PYTORCH_CUDA_ALLOC_CONF is set): what it ran with
+        "allocator_expandable": session.allocator.expandable,
         "kernel_check_failures": dict(session.mode.check_failures),
         "oracle": dict(session.oracle.stats),
         "largest_allocations": _largest(session.trace.largest),

@@ -63,9 +63,37 @@ def load_model(cfg: Any, park_vision: bool | None = None, use_cache: bool = True
     run's own plan rarely differs, and a tower parked for a run that turns out resident comes over
     with its first chunk. `progress`: see `CogVLM.from_pretrained`.
     """
+    if cfg.source.torch_device().type == "cuda":
+        prefer_expandable_segments()
     if park_vision is None:
         park_vision = predicted_mode(cfg) == "swap"
     return cfg.source.load(use_cache=use_cache, progress=progress, park_vision=park_vision)
+
+
+def prefer_expandable_segments() -> bool:
+    """Ask CUDA's caching allocator for expandable segments, unless the user configured it or CUDA has started.
+
+    A phase switch frees one part's weights and allocates the other's, in blocks of other sizes; with
+    fixed-size segments the allocator reserves new segments beside cached ones that do not fit
+    (docs/dryrun.md, "Measured"). Only when neither PYTORCH_CUDA_ALLOC_CONF nor PYTORCH_ALLOC_CONF
+    is set, and before the load: the environment variable while CUDA has not started, else torch's
+    runtime setter (it applies to the segments created from then on).
+    """
+    import os
+
+    import torch
+
+    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
+        return False
+    setting = "expandable_segments:True"
+    if not torch.cuda.is_initialized():
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = setting
+        return True
+    setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    if setter is None:
+        return False
+    setter(setting)
+    return True
 
 
 def predicted_mode(cfg: Any) -> str | None:

@@ -5,6 +5,8 @@ asserts the rows, the kernel classes the loader must pick on that device, and wh
 are while each phase runs. A device, dtype or packing bug in CUDA-only code fails here.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -62,6 +64,8 @@ def test_gpu_path_runs(model, capability, dtype, quant, mode):
     assert set(sdpa["decode"]) == set(sdpa["prompt_prefill"]) == {"efficient"}
     assert r["oom_events"] == 0
     assert r["peak_allocated_bytes"] <= r["peak_reserved_bytes"]
+    # The worker's load asks CUDA's allocator for expandable segments unless the environment configures it.
+    assert r["allocator_expandable"] == (not os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
     # In swap mode the phase not running holds no device bytes; resident mode keeps every weight.
     vision, language = r["worker"]["weights"]["vision"], r["worker"]["weights"]["language"]
     at_vision = r["phases"]["vision_encode"]["start_exact"]  # live device bytes when the vision phase begins
