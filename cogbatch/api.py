@@ -191,11 +191,13 @@ def quantize_checkpoint(
     device: str = "cpu",
     tokenizer: str | None = None,
     pipeline: str | Path | None = None,
+    verify: bool = False,
 ) -> QuantizeReport:
     """Quantize `model` (alias, hub id or local checkpoint) into the quantized-weights cache, ahead of the runs.
 
     `rules` are `PATTERN=DTYPE` strings (first match wins); the cache is `out`, else $COGBATCH_CACHE_DIR,
-    else the pipeline's `cache_dir`. Everything is checked before minutes of quantizing.
+    else the pipeline's `cache_dir`. Everything is checked before minutes of quantizing. `verify`: an
+    existing entry has every checksum checked (a damaged one is rebuilt); a new entry always is.
     """
     from cogbatch.fsio import made_dirs
     from cogbatch.job.load import read_pipeline
@@ -227,9 +229,12 @@ def quantize_checkpoint(
             raise ConfigError(f"cache directory {cache}: cannot create it ({e.strerror or e})") from None
         if not os.access(directory, os.W_OK | os.X_OK):
             raise ConfigError(f"cache directory {cache}: not writable")
-        loaded = ModelSource(source, tok, directory, device, dtype, spec).load()
+        loaded = ModelSource(source, tok, directory, device, dtype, spec).load(
+            verify_cache=verify, wait_for_cache=True
+        )
     report = loaded.load_report
-    if report.cache_status not in ("hit", "written"):  # writing the entry is this command's only job
+    written = report.cache_status in ("hit", "written") or report.cache_status.endswith("; rebuilt")  # a damaged one
+    if not written:  # writing the entry is this command's only job
         raise UserError(f"the quantized-weights cache was not written under {cache}: {report.cache_status}")
     return QuantizeReport(source, report)
 

@@ -14,6 +14,18 @@ the page cache ("warm") and with their pages dropped first ("cold", a model not 
 
     python scripts/bench_quant.py --quick          # a few minutes on a 2-core CPU
     python scripts/bench_quant.py                  # every shape, more repeats
+    python scripts/bench_quant.py --loads          # only the load table of issue 17 (below)
+
+`--loads` prints the table the load-speed work is judged by, on a 0.8B-parameter CogVLM-shaped fp16
+checkpoint (`LOADS_CKPT_SHAPE`, ~1.2 GB): unquantized bf16, INT4 first load (quantize + cache
+write), INT4 from the cache (the entry's first use, which checks every checksum) and again (a
+later use: size and header checks only), `CogVLM.from_pretrained` timed inside a fresh process each with
+torch, optimum-quanto and cogbatch imported before the clock starts, best of 3, interleaved, files
+in the page cache, torch's default thread count. The first load returns before its background cache
+write ends: both the load and the time until the entry is written are given. `--page-cache cold`
+drops the files' pages before every load (default with --loads: warm). `--baseline-src DIR`
+also times another revision's package (`git archive <rev> cogbatch | tar -x -C DIR`), interleaved
+round by round with this checkout's: the "before" column of docs/performance.md.
 
 Times are the minimum over repeats (the median is in the JSON): shared machines are noisy and the
 minimum is the least disturbed run. Results go to outputs/bench/quant_<device>.json.
@@ -163,8 +175,12 @@ kw = {"dtype": "float32" if mode == "fp32" else "bfloat16", "device": "cpu", "ca
 if mode == "int4":
     kw["quantization"] = "int4"
 r = CogVLM.from_pretrained(path, **kw).load_report
+import threading
+for t in threading.enumerate():  # the background cache write (it updates the report when it ends)
+    if t.name == "cogbatch-cache-write":
+        t.join()
 print(json.dumps({"load_s": r.total_s, "cpu_s": r.cpu_s, "read_s": r.read_s, "quantize_s": r.quantize_s,
-                  "repack_s": r.repack_s, "cache_read_s": r.cache_read_s, "cache_write_s": r.cache_write_s,
+                  "pack_s": r.pack_s, "cache_read_s": r.cache_read_s, "cache_write_s": r.cache_write_s,
                   "cache": r.cache_status, "peak_rss": r.peak_host_rss_bytes, "peak_anon": r.peak_host_anon_bytes,
                   "baseline_anon": r.baseline_host_anon_bytes, "weight_bytes": r.total_weight_bytes,
                   "kernels": r.kernels}))
@@ -172,6 +188,118 @@ print(json.dumps({"load_s": r.total_s, "cpu_s": r.cpu_s, "read_s": r.read_s, "qu
 # label -> child mode; "int4 from cache" runs right after "int4 first load" filled the cache
 LOAD_MODES = {"bf16 unquantized": "bf16", "fp32 unquantized": "fp32", "int4 first load": "int4",
               "int4 from cache": "int4"}  # fmt: skip
+
+
+LOADS_CKPT_SHAPE = {
+    "arch": "cogvlm",
+    "hidden_size": 1536,
+    "layers": 12,
+    "vision_hidden_size": 512,
+    "vision_layers": 8,
+    "image_size": 224,
+    "dtype": "fp16",
+    "shard_size": "400MB",
+}
+_LOADS_CHILD = r"""
+import json, sys, time
+src, mode, path, cache = sys.argv[1:5]
+if src:
+    sys.path.insert(0, src)
+import torch, optimum.quanto
+from cogbatch.model.cogvlm import CogVLM
+kw = {"dtype": torch.bfloat16, "device": "cpu", "cache_dir": cache}
+if mode == "int4":
+    kw["quantization"] = "int4"
+t0 = time.perf_counter()
+model = CogVLM.from_pretrained(path, **kw)
+load_s = time.perf_counter() - t0
+
+
+def leaves(t):
+    t = t.data if isinstance(t, torch.nn.Parameter) else t
+    if type(t) is torch.Tensor:
+        yield t
+    else:  # a quantized weight: its inner tensors
+        for name in t.__tensor_flatten__()[0]:
+            yield from leaves(getattr(t, name))
+
+
+t1 = time.perf_counter()  # every page of every weight touched, as the first forward pass does: a mapped
+for t in list(model.parameters()) + list(model.buffers()):  # cache file is read here when not in memory
+    for x in leaves(t):
+        if x.numel() and x.device.type == "cpu":
+            x.detach().contiguous().reshape(-1).view(torch.uint8)[::4096].sum()
+touch_s = time.perf_counter() - t1
+r = model.load_report
+import threading
+for t in threading.enumerate():  # the background cache write (it updates the report when it ends)
+    if t.name == "cogbatch-cache-write":
+        t.join()
+cached_s = time.perf_counter() - t0
+fields = {k: v for k, v in vars(r).items() if k.endswith("_s") and isinstance(v, float)}
+print(json.dumps({"load_s": load_s, "touch_s": touch_s, "until_cached_s": cached_s, "cache": r.cache_status,
+                  "phases": fields, "workers": getattr(r, "workers", 1), "kernels": r.kernels,
+                  "peak_anon": r.peak_host_anon_bytes, "baseline_anon": r.baseline_host_anon_bytes,
+                  "weight_bytes": r.total_weight_bytes}))
+"""
+# the entry's first use checks every checksum (and records it); later uses check size and header only
+ISSUE_LOADS = {"bf16 unquantized": "bf16", "int4 first load": "int4", "int4 from cache": "int4",
+               "int4 from cache, later use": "int4"}  # fmt: skip
+
+
+def bench_issue_loads(ckpt: Path, repeats: int, sources: dict[str, Path | None], cold: bool = False) -> dict:
+    """{revision: results}: best of `repeats` fresh processes per load and revision, interleaved (each round
+    runs every load of every revision, so a noisy minute disturbs all alike). Each round's first INT4 load
+    starts from an empty cache dir, and the cached loads read that entry. `sources`: revision label ->
+    directory holding its `cogbatch` package (None: the installed one). `cold`: the checkpoint's and the
+    cache's pages are dropped before every load (a model not in memory: the disk's speed shows)."""
+    runs = {rev: {k: [] for k in ISSUE_LOADS} for rev in sources}
+    load_avg = []
+    with tempfile.TemporaryDirectory(prefix="cogbatch-bench-loads-") as tmp:
+        for i in range(repeats):
+            for rev, src in sources.items():
+                cache = Path(tmp) / f"{rev}-run{i}"
+                for label, mode in ISSUE_LOADS.items():
+                    if cold:
+                        drop_page_cache([f for d in (ckpt, cache) if d.is_dir() for f in d.rglob("*") if f.is_file()])
+                    load_avg.append(os.getloadavg()[0])
+                    out = subprocess.run(
+                        [sys.executable, "-c", _LOADS_CHILD, str(src or ""), mode, str(ckpt), str(cache)],
+                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, check=True,
+                    )  # fmt: skip
+                    runs[rev][label].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                    took = runs[rev][label][-1]["load_s"]
+                    print(f"  round {i + 1} {rev} {label}: {took:.2f} s", file=sys.stderr, flush=True)
+    return {
+        "load_average_1min": load_avg,
+        "revisions": {
+            rev: {"best": {k: min(v, key=lambda r: r["load_s"]) for k, v in by_label.items()}, "runs": by_label}
+            for rev, by_label in runs.items()
+        },
+    }
+
+
+def print_issue_table(report: dict) -> None:
+    loads = report["issue_loads"]
+    avg = loads["load_average_1min"]
+    print(
+        f"\nLoad of {report['checkpoint']} ({report['checkpoint_mib']:.0f} MiB fp16), CPU, page cache "
+        f"{report['page_cache']}, "
+        f"best of {report['load_repeats']} fresh processes, interleaved; 1-min load average "
+        f"{min(avg):.2f}-{max(avg):.2f} during the runs"
+    )
+    for rev, results in loads["revisions"].items():
+        best = results["best"]
+        plain = best["bf16 unquantized"]["load_s"]
+        print(f"\n{rev}\n| load | seconds | vs unquantized | + touching every weight page | until cached |")
+        print("|---|---:|---:|---:|---:|")
+        for label, r in best.items():
+            tail = f"{r['until_cached_s']:.2f} s" if label == "int4 first load" else ""
+            touch = f"{r['touch_s']:.2f} s" if "touch_s" in r else ""
+            print(f"| {label} | {r['load_s']:.2f} | {r['load_s'] / plain:.2f}x | {touch} | {tail} |")
+        print("phases of the best runs (s; read/quantize/pack summed over the worker threads):")
+        for label, r in best.items():
+            print(f"  {label}: " + ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in r["phases"].items() if v))
 
 
 def load_once(mode: str, ckpt: Path, cache: Path, threads: int) -> dict:
@@ -259,9 +387,9 @@ def print_tables(report: dict) -> None:
             f"cache, best of {report['load_repeats']} (columns of the best run), {threads} thread(s); peak anon = "
             "above the load's start"
         )
-        cols = ("load s", "median", "cpu s", "read", "quant", "repack", "c.read", "c.write")
+        cols = ("load s", "median", "cpu s", "read", "quant", "pack", "c.read", "c.write")
         print(f"{'mode':18s}" + "".join(f"{c:>8s}" for c in cols) + f" {'peak anon MiB':>14s} {'weights MiB':>12s}")
-        keys = ("load_s", "cpu_s", "read_s", "quantize_s", "repack_s", "cache_read_s", "cache_write_s")
+        keys = ("load_s", "cpu_s", "read_s", "quantize_s", "pack_s", "cache_read_s", "cache_write_s")
         for mode, r in best.items():
             anon = (r["peak_anon"] - r["baseline_anon"]) / mib if r["peak_anon"] else float("nan")
             cells = f"{r['load_s']:8.2f}{median[mode]:8.2f}" + "".join(f"{r[k]:8.2f}" for k in keys[1:])
@@ -282,9 +410,16 @@ def main() -> None:
     ap.add_argument("--load-repeats", type=int, default=0, help="loads per mode and page state (0: 2 quick, else 3)")
     ap.add_argument("--page-cache", choices=("warm", "cold", "both"), default="both",
                     help="load with the files in the page cache, with their pages dropped first, or both")  # fmt: skip
-    ap.add_argument("--checkpoint", type=Path, default=REPO / "outputs" / "bench" / "cogvlm2-quant-ckpt")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="default: outputs/bench/cogvlm2-quant-ckpt; --loads: .../cogvlm-0.8b-ckpt")  # fmt: skip
     ap.add_argument("--json", type=Path, default=None, help="default: outputs/bench/quant_cpu.json")
+    ap.add_argument("--loads", action="store_true", help="only the load table of issue 17 (see above)")
+    ap.add_argument("--baseline-src", type=Path, default=None,
+                    help="with --loads: also time the cogbatch package in DIR, interleaved")  # fmt: skip
     args = ap.parse_args()
+    if args.loads:
+        main_loads(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats, budget = (3, 2.0) if args.quick else (7, 6.0)
@@ -304,7 +439,7 @@ def main() -> None:
         report["crossover"] = bench_crossover(cross_layers[:2] if args.quick else cross_layers, repeats, budget)
         report["crossover_threshold"] = crossover_threshold(report["crossover"])
     if not args.skip_loads and not args.crossover_only:
-        ckpt = checkpoint(args.checkpoint)
+        ckpt = checkpoint(args.checkpoint or REPO / "outputs" / "bench" / "cogvlm2-quant-ckpt")
         report["checkpoint"] = str(ckpt)
         report["checkpoint_mib"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 2**20
         report["load_repeats"] = args.load_repeats or (2 if args.quick else 3)
@@ -313,6 +448,36 @@ def main() -> None:
         report["loads"] = bench_loads(ckpt, report["load_repeats"], args.load_threads, pages)
     print_tables(report)
     out = args.json or REPO / "outputs" / "bench" / "quant_cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"\nwrote {out}")
+
+
+def main_loads(args: argparse.Namespace) -> None:
+    path = args.checkpoint or REPO / "outputs" / "bench" / "cogvlm-0.8b-ckpt"
+    if not (path / "model.safetensors.index.json").is_file():
+        from cogbatch.testing.tiny import write_tiny_checkpoint
+
+        print(f"writing the benchmark checkpoint to {path} ...", file=sys.stderr, flush=True)
+        write_tiny_checkpoint(path, **LOADS_CKPT_SHAPE, seed=0, overwrite=True)
+    report: dict = {
+        "device": "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "checkpoint": str(path),
+        "checkpoint_mib": sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20,
+        "load_repeats": args.load_repeats or 3,
+    }
+    sources: dict[str, Path | None] = {"this checkout": None}
+    if args.baseline_src is not None:
+        sources = {"baseline": args.baseline_src, **sources}
+    report["page_cache"] = "cold" if args.page_cache == "cold" else "warm"
+    report["issue_loads"] = bench_issue_loads(path, report["load_repeats"], sources, report["page_cache"] == "cold")
+    print_issue_table(report)
+    out = args.json or REPO / "outputs" / "bench" / "quant_loads_cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(f"\nwrote {out}")

@@ -62,10 +62,11 @@ def plan(job, model, gpu, vram, capability, vram_ceiling, device, pipeline, as_j
               help="Compute dtype of the runs that will use the cache (part of its key).")
 @click.option("--device", default="cpu", show_default=True, help="Where to quantize (cpu or cuda).")
 @click.option("--tokenizer", help="Tokenizer to load when the checkpoint has none.")
+@click.option("--verify", is_flag=True, help="Check every checksum of an existing entry (rebuilt if damaged).")
 @pipeline_option
 @json_option
 @verbose_option
-def quantize(model, out, quantization, rules, dtype, device, tokenizer, pipeline, as_json, verbose) -> None:
+def quantize(model, out, quantization, rules, dtype, device, tokenizer, verify, pipeline, as_json, verbose) -> None:
     """Quantize MODEL (alias, hub id or local checkpoint) into the cache, e.g. on a bigger machine.
 
     The next load with the same checkpoint, rules and dtype reads the cache instead of quantizing.
@@ -77,5 +78,6 @@ def quantize(model, out, quantization, rules, dtype, device, tokenizer, pipeline
     _setup_logging(False, verbose)
     with _reported("quantize failed"):
         report = quantize_checkpoint(model, out=out, quantization=quantization, rules=rules, dtype=dtype,
-                                     device=device, tokenizer=tokenizer, pipeline=pipeline)  # fmt: skip
+                                     device=device, tokenizer=tokenizer, pipeline=pipeline,
+                                     verify=verify)  # fmt: skip
     _emit(report.to_dict(), report.describe(), as_json)

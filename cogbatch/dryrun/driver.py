@@ -4,12 +4,13 @@ What runs is the project's code, unmodified, on fake `cuda` tensors (`session.Fa
 
 * **load**: the worker's `load_model` (`CogVLM.from_pretrained` on `cuda`, the vision tower parked in
   host memory when the run swaps phases) through the quantizing loader. Only reading the checkpoint
-  is replaced: `weight_files`, `scan_tensors` and `stream_lazy_tensors` hand out fake tensors of the
-  checkpoint's shapes, from the real config.json and a tokenizer built by
-  `cogbatch.testing.tokenizer.build_tokenizer` (no weights on disk).
-  `_stream_quantized_weight` runs in full for the first Linear of each (shape, rule); for the others
-  its allocations are replayed into the allocator and a weight of the same classes, shapes and
-  strides is assigned (`LoaderMemo`); `trace_every_layer` traces them all.
+  is replaced: `weight_files`, `scan_tensors` and the stream's `_checkpoint_tensors` hand out fake
+  tensors of the checkpoint's shapes, from the real config.json and a tokenizer built by
+  `cogbatch.testing.tokenizer.build_tokenizer` (no weights on disk). The loader's worker pool runs
+  its blocks on the loading thread (`InlineExecutor`): fake and tracing modes are per thread.
+  The builder of the first Linear of each (shape, rule, kernel) runs in full; for the others its
+  allocations are replayed into the allocator and a weight of the same classes, shapes and
+  strides is handed to the loader (`LoaderMemo`); `trace_every_layer` traces them all.
 * **worker**: `ModelWorker.process` of `images` images x `tasks` prompts under the job's plan (the
   planner's mode, or a forced one), with stop tokens off so that every request makes `new_tokens`
   tokens (as `scripts/bench_gpu.py` does).
@@ -26,11 +27,11 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import math
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ from torch.utils._python_dispatch import _disable_current_modes, is_traceable_wr
 import cogbatch.model.cogvlm as cogvlm_module
 import cogbatch.model.decoding as decoding_module
 import cogbatch.model.quant.loader as loader_module
+import cogbatch.model.quant.quantizer as quantizer_module
+import cogbatch.model.quant.stream as stream_module
 from cogbatch.dryrun.config import DryRunError, TraceConfig
 from cogbatch.dryrun.memtrace import storage_key
 from cogbatch.dryrun.patches import AttrPatches
@@ -54,19 +57,22 @@ _FAKE_SHARD = "model-fake.safetensors"  # named in the fake index, never opened 
 _PARK = {"swap": True, "resident": False, "auto": None}
 
 
-class _FakeLazyTensor:
-    """`weights.LazyTensor`'s interface over nothing: reads are fake CPU tensors in the checkpoint's dtype."""
+class InlineExecutor(Executor):
+    """The loader's pool, run on the calling thread: each block runs as it is submitted.
 
-    def __init__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        self.name, self.shape, self._dtype = name, shape, dtype
-        self.dtype = {torch.bfloat16: "BF16", torch.float16: "F16"}.get(dtype, "F32")
-        self.nbytes = math.prod(shape) * dtype.itemsize
+    The quantizer's per-thread scratch space goes at shutdown, as it goes with a pool thread's end.
+    """
 
-    def read(self) -> torch.Tensor:
-        return torch.empty(self.shape, dtype=self._dtype)
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:
+            future.set_exception(e)
+        return future
 
-    def read_rows(self, start: int, stop: int) -> torch.Tensor:
-        return torch.empty((stop - start, *self.shape[1:]), dtype=self._dtype)
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        quantizer_module._local.__dict__.pop("quantizer", None)
 
 
 def _in_phase(session: FakeCudaSession, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -95,13 +101,15 @@ def write_checkpoint_dir(config: dict[str, Any], out: Path, dtype: str) -> Path:
 
 
 class LoaderMemo:
-    """Quantize the first Linear of each (shape, rule) for real (fake tensors); replay it for the others.
+    """Build the first Linear of each (shape, rule, kernel) for real (fake tensors); replay it for the others.
 
-    The loader's per-layer work depends only on the weight's shape, its rule, the dtype and the device,
-    so a traced layer's allocation sequence and kernel calls are those of every layer like it. For
-    the others the sequence is replayed into the allocator (same transient peaks, same blocks), the
-    counted operators are added, and a weight of the same classes, shapes and strides is assigned
-    with the loader's own `_assign_quantized`, its storages taking the blocks the replay left live.
+    A builder's work depends only on the weight's shape, its rule, its kernel, the dtype and the
+    device, so a traced builder's allocation sequence and kernel calls are those of every builder like
+    it. Called as the stream's `linear_builder`: the first builder of a kind is wrapped so that its
+    allocations, from its buffers to its finished weight, are captured (`_TracedBuilder`); the others
+    read nothing (`_ReplayedBuilder`): at `finish` the sequence is replayed into the allocator (same
+    transient peaks, same blocks), the counted operators are added, and a weight of the same
+    classes, shapes and strides is returned, its storages taking the blocks the replay left live.
     CogVLM2 has 577 quantized Linears of about 10 shapes.
     """
 
@@ -112,33 +120,70 @@ class LoaderMemo:
         self.templates: dict[tuple[Any, ...], tuple[Any, list[tuple[int, int]], Counter[str]]] = {}
         self.traced = self.replayed = 0
 
-    def __call__(self, module: Any, module_name: str, src: Any, lp: Any, **kw: Any) -> None:
-        key = (tuple(src.shape), lp.qtype, lp.group_size, kw["dtype"], kw["device"].type)
-        if self.every_layer or kw.get("writer") is not None:
-            self.traced += 1
-            return self.original(module, module_name, src, lp, **kw)
-        template = self.templates.get(key)
-        s = self.session
+    def __call__(self, lp: Any, kernel: str, shape: tuple[int, int], dtype: torch.dtype, device: Any) -> Any:
+        key = (tuple(shape), lp.qtype, lp.group_size, kernel, dtype, torch.device(device).type)
+        template = None if self.every_layer else self.templates.get(key)
         if template is None:
-            before = Counter(s.mode.counts)
-            with s.trace.capture() as script:
-                self.original(module, module_name, src, lp, **kw)
-            self.templates[key] = (module.weight, script, s.mode.counts - before)
             self.traced += 1
-            return None
-        weight, script, counts = template
-        s.trace.replay(script)
-        s.mode.counts.update(counts)
-        try:
-            loader_module.assign_quantized(module, _same_structure(weight.data, {}), kw["dtype"], kw["device"])
-        finally:
-            s.trace.release_unadopted()
+            if self.every_layer:
+                return self.original(lp, kernel, shape, dtype, device)
+            return _TracedBuilder(self, key, lambda: self.original(lp, kernel, shape, dtype, device))
         self.replayed += 1
-        return None
+        return _ReplayedBuilder(self.session, *template)
 
     def clear(self) -> None:
         """Drop the template weights (they belong to modules that may move later)."""
         self.templates.clear()
+
+
+class _TracedBuilder:
+    """A real builder whose device allocations and counted operators, until `finish`, become a template."""
+
+    def __init__(self, memo: LoaderMemo, key: tuple[Any, ...], make: Callable[[], Any]) -> None:
+        self.memo, self.key = memo, key
+        s = memo.session
+        self._counts = Counter(s.mode.counts)
+        self._capture = s.trace.capture()
+        self._script = self._capture.__enter__()
+        try:
+            self.inner = make()
+        except BaseException:
+            self._capture.__exit__(None, None, None)
+            raise
+
+    def blocks(self) -> list[tuple[int, int]]:
+        return self.inner.blocks()
+
+    def fill(self, *args: Any) -> None:
+        self.inner.fill(*args)
+
+    def finish(self) -> torch.Tensor:
+        try:
+            weight = self.inner.finish()
+        finally:
+            self._capture.__exit__(None, None, None)
+        s = self.memo.session
+        self.memo.templates[self.key] = (weight, self._script, s.mode.counts - self._counts)
+        return weight
+
+
+class _ReplayedBuilder:
+    """A builder with no blocks whose `finish` replays a template: its allocations, its counts, its structure."""
+
+    def __init__(self, session: FakeCudaSession, weight: Any, script: list[tuple[int, int]], counts: Counter) -> None:
+        self.session, self.weight, self.script, self.counts = session, weight, script, counts
+
+    def blocks(self) -> list[tuple[int, int]]:
+        return []
+
+    def finish(self) -> torch.Tensor:
+        s = self.session
+        s.trace.replay(self.script)
+        s.mode.counts.update(self.counts)
+        try:
+            return _same_structure(self.weight.data, {})
+        finally:
+            s.trace.release_unadopted()
 
 
 def _same_structure(t: torch.Tensor, bases: dict[tuple[int, torch.dtype], torch.Tensor]) -> torch.Tensor:
@@ -160,7 +205,7 @@ def _same_structure(t: torch.Tensor, bases: dict[tuple[int, torch.dtype], torch.
 def _fake_checkpoint_io(cfg_dict: dict[str, Any], dtype: torch.dtype) -> list[tuple[Any, str, Any]]:
     """Patches that make the loader read fake tensors of the checkpoint's shapes instead of shards."""
     from cogbatch.model.config import CogVLMConfig, checkpoint_tensor_shapes
-    from cogbatch.model.weights import TensorInfo
+    from cogbatch.model.weights import DERIVED_SUFFIXES, TensorInfo
 
     shapes = checkpoint_tensor_shapes(CogVLMConfig.from_dict(cfg_dict))
     code = {torch.bfloat16: "BF16", torch.float16: "F16"}.get(dtype, "F32")
@@ -171,8 +216,8 @@ def _fake_checkpoint_io(cfg_dict: dict[str, Any], dtype: torch.dtype) -> list[tu
     def scan_tensors(files: list[Path]) -> dict[str, Any]:
         return {n: TensorInfo(files[0], tuple(s), code) for n, s in shapes.items()}
 
-    def stream_lazy_tensors(files: list[Path]) -> Iterator[_FakeLazyTensor]:
-        return (_FakeLazyTensor(n, tuple(s), dtype) for n, s in shapes.items())
+    def checkpoint_tensors(load: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        return ((n, torch.empty(s, dtype=dtype)) for n, s in shapes.items() if not n.endswith(DERIVED_SUFFIXES))
 
     def stream_tensors(files: list[Path], device: Any = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
         return ((n, torch.empty(s, dtype=dtype, device=device)) for n, s in shapes.items())
@@ -214,7 +259,8 @@ def _fake_checkpoint_io(cfg_dict: dict[str, Any], dtype: torch.dtype) -> list[tu
         (cogvlm_module, "weight_files", weight_files),
         (cogvlm_module, "scan_tensors", scan_tensors),
         (cogvlm_module, "stream_tensors", stream_tensors),
-        (loader_module, "stream_lazy_tensors", stream_lazy_tensors),
+        (stream_module, "_checkpoint_tensors", checkpoint_tensors),
+        (stream_module, "make_pool", lambda workers: InlineExecutor()),
         (loader_module, "build_skeleton", build_skeleton_outside),
     ]
 
@@ -367,8 +413,8 @@ def trace(cfg: TraceConfig) -> TraceReport:
         ckpt = write_checkpoint_dir(cfg_dict, work / "checkpoint", cfg.dtype)
         jcfg = _job(cfg, ckpt, work)
         quant_arg = jcfg.quantization.effective()
-        memo = LoaderMemo(session, loader_module._stream_quantized_weight, cfg.trace_every_layer)
-        patches = [*_fake_checkpoint_io(cfg_dict, torch.bfloat16), (loader_module, "_stream_quantized_weight", memo)]
+        memo = LoaderMemo(session, stream_module.linear_builder, cfg.trace_every_layer)
+        patches = [*_fake_checkpoint_io(cfg_dict, torch.bfloat16), (stream_module, "linear_builder", memo)]
         with session, AttrPatches(patches), AttrPatches(_phase_hooks(session)):
             t0 = time.perf_counter()
             session.oracle.enabled = False  # the loader reads no values: no shadows to keep

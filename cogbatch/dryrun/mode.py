@@ -82,6 +82,10 @@ class TraceMode(TorchDispatchMode):
             if handled:
                 return result
             args = oracle.rewrite(func, args)
+        else:
+            handled, result = oracle.assume(func, args)
+            if handled:
+                return result
         if info.counted:
             self.counts[info.name] += 1
         if info.int4 and args[0].device.type == "cuda":
@@ -107,6 +111,8 @@ class TraceMode(TorchDispatchMode):
                         self.trace.track(t)
         if oracle.enabled:
             oracle.propagate(func, args, kwargs, out)
+        else:
+            oracle.tag(func, out)
         return out
 
 

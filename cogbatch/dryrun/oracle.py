@@ -12,6 +12,11 @@ Integers computed from float data (the argmax of fake logits) are unknowable: th
 generation never meets a stop token and runs to `max_new_tokens`. Other integer dtypes (packed int4
 weights in uint8/int32) never steer Python and get no shadow: shadowing them would cost real memory
 the size of the weights.
+
+Disabled (while the loader runs), the oracle keeps no shadows. The loader's only questions are then
+the quantizer's checks of each block of weights (`isfinite(..).all()`, `(scale == 0).any()`): the
+answers are those of ordinary weights, a reduction by `all` true and one by `any` false (`assume`),
+so that the fast path every real checkpoint takes is the one traced.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 aten = torch.ops.aten
 _ATTR = "_cogbatch_dryrun_value"
+_ASSUMED = "_cogbatch_dryrun_assumed"
 SHADOWED = frozenset({torch.int64, torch.bool})
 LIMIT = 1 << 22  # elements: the ids, masks and positions of a batch; the repetition set (slots x vocab)
 _UNINITIALISED = frozenset({aten.empty.memory_format, aten.empty_like.default, aten.new_empty.default,
@@ -93,6 +99,21 @@ class ValueOracle:
                 real = self.value(args[0]).nonzero()
             return True, self._fake_with(real, args[0].device)
         return False, None
+
+    def assume(self, func: Any, args: tuple) -> tuple[bool, Any]:
+        """(True, answer) for the truth of an `all`/`any` reduction while disabled: that of ordinary weights."""
+        if func is aten._local_scalar_dense.default or func is aten.is_nonzero.default:
+            v = getattr(args[0], _ASSUMED, None)
+            if v is not None:
+                self.stats["assumed"] += 1
+                return True, v
+        return False, None
+
+    def tag(self, func: Any, out: Any) -> None:
+        """Mark the result of an `all` (true) or `any` (false) reduction for `assume`."""
+        packet = getattr(func, "overloadpacket", None)
+        if isinstance(out, FakeTensor) and out.dtype == torch.bool and (packet is aten.all or packet is aten.any):
+            setattr(out, _ASSUMED, packet is aten.all)
 
     def rewrite(self, func: Any, args: tuple) -> tuple:
         """Boolean-mask indices replaced by the integer indices of their True entries (what CUDA computes)."""

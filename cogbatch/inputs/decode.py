@@ -1,7 +1,7 @@
 """Safe image decoding: file bytes -> a fully loaded RGB PIL image, or an `ImageError` with a short reason.
 
 The loader threads call this for every image in a collection of millions, so one bad file must
-never stop a run (DESIGN.md: "No user input crashes a run"). Every failure the *data* can cause
+never stop a run: no user input crashes a run. Every failure the *data* can cause
 becomes `ImageError(reason)`; the worker writes `str(error)` into the row's `error` column.
 Programming errors (a wrong argument type) and resource exhaustion (MemoryError,
 KeyboardInterrupt, SystemExit) still propagate.

@@ -113,17 +113,15 @@ class ModelSource:
         return str(resolve_dtype(self.dtype, device)).removeprefix("torch.")
 
     def load(
-        self,
-        use_cache: bool = True,
-        progress: Callable[[str, int, int], None] | None = None,
-        park_vision: bool = False,
+        self, use_cache: bool = True, progress: Callable[[str, int, int], None] | None = None, **options: Any
     ) -> Any:
         """The `CogVLM`, loaded with these settings (quantized through the cache under `cache_dir`).
 
         `use_cache=False` quantizes without reading or writing the cache: a one-off load (`compare
         --per-layer`) must not leave gigabytes of entries no run will read. `progress(what, bytes done,
-        bytes total)` is called as the weights are read (see `from_pretrained`). `park_vision`: see
-        `CogVLM.from_pretrained` (phase-swapped runs).
+        bytes total)` is called as the weights are read (see `from_pretrained`). `options` go to
+        `CogVLM.from_pretrained` (`verify_cache`, `wait_for_cache`,
+        `park_vision` for phase-swapped runs).
         """
         from cogbatch.model.cogvlm import CogVLM
 
@@ -136,5 +134,5 @@ class ModelSource:
             cache_dir=self.cache_dir if use_cache else False,
             dequant_threshold=None if self.quantization is None else self.quantization.dequant_threshold,
             progress=progress,
-            park_vision=park_vision,
+            **options,
         )

@@ -187,6 +187,8 @@ class CogVLM(nn.Module):
         tokenizer: str | Path | None = None,
         cache_dir: str | Path | bool | None = None,
         dequant_threshold: Any = None,
+        verify_cache: bool = False,
+        wait_for_cache: bool = False,
         progress: Callable[[str, int, int], None] | None = None,
         park_vision: bool = False,
     ) -> CogVLM:
@@ -201,6 +203,9 @@ class CogVLM(nn.Module):
         (default `$COGBATCH_CACHE_DIR`, else `~/.cache/cogbatch`; False disables it).
         `dequant_threshold`: rows above which a quantized layer uses a transient dense weight
         (None = the device's default, `math.inf` = never, or a dict per device type).
+        `verify_cache`: check the checksum of every cached tensor (by default only an entry's first use does).
+        `wait_for_cache`: return only once a new cache entry is written (by default, on CPU, it is written
+        in the background while the model is used; a GPU load always waits for it).
         `progress(what, bytes done, bytes total)` is called as weights are read, `what` naming the
         source ("checkpoint", or "quantized-weights cache"): a caller's progress bar over the minutes a
         large load takes.
@@ -239,6 +244,7 @@ class CogVLM(nn.Module):
                 model, cache = load_quantized(
                     cls, cfg, ckpt, files, list(found), quant=quant, dtype=dtype, device=device,
                     cache_dir=cache_dir, dequant_threshold=dequant_threshold, tracker=tracker,
+                    verify_cache=verify_cache, wait_for_cache=wait_for_cache,
                     host_prefix=host_prefix,
                 )  # fmt: skip
             model.eval().requires_grad_(False)

@@ -8,7 +8,6 @@ executed: pickled `.bin` weights are refused, the `auto_map` remote code is igno
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +24,6 @@ TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.jso
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 # Buffers the reference stores but we recompute (rotary frequencies): checked for shape, not loaded.
 DERIVED_SUFFIXES = (".rotary_emb.inv_freq",)
-# Bytes per element of safetensors' dtypes (for progress in bytes before a tensor is read).
-ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-              "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
 
 
 def resolve_checkpoint(
@@ -137,42 +133,6 @@ def stream_tensors(files: list[Path], device: torch.device | str = "cpu") -> Ite
         with safe_open(f, framework="pt", device=str(device)) as h:
             for name in h.keys():  # noqa: SIM118
                 yield name, h.get_tensor(name)
-
-
-class LazyTensor:
-    """A checkpoint tensor whose data is not read yet: its name, shape and dtype come from the header.
-
-    The quantizing loader reads a large Linear weight a block of rows at a time (`read_rows`), so
-    that a 128256-row `lm_head` never exists in full precision at once. Valid only while the
-    iteration of `stream_lazy_tensors` that yielded it has not moved on to the next file.
-    """
-
-    def __init__(self, handle, name: str) -> None:
-        self._handle = handle
-        self.name = name
-        sl = handle.get_slice(name)
-        self.shape: tuple[int, ...] = tuple(sl.get_shape())
-        self.dtype: str = sl.get_dtype()  # safetensors' name: F16, BF16, F32, ...
-
-    @property
-    def nbytes(self) -> int:
-        """Its size in the file."""
-        return math.prod(self.shape) * ITEM_BYTES.get(self.dtype, 2)
-
-    def read(self) -> torch.Tensor:
-        return self._handle.get_tensor(self.name)
-
-    def read_rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) along the first dimension; only those bytes are read from the shard."""
-        return self._handle.get_slice(self.name)[start:stop]
-
-
-def stream_lazy_tensors(files: list[Path]) -> Iterator[LazyTensor]:
-    """Yield every tensor of the shards, in the same order as `stream_tensors`, without reading it (CPU)."""
-    for f in files:
-        with safe_open(f, framework="pt", device="cpu") as h:
-            for name in h.keys():  # noqa: SIM118
-                yield LazyTensor(h, name)
 
 
 def has_tokenizer(ckpt: Path) -> bool:

@@ -59,3 +59,17 @@ def test_mistakes_stop_before_quantizing(tmp_path, tiny_cogvlm1, monkeypatch):
         res = CliRunner().invoke(cli, ["quantize", str(tiny_cogvlm1), *args, *out])
         assert res.exit_code == 2 and message in res.output, (args, res.output)
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("quantized/*"))
+
+
+def test_quantize_verify_checks_an_existing_entry_and_rebuilds_a_damaged_one(tmp_path, tiny_cogvlm1):
+    cache = tmp_path / "qcache"
+    args = ("quantize", str(tiny_cogvlm1), "--out", str(cache), "--quantization", "int8", "--json")
+    assert cogbatch_cmd(*args).returncode == 0
+    (weights,) = cache.glob("quantized/*/model.safetensors")
+    checked = json.loads(cogbatch_cmd(*args, "--verify").stdout)
+    assert checked["cache_hit"] is True and checked["verify_s"] > 0
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte: same size, same header
+    weights.write_bytes(bytes(data))
+    rebuilt = json.loads(cogbatch_cmd(*args, "--verify").stdout)
+    assert rebuilt["cache_hit"] is False and "checksum mismatch" in rebuilt["cache_status"]

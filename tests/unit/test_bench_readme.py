@@ -71,9 +71,8 @@ def test_readme_quotes_every_table_of_the_json(path):
     blocks = [b for b in re.split(r"\n(?=#+ )", out.strip()) if b.strip()]
     assert len(blocks) == len(json.loads(path.read_text())["tables"])
     for block in blocks:
-        assert normalized(block.strip()) in section, (
-            f"{path.name}: docs/benchmarks.md lacks, or differs from:\n{block[:400]}"
-        )
+        lacks = f"{path.name}: docs/benchmarks.md lacks, or differs from:\n{block[:400]}"
+        assert normalized(block.strip()) in section, lacks
 
 
 def test_readme_has_no_table_without_a_json():

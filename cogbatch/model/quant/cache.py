@@ -1,14 +1,22 @@
 """The quantized-weights cache: what an entry's key covers, where entries live, validation, cleanup.
 
-An entry is `<cache_dir>/quantized/<checkpoint>-<key[:16]>/` holding `model.safetensors` (quanto's
-portable layout, see `cachefile`) and `quant.json` (key, rules, group sizes, quantization map,
-versions, shapes and a checksum per tensor). The key is portable: `cogbatch quantize` on a bigger
-machine builds entries that hit on another one holding the same checkpoint files under any path.
-So it is computed from content, cheaply: config and index bytes, each shard's name, size and
-safetensors header, and a 4 KiB sample of every tensor's data (a fine-tune with unchanged shapes
-gets a new key); plus the rules, the dtype and the library versions without local build suffixes.
-Paths and mtimes are left out. Every tensor's bytes are then verified on read (CRC-32), so a
-damaged file is re-quantized rather than loaded: never a crash, never silently wrong weights.
+An entry is `<cache_dir>/quantized/<checkpoint>-<key[:16]>/` holding `model.safetensors` (every
+weight in the layout its kernel consumes on this device class, see `flat` and `cachefile`) and
+`quant.json` (key, rules, per-layer kernels and weight structure, versions, a checksum per tensor,
+when it was verified). Reading an entry is mapping it and assigning its tensors: no repacking.
+
+The key says what the bytes depend on, and nothing else. The checkpoint is identified by content,
+cheaply: config and index bytes, each shard's name, size and safetensors header, and a 4 KiB sample
+of every tensor's data (a fine-tune with unchanged shapes gets a new key); paths and mtimes are left
+out, so `cogbatch quantize` on another machine of the same device class builds entries that hit
+here. Then the rules, the dtype, the library versions without local build suffixes, the device class
+(`cpu-avx512`, `cuda-sm90`: TinyGemm's packing differs per ISA and GPU arch) and the kernel of every
+layer, so that an entry built for one kernel never feeds another.
+
+Integrity: every load checks the sidecar, the file size and the safetensors header against the
+sidecar's tensor list; the bytes' CRC-32 are checked when the entry is written and on its first use
+(recorded in the sidecar), and on every load with `verify` (`cogbatch quantize --verify`). A damaged
+entry is re-quantized rather than loaded: never a crash, never silently wrong weights.
 """
 
 from __future__ import annotations
@@ -28,13 +36,14 @@ from typing import Any
 import torch
 
 from cogbatch.model.errors import CacheError
-from cogbatch.model.quant.cachefile import CACHE_SIDECAR, CACHE_WEIGHTS, ST_DTYPES, Layout, host_name, parse_checksums
+from cogbatch.model.quant.cachefile import CACHE_SIDECAR, host_name, parse_checksums
+from cogbatch.model.quant.flat import leaf_names
 from cogbatch.model.quant.plan import LayerQuant
 from cogbatch.model.quant.spec import QuantConfig
 
 log = logging.getLogger("cogbatch.model.quantize")
 
-CACHE_FORMAT = 2  # 2: portable key, per-tensor checksums
+CACHE_FORMAT = 3  # 2: portable key, per-tensor checksums; 3: kernel layouts, device class in the key
 SAMPLE_BYTES = 4096  # sampled from the middle of every checkpoint tensor for the key
 _TEMP = re.compile(r"^\.(?P<entry>.+)\.tmp-(?:(?P<host>.+)-)?(?P<pid>\d+)-[0-9a-f]{8}$")
 _STALE_TEMP_S = 7 * 24 * 3600  # another host's temp dir: removed once this old (its writer is long gone)
@@ -107,17 +116,27 @@ def _installed(name: str, missing: str) -> str:
         return missing
 
 
-def cache_key(ckpt: Path, files: list[Path], quant: QuantConfig, dtype: torch.dtype) -> tuple[str, dict[str, Any]]:
-    """(sha256 hex, the fields it hashes): checkpoint identity, rules, dtype, library versions, format."""
+def cache_key(
+    ckpt: Path, files: list[Path], quant: QuantConfig, dtype: torch.dtype, target: Mapping[str, Any] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """(sha256 hex, the fields it hashes): checkpoint identity, rules, dtype, library versions, format, and
+    `target`: the device class and the kernel of every layer (`target_fields`)."""
     fields = {
         "format": CACHE_FORMAT,
         "checkpoint": checkpoint_identity(ckpt, files),
         "quantization": quant.key_dict(),
         "dtype": str(dtype).removeprefix("torch."),
         "versions": library_versions(),
+        "target": dict(target or {}),
     }
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     return digest, fields
+
+
+def target_fields(device_class: str, kernels: Mapping[str, str]) -> dict[str, Any]:
+    """The layout part of the key: the device class, the kernels in use and a digest of every layer's kernel."""
+    per_layer = json.dumps(sorted(kernels.items())).encode()
+    return {"device": device_class, "kernels": sorted(set(kernels.values())), "layers": _digest(per_layer)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,19 +162,20 @@ def cache_entry(cache_root: Path, ckpt: Path, key: str) -> Path:
     return preferred
 
 
-def plan_json(plan: Mapping[str, LayerQuant]) -> dict[str, Any]:
-    return {name: {"weights": lp.qtype, "group_size": lp.group_size} for name, lp in plan.items()}
+def plan_json(plan: Mapping[str, LayerQuant], kernels: Mapping[str, str]) -> dict[str, Any]:
+    """Per layer: dtype, group size and kernel (the sidecar's `layers`)."""
+    return {
+        name: {"weights": lp.qtype, "group_size": lp.group_size, "kernel": kernels[name]} for name, lp in plan.items()
+    }
 
 
-def read_cache_entry(entry: Path, key: str, layout: Layout, plan: Mapping[str, LayerQuant]) -> dict[str, Any]:
+def read_cache_entry(entry: Path, key: str, layers: Mapping[str, Any]) -> dict[str, Any]:
     """The sidecar of a usable entry; raises CacheError naming what is wrong otherwise.
 
-    Checks the key, the file size, and every tensor's name, shape and dtype in the safetensors header
-    against what this config must produce, and that every tensor has a checksum (verified while
-    reading), so an edited, truncated, damaged or foreign entry is never loaded.
+    Checks the format, the key, the per-layer dtype, group size and kernel against `layers`
+    (`plan_json`), a weight structure for every quantized layer, and a checksum for every tensor.
+    The weights file itself is checked against the sidecar by `cachefile.open_weights`.
     """
-    from safetensors import safe_open
-
     side = entry / CACHE_SIDECAR
     try:
         sidecar = json.loads(side.read_text())
@@ -164,32 +184,17 @@ def read_cache_entry(entry: Path, key: str, layout: Layout, plan: Mapping[str, L
     if not isinstance(sidecar, dict) or sidecar.get("format") != CACHE_FORMAT:
         raise CacheError(f"{side}: unknown format {sidecar.get('format') if isinstance(sidecar, dict) else None!r}")
     if sidecar.get("key") != key:
-        raise CacheError(f"{side}: key does not match this checkpoint, configuration and library versions")
-    if sidecar.get("layers") != plan_json(plan):
-        raise CacheError(f"{side}: per-layer quantization differs from the rules")
-    parse_checksums(sidecar, list(layout))
-    weights = entry / CACHE_WEIGHTS
-    try:
-        size = weights.stat().st_size
-    except OSError as e:
-        raise CacheError(f"{weights}: {e}") from None
-    if size != sidecar.get("files", {}).get(CACHE_WEIGHTS):
-        raise CacheError(f"{weights}: {size} bytes, the sidecar says {sidecar.get('files', {}).get(CACHE_WEIGHTS)}")
-    try:
-        with safe_open(weights, framework="pt", device="cpu") as h:
-            found = {}
-            for name in h.keys():  # noqa: SIM118
-                sl = h.get_slice(name)
-                found[name] = (tuple(sl.get_shape()), sl.get_dtype())
-    except Exception as e:  # safetensors raises its own error types for a bad header
-        raise CacheError(f"{weights}: unreadable ({type(e).__name__}: {e})") from None
-    expected = {n: (s, ST_DTYPES[d]) for n, (s, d) in layout.items()}
-    if found != expected:
-        missing = sorted(set(expected) - set(found))[:3]
-        extra = sorted(set(found) - set(expected))[:3]
-        wrong = sorted(n for n in set(found) & set(expected) if found[n] != expected[n])[:3]
-        raise CacheError(f"{weights}: tensors differ from the expected layout (missing {missing}, extra {extra}, "
-                         f"wrong shape/dtype {wrong})")  # fmt: skip
+        raise CacheError(f"{side}: key does not match this checkpoint, configuration, device and library versions")
+    if sidecar.get("layers") != layers:
+        raise CacheError(f"{side}: per-layer quantization or kernels differ from this load's")
+    structure = sidecar.get("structure")
+    tensors = sidecar.get("tensors")
+    if not isinstance(structure, dict) or set(structure) != set(layers) or not isinstance(tensors, dict):
+        raise CacheError(f"{side}: no weight structure for every quantized layer")
+    missing = [n for s in structure.values() for n in leaf_names(s) if n not in tensors]
+    if missing:
+        raise CacheError(f"{side}: the structure names tensors the file does not list, e.g. {missing[0]}")
+    parse_checksums(sidecar, list(tensors))
     return sidecar
 
 
@@ -206,15 +211,19 @@ def _source(sidecar: Mapping[str, Any]) -> str | None:
 def _supersedes(ours: Mapping[str, Any], other: Mapping[str, Any]) -> bool:
     """Whether `other` is an outdated entry of our checkpoint with our rules and dtype.
 
-    Outdated: another key (library versions, checkpoint content or cache format changed) for the same
-    checkpoint (same content, or built from the same directory) and the same rules and dtype. Entries
-    of other rules or dtypes are kept: another job may use them.
+    Outdated: another key (library versions, checkpoint content, cache format or kernels changed) for
+    the same checkpoint (same content, or built from the same directory), the same rules and dtype and
+    the same device class. Entries of other rules, dtypes or device classes are kept: another job may
+    use them. Removing an entry a run has mapped is safe: its pages stay until the run unmaps them.
     """
     mine, theirs = ours["key_fields"], other.get("key_fields") or {}
     if other.get("key") == ours["key"]:
         return False
     if theirs.get("quantization") != mine["quantization"] or theirs.get("dtype") != mine["dtype"]:
         return False
+    theirs_device = (theirs.get("target") or {}).get("device")
+    if theirs_device is not None and theirs_device != (mine.get("target") or {}).get("device"):
+        return False  # another device class's entry (a GPU run beside CPU runs): still in use
     return theirs.get("checkpoint") == mine["checkpoint"] or _source(other) == ours.get("source")
 
 

@@ -25,7 +25,7 @@ from cogbatch.model.quant.pack import _decode_tinygemm_cpu, tinygemm_cpu_layout
 # CPU: `scripts/bench_quant.py --crossover-only` (1-1024 rows, CogVLM2's shapes, 2-vCPU Zen AVX-512-BF16,
 # noisy shared machine) has the dense path (dequantize + bf16 GEMM) overtaking TinyGemm from 192-256 rows
 # on the language layers and 384 on the vision fc1; at 256 a whole decoder layer is faster dense. It
-# also suits AVX2 CPUs, where the dense GEMM runs in fp32 (QUANTO_NOTES: fp32 wins from ~256 rows).
+# also suits AVX2 CPUs, where the dense GEMM runs in fp32 (measured: fp32 wins from ~256 rows).
 # CUDA: TinyGemm's CUDA tile layout has no decoder here (and no GPU to measure on): fused always.
 DEFAULT_DEQUANT_THRESHOLD: dict[str, float | None] = {"cpu": 256, "cuda": None}
 
@@ -180,7 +180,7 @@ def set_dequant_threshold(model: nn.Module, threshold: float | None) -> int:
 
 
 def kernel_counts(model: nn.Module) -> dict[str, int]:
-    """Quantized Linears per weight class: the class decides which kernel runs (QUANTO_NOTES section 1.1)."""
+    """Quantized Linears per weight class: the class decides which kernel runs."""
     counts: Counter[str] = Counter()
     for m in model.modules():
         if isinstance(m, QModuleMixin) and isinstance(m.weight, QTensor):
@@ -202,9 +202,9 @@ def move_module(module: nn.Module, device: str | torch.device) -> nn.Module:
     """Move a module, quantized weights included, by copying their inner tensors as they are.
 
     `module.to(device)` makes quanto convert a TinyGemm weight back to its portable layout and repack
-    it on the other side (an O(K^2 N) identity matmul: 51 s for one 4096x11008 layer on CPU,
-    QUANTO_NOTES 1.4). For parking weights in host memory between phases and bringing them back,
-    the packed bytes can simply be copied; a weight parked this way is only meant to return to a
+    it on the other side (an O(K^2 N) identity matmul: 51 s for one 4096x11008 layer on CPU). For
+    parking weights in host memory between phases and bringing them back, the packed bytes can simply
+    be copied; a weight parked this way is only meant to return to a
     device of its original type (its packing is that device's). Tensors still on `meta` (a load
     parks a module as soon as its weight is made, before its bias is read) stay there.
     """

@@ -2,7 +2,7 @@
 
 `cogbatch plan` predicts device memory from `config.json` without reading weights, so this module
 must not import optimum-quanto (a test checks it): it only knows quanto's behaviour as facts
-(QUANTO_NOTES): which Linear gets which dtype and group size, how many bytes quanto's portable
+(measured on quanto 0.2.7): which Linear gets which dtype and group size, how many bytes quanto's portable
 layout holds for it, and which kernel class quanto's `WeightQBitsTensor.create` will choose.
 """
 
@@ -150,7 +150,7 @@ def predict_weight_bytes(
 
 
 # --------------------------------------------------------------------------------------------
-# which kernel quanto will pick (QUANTO_NOTES section 1.1)
+# which kernel quanto will pick
 
 
 def describe_int4_kernel(device: torch.device, dtype: torch.dtype, group_size: int | None) -> tuple[str, bool]:
@@ -177,3 +177,45 @@ def describe_int4_kernel(device: torch.device, dtype: torch.dtype, group_size: i
         name = str(dtype).removeprefix("torch.")
         return f"cpu: {name} has no fused int4 kernel (bf16 has); dequantize fallback", True
     return f"{device.type}: dequantize fallback", True
+
+
+# --------------------------------------------------------------------------------------------
+# which layout the weights take on this device (what a cache entry holds; its key)
+
+
+def device_class(device: torch.device) -> str:
+    """What decides the bytes of a kernel's layout besides the weights: `cpu-avx512` (torch's CPU int4
+    packing depends on the vector ISA it dispatches to), `cuda-sm90` (kernels and packings per GPU arch)."""
+    if device.type == "cpu":
+        return f"cpu-{torch.backends.cpu.get_cpu_capability().lower()}"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda-sm{major}{minor}"
+    return device.type
+
+
+def layer_kernel(
+    lp: LayerQuant, shape: tuple[int, int], device: torch.device, dtype: torch.dtype, awq: bool = False
+) -> str:
+    """The kernel quanto will run for one quantized Linear, hence the layout its weight is kept in:
+    `tinygemm-cpu`, `tinygemm-cuda`, `awq`, `fallback` (quanto's portable int4, dequantized per call) or `int8`.
+
+    quanto's `WeightQBitsTensor.create` decides, plus our CPU packer's N % 16;
+    `awq`: quanto's CUDA extension is registered.
+    """
+    if lp.qtype == "int8":
+        return "int8"
+    n = shape[0]
+    if lp.group_size != 128:
+        return "fallback"
+    if device.type == "cuda":
+        major = torch.cuda.get_device_capability(device)[0]
+        if dtype == torch.float16 and major >= 8 and n >= 128 and awq:
+            return "awq"
+        cuda = tuple(int(x) for x in (torch.version.cuda or "0.0").split(".")[:2])
+        if dtype == torch.bfloat16 and major >= 8 and cuda >= (12, 1):
+            return "tinygemm-cuda"
+        return "fallback"
+    if device.type == "cpu" and dtype == torch.bfloat16 and n % 16 == 0:
+        return "tinygemm-cpu"
+    return "fallback"

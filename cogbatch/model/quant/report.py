@@ -73,6 +73,7 @@ class LoadTracker:
         self.peak_anon: int | None = None
         self.baseline_anon: int | None = None
         self.peak_device: int | None = None
+        self.workers = 1  # threads that shared the quantizing (their phase times are summed)
 
     def __enter__(self) -> LoadTracker:
         self._t0 = time.perf_counter()
@@ -150,8 +151,11 @@ class LoadReport:
     host_bytes: int
     read_s: float
     quantize_s: float
-    repack_s: float
+    pack_s: float
+    skeleton_s: float
+    cache_key_s: float
     cache_read_s: float
+    verify_s: float
     cache_write_s: float
     total_s: float
     cpu_s: float
@@ -166,6 +170,7 @@ class LoadReport:
     cache_path: str | None = None
     cache_status: str = "disabled"
     dequant_threshold: float | None = None
+    workers: int = 1
 
     @property
     def total_weight_bytes(self) -> int:
@@ -180,11 +185,18 @@ class LoadReport:
         def mib(n: int | None) -> str:
             return "n/a" if n is None else f"{n / 2**20:,.1f} MiB"
 
-        phases = [("read", self.read_s), ("quantize", self.quantize_s), ("repack", self.repack_s),
-                  ("cache read", self.cache_read_s), ("cache write", self.cache_write_s)]  # fmt: skip
+        phases = [("skeleton", self.skeleton_s), ("cache key", self.cache_key_s), ("cache read", self.cache_read_s),
+                  ("checksums", self.verify_s)]  # fmt: skip
+        work = [("read", self.read_s), ("quantize", self.quantize_s), ("pack", self.pack_s)]
+        split = ", ".join(f"{k} {v:.2f} s" for k, v in phases if v > 0)
+        if any(v > 0 for _, v in work):
+            threads = f" over {self.workers} threads" if self.workers > 1 else ""
+            split += (", " if split else "") + ", ".join(f"{k} {v:.2f} s" for k, v in work if v > 0) + threads
+        if self.cache_write_s > 0:
+            split += f"; cache write {self.cache_write_s:.2f} s (background)"
         lines = [
             f"loaded {self.checkpoint} on {self.device} ({self.dtype}, {self.quantization}) in {self.total_s:.2f} s "
-            f"(CPU {self.cpu_s:.2f} s): " + ", ".join(f"{k} {v:.2f} s" for k, v in phases if v > 0),
+            f"(CPU {self.cpu_s:.2f} s): " + split,
             f"weights {mib(self.total_weight_bytes)}: "
             + ", ".join(f"{k} {mib(v)}" for k, v in self.weight_bytes.items() if v)
             + (f"; kept on the host: {mib(self.host_bytes)}" if self.host_bytes else ""),
@@ -270,7 +282,9 @@ def build_report(
     cache_path: Path | None = None,
     cache_status: str = "disabled",
     dequant_threshold: float | None = None,
+    cache_writer: Any = None,
 ) -> LoadReport:
+    """The report of a finished load; a background cache write (`cache_writer`) updates it when it ends."""
     by_dtype, by_component, on_cpu = weight_bytes(model)
     kernels = {}
     if _quanto() is not None:  # a model with quantized layers: quanto was imported to build it
@@ -279,7 +293,7 @@ def build_report(
         kernels = kernel_counts(model)
     unquantized = sum(1 for m in model.modules() if type(m) is nn.Linear)
     t = tracker.times
-    return LoadReport(
+    report = LoadReport(
         checkpoint=str(checkpoint),
         device=str(tracker.device),
         dtype=str(dtype).removeprefix("torch."),
@@ -290,9 +304,12 @@ def build_report(
         host_bytes=on_cpu,
         read_s=t["read"],
         quantize_s=t["quantize"],
-        repack_s=t["repack"],
+        pack_s=t["pack"],
+        skeleton_s=t["skeleton"],
+        cache_key_s=t["cache_key"],
         cache_read_s=t["cache_read"],
-        cache_write_s=t["cache_write"],
+        verify_s=t["verify"],
+        cache_write_s=0.0,
         total_s=tracker.total_s,
         cpu_s=tracker.cpu_s,
         peak_host_rss_bytes=tracker.peak_rss,
@@ -306,4 +323,8 @@ def build_report(
         cache_path=None if cache_path is None else str(cache_path),
         cache_status=cache_status,
         dequant_threshold=dequant_threshold,
+        workers=tracker.workers,
     )
+    if cache_writer is not None:
+        cache_writer.attach(report)
+    return report

@@ -2,7 +2,7 @@
 
 Modules stay oblivious: every decision is made by module name and installed from outside (the QLinear
 swap here, the `DequantQLinear` threshold, forward hooks that keep the embedding table on the CPU).
-Also the loader's small host-memory helpers.
+Also the helpers that put tensors into it.
 """
 
 from __future__ import annotations
@@ -63,37 +63,24 @@ def materialize_buffers(model: nn.Module, device: torch.device) -> None:
                 module._buffers[name] = buf.to(device)
 
 
-def _libc_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-_MALLOC_TRIM = _libc_malloc_trim()
-_TRIM_EVERY = 16 << 20
-_since_trim = 0
-
-
-def release_host_memory(processed_bytes: int) -> None:
-    """Hand freed heap memory back to the OS (glibc `malloc_trim`) every ~64 MB of tensors processed.
-
-    The loader frees a few MB-sized blocks per layer; glibc keeps them in its heap, where they pile
-    up as fragmentation (measured: +250 MB RSS on a 0.5B-param load). A no-op without glibc.
-    """
-    global _since_trim
-    _since_trim += processed_bytes
-    if _MALLOC_TRIM is not None and _since_trim >= _TRIM_EVERY:
-        _since_trim = 0
-        _MALLOC_TRIM(0)
-
-
 def check_no_meta(model: nn.Module) -> None:
     left = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
     if left:
         raise RuntimeError(f"internal error: tensors left on meta after loading: {', '.join(left[:5])}")
+
+
+def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put a plain tensor in place of the meta parameter or buffer `name` (no copy, no cast)."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = module._parameters.get(leaf, module._buffers.get(leaf))
+    if old is None or tuple(old.shape) != tuple(tensor.shape):
+        found = None if old is None else tuple(old.shape)
+        raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not fit the model's {found}")
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
 
 
 def assign_quantized(module: QModuleMixin, weight: QTensor, dtype: torch.dtype, device: torch.device) -> None:

@@ -129,13 +129,14 @@ def test_generate_and_expandable_segments_and_no_patch_left_behind():
     from torch._subclasses.fake_tensor import FakeTensor
 
     import cogbatch.model.decoding as decoding
-    import cogbatch.model.quant.loader as loader
+    import cogbatch.model.quant.stream as stream
     from cogbatch.dryrun.patches import QUANTO_TYPE_CHECKED
     from cogbatch.model.cogvlm import CogVLM
 
     def patchable():
-        return (F.scaled_dot_product_attention, decoding.ContinuousDecoder._step, loader._stream_quantized_weight,
-                FakeTensor.tolist, torch.cuda.memory_allocated)  # fmt: skip
+        return (F.scaled_dot_product_attention, decoding.ContinuousDecoder._step, stream.linear_builder,
+                stream.make_pool, stream._checkpoint_tensors, FakeTensor.tolist,
+                torch.cuda.memory_allocated)  # fmt: skip
 
     before = patchable()
     r = trace(small("cogvlm", generate=True, expandable_segments=True, new_tokens=2))

@@ -42,6 +42,9 @@ def logits(model: CogVLM, seed: int = 0) -> torch.Tensor:
 
 
 def load(path, quantization, cache_dir, **kw) -> CogVLM:
+    """A quantized CPU load that returns once its cache entry is written (`wait_for_cache`), so that the
+    next load of a test finds it; tests of the background write pass `wait_for_cache=False`."""
+    kw.setdefault("wait_for_cache", True)
     return CogVLM.from_pretrained(
         path, dtype=kw.pop("dtype", "bfloat16"), device="cpu", quantization=quantization, cache_dir=cache_dir, **kw
     )
@@ -91,10 +94,24 @@ def linear_layer(n: int, k: int, dtype=torch.bfloat16, seed: int = 0) -> nn.Line
     return lin.to(dtype)
 
 
-def quanto_frozen(lin: nn.Linear, qtype, group: int | None = 128) -> DequantQLinear:
+def quanto_frozen(lin: nn.Linear, qtype, group: int | None = 128, optimized: bool = True) -> DequantQLinear:
+    """quanto's own quantization of one layer; `optimized=False`: its portable layout (no kernel repack)."""
     q = DequantQLinear.from_module(lin, weights=qtype)
     q.weight_group_size = group if qtype == qint4 else None
-    q.freeze()
+    if optimized:
+        q.freeze()
+        return q
+    from optimum.quanto.tensor import quantize_weight
+
+    w = q.weight
+    if qtype == qint4:
+        scale, shift = q.optimizer(w, qtype=qtype, axis=0, group_size=group)
+    else:
+        scale, shift = q.optimizer(w, qtype=qtype, axis=0), None
+    q.weight = nn.Parameter(
+        quantize_weight(w, qtype=qtype, axis=0, scale=scale, shift=shift, group_size=group, optimized=False),
+        requires_grad=False,
+    )
     return q
 
 

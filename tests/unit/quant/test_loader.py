@@ -172,7 +172,7 @@ from cogbatch.model.cogvlm import CogVLM
 mode, path, cache = sys.argv[1:4]
 kw = {"dtype": "auto" if mode == "auto" else "bfloat16", "device": "cpu", "cache_dir": cache}
 if mode == "int4":
-    kw["quantization"] = "int4"
+    kw.update(quantization="int4", wait_for_cache=True)
 m = CogVLM.from_pretrained(path, **kw)
 r = m.load_report
 ids = torch.arange(1, 17).unsqueeze(0)

@@ -34,36 +34,23 @@ def test_pure_unpack_is_bit_identical_to_quanto_reference(bits, shape):
     assert torch.equal(torch.ops.quanto.unpack(packed, bits), ours)  # the CPU kernel that runs is ours
 
 
-@pytest.mark.parametrize(("n", "k"), [(256, 256), (192, 384), (208, 128), (1024, 512)])
-def test_blockwise_tinygemm_paths_equal_quanto(n, k, monkeypatch):
-    monkeypatch.setattr(QP, "CHUNK_ELEMENTS", 64 * k)  # several blocks even for small layers
-    monkeypatch.setattr(QP, "REPACK_CHUNK_ELEMENTS", 128 * k)
+@pytest.mark.parametrize(("n", "k"), [(256, 256), (192, 384), (208, 128)])
+def test_block_encoder_and_blockwise_repack_equal_torchs_packer(n, k, monkeypatch):
+    """Our CPU encoder (from the quantizer's 16-bit codes) and the block-wise portable -> TinyGemm repack
+    give the bytes of torch's own `_convert_weight_to_int4pack_for_cpu` (what quanto's freeze() calls)."""
+    monkeypatch.setattr(QP, "REPACK_CHUNK_ELEMENTS", 64 * k)  # several blocks even for small layers
     lin = linear_layer(n, k)
     ref = quanto_frozen(lin, qint4).weight
     assert type(ref) is TinyGemmWeightQBitsTensor
-    portable = QP.quantize_int4_rows(
-        lambda a, b: lin.weight[a:b].detach(), (n, k), 128, torch.bfloat16, torch.device("cpu")
-    )
-    candidates = [QP._to_tinygemm(portable)]
-    layout = QP.direct_tinygemm_layout((n, k), 128, torch.bfloat16, torch.device("cpu"))
-    if n % 128 == 0:
-        assert layout is not None
-        packed_rows = []
-        direct, _, _ = QP.quantize_int4_tinygemm_cpu(
-            lambda a, b: lin.weight[a:b].detach(),
-            (n, k),
-            torch.bfloat16,
-            layout,
-            lambda r0, rows: packed_rows.append((r0, rows)),
-        )
-        candidates.append(direct)
-        rebuilt = torch.zeros_like(portable._data._data)
-        for r0, rows in packed_rows:
-            rebuilt[r0 : r0 + len(rows)] = rows
-        assert torch.equal(rebuilt, portable._data._data)  # what the cache receives
-    for w in candidates:
-        assert torch.equal(w._data._data, ref._data._data)
-        assert torch.equal(w._scale_shift, ref._scale_shift)
+    codes = torch.randint(0, 16, (n, k), dtype=torch.int16, generator=torch.Generator().manual_seed(3))
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), innerKTiles=2)
+    layout = QP.tinygemm_cpu_layout()
+    out = torch.empty((n, k // 2), dtype=torch.uint8)
+    QP.encode_tinygemm_cpu(codes + 0x4300, out, *layout)  # the low byte holds the code, as in bf16 128 + code
+    assert torch.equal(out, packed)
+    portable = quanto_frozen(lin, qint4, optimized=False).weight
+    again = QP._to_tinygemm(portable)
+    assert torch.equal(again._data._data, ref._data._data) and torch.equal(again._scale_shift, ref._scale_shift)
 
 
 @pytest.mark.slow
