@@ -117,7 +117,7 @@ class LoaderMemo:
         self.session = session
         self.original = original
         self.every_layer = every_layer
-        self.templates: dict[tuple[Any, ...], tuple[Any, list[tuple[int, int]], Counter[str]]] = {}
+        self.templates: dict[tuple[Any, ...], tuple[tuple, list[tuple[int, int]], Counter[str]]] = {}
         self.traced = self.replayed = 0
 
     def __call__(self, lp: Any, kernel: str, shape: tuple[int, int], dtype: torch.dtype, device: Any) -> Any:
@@ -132,7 +132,7 @@ class LoaderMemo:
         return _ReplayedBuilder(self.session, *template)
 
     def clear(self) -> None:
-        """Drop the template weights (they belong to modules that may move later)."""
+        """Drop the templates (the load is over)."""
         self.templates.clear()
 
 
@@ -163,14 +163,14 @@ class _TracedBuilder:
         finally:
             self._capture.__exit__(None, None, None)
         s = self.memo.session
-        self.memo.templates[self.key] = (weight, self._script, s.mode.counts - self._counts)
+        self.memo.templates[self.key] = (_structure(weight), self._script, s.mode.counts - self._counts)
         return weight
 
 
 class _ReplayedBuilder:
     """A builder with no blocks whose `finish` replays a template: its allocations, its counts, its structure."""
 
-    def __init__(self, session: FakeCudaSession, weight: Any, script: list[tuple[int, int]], counts: Counter) -> None:
+    def __init__(self, session: FakeCudaSession, weight: tuple, script: list[tuple[int, int]], counts: Counter):
         self.session, self.weight, self.script, self.counts = session, weight, script, counts
 
     def blocks(self) -> list[tuple[int, int]]:
@@ -181,25 +181,38 @@ class _ReplayedBuilder:
         s.trace.replay(self.script)
         s.mode.counts.update(self.counts)
         try:
-            return _same_structure(self.weight.data, {})
+            return _rebuild(self.weight, {})
         finally:
             s.trace.release_unadopted()
 
 
-def _same_structure(t: torch.Tensor, bases: dict[tuple[int, torch.dtype], torch.Tensor]) -> torch.Tensor:
-    """A new tensor like `t`: same (sub)classes, shapes, strides, dtypes; inner tensors sharing storage still do."""
+def _structure(t: torch.Tensor, storages: dict[int, int] | None = None) -> tuple:
+    """What `_rebuild` needs to make a tensor like `t`, holding none of its memory: a template must not keep
+    a weight's device storage alive once the loader has parked that weight in host memory."""
+    storages = {} if storages is None else storages
     if is_traceable_wrapper_subclass(t):
         names, meta = t.__tensor_flatten__()
-        inner = {n: _same_structure(getattr(t, n), bases) for n in names}
-        if type(t).__name__ == "AWQPackedTensor":  # quanto 0.2.7 cannot read back its own metadata ("AWQPacking.V2")
-            return type(t)(inner["_data"], t._packing, t._reorder, t.size(), t.stride())
-        return type(t).__tensor_unflatten__(inner, meta, t.size(), t.stride())
-    key = (storage_key(t), t.dtype)
-    base = bases.get(key)
+        inner = {n: _structure(getattr(t, n), storages) for n in names}
+        awq = (t._packing, t._reorder) if type(t).__name__ == "AWQPackedTensor" else None
+        return ("subclass", type(t), inner, meta, awq, t.size(), t.stride())
+    sid = storages.setdefault(storage_key(t), len(storages))  # inner tensors sharing a storage still do
+    n = t.untyped_storage().nbytes() // t.element_size()
+    return ("plain", sid, n, t.dtype, t.device, t.shape, t.stride(), t.storage_offset())
+
+
+def _rebuild(spec: tuple, bases: dict[tuple[int, torch.dtype], torch.Tensor]) -> torch.Tensor:
+    """A new tensor of `_structure`'s description: same (sub)classes, shapes, strides, dtypes, storage sharing."""
+    if spec[0] == "subclass":
+        _, cls, inner_specs, meta, awq, size, stride = spec
+        inner = {n: _rebuild(i, bases) for n, i in inner_specs.items()}
+        if awq is not None:  # quanto 0.2.7 cannot read back its own metadata ("AWQPacking.V2")
+            return cls(inner["_data"], *awq, size, stride)
+        return cls.__tensor_unflatten__(inner, meta, size, stride)
+    _, sid, n, dtype, device, shape, stride, offset = spec
+    base = bases.get((sid, dtype))
     if base is None:
-        n = t.untyped_storage().nbytes() // t.element_size()
-        base = bases[key] = torch.empty(n, dtype=t.dtype, device=t.device)
-    return base.as_strided(t.shape, t.stride(), t.storage_offset())
+        base = bases[sid, dtype] = torch.empty(n, dtype=dtype, device=device)
+    return base.as_strided(shape, stride, offset)
 
 
 def _fake_checkpoint_io(cfg_dict: dict[str, Any], dtype: torch.dtype) -> list[tuple[Any, str, Any]]:

@@ -97,10 +97,12 @@ def test_fp16_on_sm80_phase_swap():
     trace(small("cogvlm", capability=(8, 6), dtype="fp16", mode="swap"))
 
 
-def test_loader_memo_matches_tracing_every_layer():
-    """Replaying one traced Linear per shape gives the same bytes, peaks and kernel calls as tracing all."""
-    memo = trace(small("cogvlm2", worker=False))
-    full = trace(small("cogvlm2", worker=False, trace_every_layer=True))
+@pytest.mark.parametrize("mode", ["resident", "swap"])
+def test_loader_memo_matches_tracing_every_layer(mode):
+    """Replaying one traced Linear per shape gives the same bytes, peaks and kernel calls as tracing all
+    (in swap mode too, where the traced vision Linears are parked as soon as they are made)."""
+    memo = trace(small("cogvlm2", worker=False, mode=mode))
+    full = trace(small("cogvlm2", worker=False, mode=mode, trace_every_layer=True))
     assert memo["load"]["replayed_layers"] > 0 and full["load"]["replayed_layers"] == 0
     for key in ("weights_exact_bytes", "weights_allocated_bytes", "kernels"):
         assert memo["load"][key] == full["load"][key]
