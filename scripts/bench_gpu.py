@@ -101,6 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workdir", type=Path, help="where to write the checkpoints (default: /dev/shm if it has room)")
     ap.add_argument("--json", type=Path, help="default: outputs/bench/gpu-<date>.json")
     ap.add_argument("--simulate", action="store_true", help="run on the CPU with tiny shapes (a dry run, for tests)")
+    ap.add_argument("--traced", type=Path, metavar="JSON",
+                    help="instead: run the configuration of a dry-run report (scripts/trace_gpu.py --json) for "
+                         "real, and print its traced peaks beside the measured ones")  # fmt: skip
     args = ap.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.quants = [q.strip() for q in args.quants.split(",") if q.strip()]
@@ -124,6 +127,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--worker-batch must be 0 (skip) or positive")
     if args.ceiling_gib <= 0:
         ap.error("--ceiling-gib must be positive")
+    if args.traced is not None:
+        try:
+            trace = json.loads(args.traced.read_text())
+            if trace["config"]["model"] not in ("cogvlm2", "cogvlm") or not {"load", "worker"} <= set(trace["phases"]):
+                raise ValueError("no load and worker phases of a known model")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ap.error(f"--traced {args.traced}: not a dry-run report with a worker part ({type(e).__name__}: {e})")
     return args
 
 
@@ -639,6 +649,109 @@ def log(budget: Budget, message: str) -> None:
     print(f"[{budget.elapsed():6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
+# -- a dry run's configuration, for real ---------------------------------------------------------
+
+
+def bench_traced(trace: dict[str, Any], args: argparse.Namespace, dev: Device) -> dict[str, Any]:
+    """The run `scripts/trace_gpu.py` traced, on this GPU: the worker's own load (the vision tower parked when
+    the run swaps phases), then `ModelWorker.process` of the same images, prompt, tokens, mode and ceiling.
+
+    Random weights, stop tokens off: every request makes `new_tokens` tokens, as in the trace.
+    """
+    from dataclasses import replace
+
+    import torch
+
+    from cogbatch.inputs.entries import ImageEntry
+    from cogbatch.inputs.pending import Request
+    from cogbatch.job import load_job
+    from cogbatch.planning.batches import plan_mode
+    from cogbatch.worker.loading import LoadedImage
+    from cogbatch.worker.placement import load_model as worker_load_model
+    from cogbatch.worker.worker import ModelWorker
+
+    tc = trace["config"]
+    model_name = {"cogvlm2": "cogvlm2", "cogvlm": "cogvlm1"}[tc["model"]]
+    config = checkpoint_config(model_name, args.simulate)
+    workdir = pick_workdir(checkpoint_bytes(config), args.workdir)
+    ckpt = Path(tempfile.mkdtemp(prefix="cogbatch-traced-", dir=workdir))
+    out: dict[str, Any] = {"trace_config": tc}
+    try:
+        out["checkpoint"] = write_random_checkpoint(ckpt / "ckpt", config, dev.type)
+        (ckpt / "images").mkdir()
+        (ckpt / "pipeline.yaml").write_text("{}\n")
+        quant = tc["quantization"] if not tc["embeddings_on_cpu"] else {"default": tc["quantization"],
+                                                                         "embeddings_on_cpu": True}  # fmt: skip
+        ceiling = tc["vram_ceiling"] or tc["card_bytes"]
+        tasks = [{"name": f"task{i}", "prompt": tc["prompt"], "max_new_tokens": tc["new_tokens"],
+                  "stop_on_repetition": False} for i in range(tc["tasks"])]  # fmt: skip
+        cfg = load_job({"model": str(ckpt / "ckpt"), "input": {"folder": str(ckpt / "images")},
+                        "output": str(ckpt / "out"), "device": dev.type, "dtype": tc["dtype"], "quantization": quant,
+                        "vram_ceiling": ceiling, "batch_size": tc["batch"], "cache_dir": str(ckpt / "cache"),
+                        "tasks": tasks}, pipeline=ckpt / "pipeline.yaml")  # fmt: skip
+        dev.reset_peak()
+        t0 = time.perf_counter()
+        park = {"swap": True, "resident": False}.get(tc["mode"])
+        model = worker_load_model(cfg, park_vision=park, use_cache=False)
+        dev.sync()
+        out["load"] = {"seconds": round(time.perf_counter() - t0, 1),
+                       "peak_allocated_gib": dev.gib("max_memory_allocated"),
+                       "peak_reserved_gib": dev.gib("max_memory_reserved")}  # fmt: skip
+
+        class TracedWorker(ModelWorker):
+            def _generation_config(self, task, attempt):
+                return replace(super()._generation_config(task, attempt), stop_token_ids=(), stop_on_repetition=False)
+
+        worker = TracedWorker(cfg, "bench-traced", model=model)
+        if tc["mode"] != "auto" and worker.plan.mode != tc["mode"]:  # as the trace forced it
+            forced = plan_mode(worker.memory, worker.ceiling, worker.max_text, worker.max_new, worker.slot_limit,
+                               None, tc["mode"])  # fmt: skip
+            worker.plan = forced or replace(worker.plan, mode=tc["mode"])
+        size = model.config.vision.image_size
+        g = torch.Generator().manual_seed(1)
+        chunk = []
+        for i in range(tc["images"]):
+            entry = ImageEntry(image_id=f"{i:064x}", path=f"random-{i}.jpg", values={})
+            requests = [Request(entry, t, tc["prompt"], "bench") for t in cfg.tasks]
+            chunk.append((LoadedImage(entry, torch.randn(3, size, size, generator=g), size, size), requests))
+        dev.reset_peak()
+        t0 = time.perf_counter()
+        with PeakKeeper(dev) as peaks:
+            rows = worker.process(chunk)
+            dev.sync()
+        out["worker"] = {"seconds": round(time.perf_counter() - t0, 1),
+                         "rows_ok": sum(r["status"] == "ok" for r in rows),
+                         "mode": worker.plan.mode, "peak_allocated_gib": peaks.gib("allocated"),
+                         "peak_reserved_gib": peaks.gib("reserved"),
+                         "measured_work": {k: {"predicted": p, "measured": m}
+                                           for k, (p, m) in worker._measured.items()}}  # fmt: skip
+    finally:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return out
+
+
+def traced_table(trace: dict[str, Any], real: dict[str, Any]) -> dict[str, Any]:
+    """Traced beside measured: the load, the worker, and the work bytes the worker measured per phase."""
+    ph = trace["phases"]
+
+    def gib(v: Any) -> Any:
+        return "n/a" if v is None else round(v / GiB, 2)
+
+    rows = []
+    for part in ("load", "worker"):
+        r = real.get(part, {})
+        rows.append([part, gib(ph[part]["peak_allocated"]), _na(r.get("peak_allocated_gib")),
+                     gib(ph[part]["peak_reserved"]), _na(r.get("peak_reserved_gib"))])  # fmt: skip
+    traced_work = (trace.get("worker") or {}).get("measured_work", {})
+    for phase, pm in real.get("worker", {}).get("measured_work", {}).items():
+        rows.append([f"{phase} work (beyond weights)", gib(traced_work.get(phase, {}).get("measured")),
+                     round(pm["measured"] / GiB, 2), "-", "-"])  # fmt: skip
+    return _table("Dry run vs this device", ["what", "traced allocated GiB", "measured allocated GiB",
+                                             "traced reserved GiB", "measured reserved GiB"], rows,
+                  "traced: the dry run's allocator model (scripts/trace_gpu.py); measured: torch.cuda.max_memory_*; "
+                  "the CUDA context and library workspaces are outside both.")  # fmt: skip
+
+
 # -- tables ----------------------------------------------------------------------------------------
 
 
@@ -812,6 +925,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     budget = Budget(args.budget_s)
     dev = Device(torch, "cpu" if args.simulate else "cuda")
+    if args.traced is not None:
+        trace = json.loads(args.traced.read_text())
+        real = {**dev.describe(), **bench_traced(trace, args, dev)}
+        if args.json:
+            args.json.write_text(json.dumps(real, indent=1) + "\n")
+        print(render_tables([traced_table(trace, real)]))
+        return 0
     bandwidth = copy_bandwidth(dev)
     report: dict[str, Any] = {
         "date": dt.date.today().isoformat(),

@@ -120,7 +120,8 @@ class ModelSource:
         `use_cache=False` quantizes without reading or writing the cache: a one-off load (`compare
         --per-layer`) must not leave gigabytes of entries no run will read. `progress(what, bytes done,
         bytes total)` is called as the weights are read (see `from_pretrained`). `options` go to
-        `CogVLM.from_pretrained` (`verify_cache`, `wait_for_cache`).
+        `CogVLM.from_pretrained` (`verify_cache`, `wait_for_cache`,
+        `park_vision` for phase-swapped runs).
         """
         from cogbatch.model.cogvlm import CogVLM
 

@@ -190,6 +190,7 @@ class CogVLM(nn.Module):
         verify_cache: bool = False,
         wait_for_cache: bool = False,
         progress: Callable[[str, int, int], None] | None = None,
+        park_vision: bool = False,
     ) -> CogVLM:
         """Load an official checkpoint (local directory, hub id or `tiny-random:<arch>`) with our implementation.
 
@@ -208,12 +209,16 @@ class CogVLM(nn.Module):
         `progress(what, bytes done, bytes total)` is called as weights are read, `what` naming the
         source ("checkpoint", or "quantized-weights cache"): a caller's progress bar over the minutes a
         large load takes.
+        `park_vision`: the vision tower is made for `device` (a quantized weight packed for its kernel
+        there) but kept in host memory, so that a phase-swapped run never holds both parts, even while
+        loading; the run's first vision phase brings it over.
         The load report is `model.load_report`.
         """
         from cogbatch.model.quant.report import LoadTracker, build_report
         from cogbatch.model.quant.spec import QuantConfig
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        host_prefix = "model.vision." if park_vision and device.type != "cpu" else None
         dtype = resolve_dtype(dtype, device)
         quant = QuantConfig.parse(quantization)
         ckpt = resolve_checkpoint(path_or_id, cache_dir=Path(cache_dir) if isinstance(cache_dir, str | Path) else None)
@@ -234,12 +239,13 @@ class CogVLM(nn.Module):
         cache: dict[str, Any] = {}
         with LoadTracker(device, progress=progress) as tracker:
             if quant is None:
-                model = cls._load_unquantized(cfg, files, dtype, device, tracker)
+                model = cls._load_unquantized(cfg, files, dtype, device, tracker, host_prefix)
             else:
                 model, cache = load_quantized(
                     cls, cfg, ckpt, files, list(found), quant=quant, dtype=dtype, device=device,
                     cache_dir=cache_dir, dequant_threshold=dequant_threshold, tracker=tracker,
                     verify_cache=verify_cache, wait_for_cache=wait_for_cache,
+                    host_prefix=host_prefix,
                 )  # fmt: skip
             model.eval().requires_grad_(False)
         model.load_report = build_report(model, tracker, checkpoint=ckpt, dtype=dtype, quant=quant, **cache)
@@ -249,7 +255,13 @@ class CogVLM(nn.Module):
 
     @classmethod
     def _load_unquantized(
-        cls, cfg: CogVLMConfig, files: list[Path], dtype: torch.dtype, device: torch.device, tracker: Any
+        cls,
+        cfg: CogVLMConfig,
+        files: list[Path],
+        dtype: torch.dtype,
+        device: torch.device,
+        tracker: Any,
+        host_prefix: str | None = None,
     ) -> CogVLM:
         """Assign every tensor, cast to `dtype`, into a model built on meta: never two full copies."""
         from accelerate import init_empty_weights
@@ -261,9 +273,17 @@ class CogVLM(nn.Module):
         with tracker.phase("read"):
             for name, tensor in stream_tensors(files, device):
                 if not name.endswith(DERIVED_SUFFIXES):
-                    set_module_tensor_to_device(model, name, device, value=tensor, dtype=dtype)
+                    host = host_prefix is not None and name.startswith(host_prefix)
+                    target = torch.device("cpu") if host else device
+                    set_module_tensor_to_device(model, name, target, value=tensor.to(target), dtype=dtype)
                 tracker.read(tensor.numel() * tensor.element_size())
-            model.to(device)  # the rotary buffers
+            if host_prefix is None:
+                model.to(device)  # the rotary buffers
+            else:  # the buffers alone: `model.to` would bring the parked tower back
+                for m in model.modules():
+                    for key, buf in m._buffers.items():
+                        if buf is not None and buf.device != device:
+                            m._buffers[key] = buf.to(device)
         return model
 
     # -- inputs ---------------------------------------------------------------------------------

@@ -130,7 +130,9 @@ def memory_model_for(model: Any) -> MemoryModel:
         return total
 
     tower = model.vision_tower
-    vision = device_bytes(tower)
+    # A tower parked in host memory at load (`park_vision`) comes to the device for its phase: count it.
+    vision = sum(_tensor_bytes(t) for t in [*tower.parameters(), *tower.buffers()])
+    parked = vision - device_bytes(tower)
     dense_vision = dense_language = 0
     if "cogbatch.model.quant.linear" in sys.modules:  # a quantized model was loaded (else quanto is not needed)
         from cogbatch.model.quant.linear import largest_dense_copy
@@ -142,7 +144,7 @@ def memory_model_for(model: Any) -> MemoryModel:
         cfg=model.config,
         dtype_bytes=torch.finfo(model.dtype).bits // 8,
         weights_vision=vision,
-        weights_language=device_bytes(model) - vision,
+        weights_language=device_bytes(model) + parked - vision,
         materialized_attention=device.type != "cuda",
         dense_vision=dense_vision,
         dense_language=dense_language,

@@ -23,7 +23,8 @@ class PhasePlacement:
         self.vision = model.vision_tower
         self.host_modules = {id(m) for m in model.modules() if _on_host(m, device)}
         self.language = model.language_parts()
-        self.current = "resident"
+        # A tower parked in host memory at load (`load_model`): the language part is what is on the device.
+        self.current = "language" if _on_host_tree(self.vision, device) else "resident"
 
     def place(self, phase: str, mode: str) -> float:
         """`phase` is "vision" or "language"; outside swap `mode` every part stays (or comes back) on the device."""
@@ -41,12 +42,79 @@ class PhasePlacement:
         t0 = time.perf_counter()
         for m in off:
             move_module(m, "cpu")
+        if off and self.device.type == "cuda":
+            # The part moving in has other block sizes than the part that left: without handing the
+            # cached blocks back, the allocator reserves new segments beside them (fragmentation).
+            torch.cuda.empty_cache()
         for m in on:
             move_module(m, self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.current = want
         return time.perf_counter() - t0
+
+
+def load_model(cfg: Any, park_vision: bool | None = None, use_cache: bool = True, progress: Any = None) -> Any:
+    """The job's model; on a GPU, with the vision tower kept in host memory when the run will swap phases.
+
+    Loading both parts onto the device first would make the load the run's peak (all weights at
+    once, which is what phase swapping exists to avoid). The mode is not known before the weights
+    are measured, so `park_vision=None` takes the plan `cogbatch plan` makes from config.json; the
+    run's own plan rarely differs, and a tower parked for a run that turns out resident comes over
+    with its first chunk. `progress`: see `CogVLM.from_pretrained`.
+    """
+    if cfg.source.torch_device().type == "cuda":
+        prefer_expandable_segments()
+    if park_vision is None:
+        park_vision = predicted_mode(cfg) == "swap"
+    return cfg.source.load(use_cache=use_cache, progress=progress, park_vision=park_vision)
+
+
+def prefer_expandable_segments() -> bool:
+    """Ask CUDA's caching allocator for expandable segments, unless the user configured it or CUDA has started.
+
+    A phase switch frees one part's weights and allocates the other's, in blocks of other sizes; with
+    fixed-size segments the allocator reserves new segments beside cached ones that do not fit
+    (docs/dryrun.md, "Measured"). Only when neither PYTORCH_CUDA_ALLOC_CONF nor PYTORCH_ALLOC_CONF
+    is set, and before the load: the environment variable while CUDA has not started, else torch's
+    runtime setter (it applies to the segments created from then on).
+    """
+    import os
+
+    import torch
+
+    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
+        return False
+    setting = "expandable_segments:True"
+    if not torch.cuda.is_initialized():
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = setting
+        return True
+    setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    if setter is None:
+        return False
+    setter(setting)
+    return True
+
+
+def predicted_mode(cfg: Any) -> str | None:
+    """The execution mode `cogbatch plan` predicts for a GPU job (None on the CPU or when it cannot say)."""
+    from cogbatch.model.errors import CogbatchError
+
+    if cfg.source.torch_device().type != "cuda":
+        return None
+    from cogbatch.planning.report import plan_report
+
+    try:
+        return plan_report(cfg).plan.get("mode")
+    except CogbatchError as e:  # no config to plan from: load everything onto the device, as before
+        log.debug("no plan before the load (%s): the vision tower is loaded onto the device", e)
+        return None
+
+
+def _on_host_tree(module: Any, device: Any) -> bool:
+    """A module with parameters, all of them in host memory, while the model runs on a GPU."""
+    params = list(module.parameters())
+    return device.type != "cpu" and bool(params) and all(p.device.type == "cpu" for p in params)
 
 
 def _on_host(module: Any, device: Any) -> bool:

@@ -19,7 +19,7 @@ from cogbatch.planning.batches import DEFAULT_MAX_TEXT, plan_batches
 from cogbatch.planning.memory import calibrate, memory_model_for
 from cogbatch.results import WorkerCounters, WorkerStats
 from cogbatch.worker.loading import LoadedImage
-from cogbatch.worker.placement import DeviceMeter, PhasePlacement, usable_ceiling
+from cogbatch.worker.placement import DeviceMeter, PhasePlacement, load_model, usable_ceiling
 from cogbatch.worker.rows import error_row, ok_row
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ class ModelWorker:
     ) -> None:
         """`load_progress(what, bytes done, bytes total)` is called as the model's weights are read."""
         self.cfg, self.run_id = cfg, run_id
-        self.model = model if model is not None else cfg.source.load(progress=load_progress)
+        self.model = model if model is not None else load_model(cfg, progress=load_progress)
         # Called with (request, DecodeResult) for every finished text: the token ids a row does not keep
         # (`cogbatch compare` scores them).
         self.on_result = on_result

@@ -79,10 +79,14 @@ def leaf_names(structure: Any) -> list[str]:
     return [n for s in structure.get("inner", {}).values() for n in leaf_names(s)]
 
 
-def kernel_of(weight: torch.Tensor) -> str:
-    """The kernel a built weight runs (the names of `plan.layer_kernel`)."""
+def kernel_of(weight: torch.Tensor, packed_for: torch.device | None = None) -> str:
+    """The kernel a built weight runs (the names of `plan.layer_kernel`).
+
+    `packed_for`: the device whose layout the weight holds, when it may differ from where it sits (a
+    weight parked in host memory keeps the device's TinyGemm packing); by default, its own device.
+    """
     if isinstance(weight, TinyGemmWeightQBitsTensor):
-        return f"tinygemm-{weight.device.type}"
+        return f"tinygemm-{(packed_for or weight.device).type}"
     if isinstance(weight, AWQWeightQBitsTensor):
         return "awq"
     if type(weight) is WeightQBitsTensor:

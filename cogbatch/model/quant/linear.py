@@ -205,15 +205,16 @@ def move_module(module: nn.Module, device: str | torch.device) -> nn.Module:
     it on the other side (an O(K^2 N) identity matmul: 51 s for one 4096x11008 layer on CPU). For
     parking weights in host memory between phases and bringing them back, the packed bytes can simply
     be copied; a weight parked this way is only meant to return to a
-    device of its original type (its packing is that device's).
+    device of its original type (its packing is that device's). Tensors still on `meta` (a load
+    parks a module as soon as its weight is made, before its bias is read) stay there.
     """
     device = torch.device(device)
     with torch.no_grad():
         for m in module.modules():
             for name, param in m._parameters.items():
-                if param is not None and param.device != device:
+                if param is not None and param.device != device and not param.is_meta:
                     m._parameters[name] = nn.Parameter(_move_raw(param, device), requires_grad=param.requires_grad)
             for name, buf in m._buffers.items():
-                if buf is not None and buf.device != device:
+                if buf is not None and buf.device != device and not buf.is_meta:
                     m._buffers[name] = buf.to(device)
     return module

@@ -63,6 +63,7 @@ from cogbatch.model.quant.flat import leaf_names, unflatten
 from cogbatch.model.quant.linear import (
     DequantQLinear,
     kernel_counts,
+    move_module,
     resolve_dequant_threshold,
     set_dequant_threshold,
 )
@@ -109,6 +110,10 @@ class QuantizedLoad:
     dtype: torch.dtype
     device: torch.device
     tracker: LoadTracker
+    # Modules under this name prefix are made for `device` (a quantized weight packed for its kernel there)
+    # and moved to host memory as soon as they are made: the part of a phase-swapped run that does not run
+    # first never fills the device, not even while loading.
+    host_prefix: str | None = None
     plan: dict[str, LayerQuant] = field(init=False)
     kernels: dict[str, str] = field(init=False)
     layers: dict[str, Any] = field(init=False)
@@ -122,6 +127,22 @@ class QuantizedLoad:
             for name, lp in self.plan.items()
         }
         self.layers = plan_json(self.plan, self.kernels)
+
+    def home(self, name: str) -> torch.device:
+        """Where a tensor that is not a quantized weight goes: the host under `host_prefix` (no packing to keep)."""
+        if self.host_prefix is not None and name.startswith(self.host_prefix):
+            return torch.device("cpu")
+        return placement(name, self.quant, self.device)
+
+    def park(self, module_name: str, module: nn.Module) -> None:
+        """Copy a just-made quantized module under `host_prefix` to the host, its packing unchanged."""
+        if self.host_prefix is not None and f"{module_name}.".startswith(self.host_prefix):
+            move_module(module, "cpu")
+
+    def park_buffers(self, model: nn.Module) -> None:
+        """Move what `materialize_buffers` made on the device under `host_prefix` (the tower's buffers)."""
+        if self.host_prefix is not None:
+            move_module(model.get_submodule(self.host_prefix.rstrip(".")), "cpu")
 
 
 def _awq_available() -> bool:
@@ -172,14 +193,16 @@ def _load_from_cache(load: QuantizedLoad, entry: Path, sidecar: dict[str, Any], 
             if tuple(weight.shape) != (module.out_features, module.in_features):
                 raise CacheError(f"{module_name}: cached weight {tuple(weight.shape)} does not fit the model")
             assign_quantized(module, weight, load.dtype, device)
+            load.park(module_name, module)
             quantized.update(leaf_names(tree))
         for name in sidecar["tensors"]:
             if name not in quantized:
                 try:
-                    assign_tensor(model, name, get(name, placement(name, load.quant, device)))
+                    assign_tensor(model, name, get(name, load.home(name)))
                 except (ValueError, AttributeError) as e:
                     raise CacheError(str(e)) from None
         materialize_buffers(model, device)
+        load.park_buffers(model)
         check_no_meta(model)
     return model
 
@@ -199,14 +222,16 @@ def load_quantized(
     tracker: LoadTracker,
     verify_cache: bool = False,
     wait_for_cache: bool = False,
+    host_prefix: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build a quantized model from the cache if a valid entry exists, else by streaming the checkpoint.
 
     `names` are the checkpoint's tensors in stream order. `verify_cache`: check every checksum of a
     cached entry (else only on its first use). `wait_for_cache`: return once a new entry is written
-    (else it is written in the background). Returns the model and the cache facts for the load report.
+    (else it is written in the background). `host_prefix`: modules made for `device` but kept in host
+    memory (`QuantizedLoad.host_prefix`). Returns the model and the cache facts for the load report.
     """
-    load = QuantizedLoad(model_cls, cfg, ckpt, files, names, quant, dtype, device, tracker)
+    load = QuantizedLoad(model_cls, cfg, ckpt, files, names, quant, dtype, device, tracker, host_prefix)
     groups = {lp.group_size for lp in load.plan.values() if lp.qtype == "int4"}
     for g in sorted(groups, key=lambda x: x or 0):
         line, fallback = describe_int4_kernel(device, dtype, g)
@@ -337,6 +362,7 @@ def _build(
         tracker.times[phase] += seconds
     tracker.workers = worker_count(load.device)
     materialize_buffers(model, load.device)
+    load.park_buffers(model)  # before the writer takes the model's tensors: it holds the parked part's host copies
     check_no_meta(model)
     if target is None:
         release()

@@ -22,7 +22,7 @@ import contextlib
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,12 +30,19 @@ from torch import nn
 
 from cogbatch.model.quant.builders import Builder, CastBuilder, linear_builder
 from cogbatch.model.quant.quantizer import Timings
-from cogbatch.model.quant.skeleton import assign_quantized, assign_tensor, placement
+from cogbatch.model.quant.skeleton import assign_quantized, assign_tensor
 from cogbatch.model.quant.stfile import MappedFile
 from cogbatch.model.weights import DERIVED_SUFFIXES
 
 if TYPE_CHECKING:
     from cogbatch.model.quant.loader import QuantizedLoad
+
+
+def make_pool(workers: int) -> Executor:
+    """The pool that runs one load's row blocks. A module-level function so that a caller can swap in an
+    executor of its own: the dry run's dispatch modes are per thread, so it runs every block on the
+    loading thread (pool threads would escape its tracing)."""
+    return ThreadPoolExecutor(workers, "cogbatch-quantize")
 
 
 def worker_count(device: torch.device) -> int:
@@ -83,7 +90,7 @@ def stream_quantize(load: QuantizedLoad, model: nn.Module) -> dict[str, float]:
             load.tracker.read(nbytes)
 
     # the workers' scratch buffers are thread-local: they go when the pool's threads end with the load
-    with _single_threaded_ops(load.device.type == "cpu"), ThreadPoolExecutor(workers, "cogbatch-quantize") as pool:
+    with _single_threaded_ops(load.device.type == "cpu"), make_pool(workers) as pool:
         try:
             for name, src in _checkpoint_tensors(load):
                 builder, done = _builder_for(load, model, name, tuple(src.shape))
@@ -123,8 +130,10 @@ def _builder_for(load: QuantizedLoad, model: nn.Module, name: str, shape: tuple[
         builder = linear_builder(lp, load.kernels[module_name], shape, load.dtype, load.device)
 
         def done() -> None:
-            assign_quantized(model.get_submodule(module_name), builder.finish(), load.dtype, load.device)
+            module = model.get_submodule(module_name)
+            assign_quantized(module, builder.finish(), load.dtype, load.device)
+            load.park(module_name, module)  # a parked module's device copy goes as soon as it is made
 
         return builder, done
-    builder = CastBuilder(shape, load.dtype, placement(name, load.quant, load.device))
+    builder = CastBuilder(shape, load.dtype, load.home(name))
     return builder, lambda: assign_tensor(model, name, builder.finish())

@@ -64,7 +64,7 @@ def cache_contents(load: QuantizedLoad, model: nn.Module) -> tuple[list[tuple[st
         if module_name in load.plan and leaf == "weight":
             module = model.get_submodule(module_name)
             assert isinstance(module, QModuleMixin)
-            kernel = kernel_of(module.weight)
+            kernel = kernel_of(module.weight, load.device)  # a parked weight is on the host
             if kernel != load.kernels[module_name]:
                 raise CacheError(f"{module_name}: built for {kernel}, predicted {load.kernels[module_name]}")
             structure[module_name], leaves = flatten(module.weight, name)

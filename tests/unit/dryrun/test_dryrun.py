@@ -1,0 +1,184 @@
+"""CI runs the GPU path: the real loader, ModelWorker.process and the decoder on fake CUDA tensors, small shapes.
+
+Both generations, sm86 bf16 and sm75 fp16, int4 and int8, phase-swapped and resident; each run
+asserts the rows, the kernel classes the loader must pick on that device, and where the weights
+are while each phase runs. A device, dtype or packing bug in CUDA-only code fails here.
+"""
+
+import os
+
+import pytest
+import torch
+
+from cogbatch.dryrun import TraceConfig, trace
+from cogbatch.dryrun.config import small_config
+from cogbatch.dryrun.kernels import KernelCheckError
+
+GiB = 2**30
+
+# (model, capability, dtype, quantization, mode): every pair of generation x device covers int4 and
+# int8, swap and resident at least once.
+RUNS = [
+    ("cogvlm2", (8, 6), "bf16", "int4", "swap"),
+    ("cogvlm2", (8, 6), "bf16", "int8", "resident"),
+    ("cogvlm2", (7, 5), "fp16", "int4", "resident"),
+    ("cogvlm2", (7, 5), "fp16", "int8", "swap"),
+    ("cogvlm", (8, 6), "bf16", "int4", "resident"),
+    ("cogvlm", (8, 6), "bf16", "int8", "swap"),
+    ("cogvlm", (7, 5), "fp16", "int4", "swap"),
+    ("cogvlm", (7, 5), "fp16", "int8", "resident"),
+]
+# What the loader must choose (quant_pack.optimize_weight): TinyGemm for bf16 group 128 from sm80 on;
+# before sm80 quanto has no fused int4 kernel, the portable class dequantizes per call.
+KERNEL_CLASS = {
+    ((8, 6), "bf16", "int4"): "TinyGemmWeightQBitsTensor",
+    ((7, 5), "fp16", "int4"): "WeightQBitsTensor",
+    ((8, 6), "bf16", "int8"): "WeightQBytesTensor",
+    ((7, 5), "fp16", "int8"): "WeightQBytesTensor",
+}
+
+
+def small(model, **kw):
+    kw = {"batch": 2, "images": 2, "tasks": 1, "new_tokens": 2, **kw}
+    return TraceConfig(model=model, config=small_config(model), **kw)
+
+
+@pytest.mark.parametrize(("model", "capability", "dtype", "quant", "mode"), RUNS, ids=lambda v: str(v))
+def test_gpu_path_runs(model, capability, dtype, quant, mode):
+    r = trace(small(model, capability=capability, dtype=dtype, quantization=quant, mode=mode))
+    assert r["rows_ok"] == r["rows"] == 2, r["row_errors"]
+    assert r["tokens_out"] == [2, 2]
+    assert r["plan"]["mode"] == mode
+    assert r["kernels"] == {KERNEL_CLASS[capability, dtype, quant]: 33}  # every planned Linear
+    ops = r["int4_ops"]
+    if r["kernels"].get("TinyGemmWeightQBitsTensor"):
+        assert ops["_convert_weight_to_int4pack"] > 0 and ops["_weight_int4pack_mm"] > 0
+    else:
+        assert not ops, "no int4 kernel exists for this device: the CUDA TinyGemm ops must not run"
+    if quant == "int8":
+        assert r["quanto_ops"].get("qbytes_mm", 0) > 0  # quanto's CUDA int8 path: dequantize + matmul
+    sdpa = r["sdpa_by_phase"]
+    assert set(sdpa["vision_encode"]) == ({"flash"} if capability >= (8, 0) else {"efficient"})
+    # The decoder's additive slot mask rules out flash; CogVLM2's grouped KV heads, which the efficient kernel
+    # refuses, are folded into query rows (`language._grouped_attention`), so no step falls back to math.
+    assert set(sdpa["decode"]) == set(sdpa["prompt_prefill"]) == {"efficient"}
+    assert r["oom_events"] == 0
+    assert r["peak_allocated_bytes"] <= r["peak_reserved_bytes"]
+    # The worker's load asks CUDA's allocator for expandable segments unless the environment configures it.
+    assert r["allocator_expandable"] == (not os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+    # In swap mode the phase not running holds no device bytes; resident mode keeps every weight.
+    vision, language = r["worker"]["weights"]["vision"], r["worker"]["weights"]["language"]
+    at_vision = r["phases"]["vision_encode"]["start_exact"]  # live device bytes when the vision phase begins
+    at_language = r["phases"]["slot_cache"]["start_exact"]  # ... when the language phase begins (before its cache)
+    if mode == "swap":
+        assert (at_vision, at_language) == (vision, language)
+    else:
+        assert at_vision == at_language == vision + language
+    # A phase-swapped run loads with the vision tower parked in host memory: the load never holds both parts.
+    assert r["load"]["vision_parked"] == (mode == "swap")
+    assert r["load"]["weights_exact_bytes"] == (language if mode == "swap" else vision + language)
+
+
+def test_fp16_on_sm80_gets_awq():
+    """fp16 int4 on sm80+: quanto's AWQ kernel (its CUDA extension is there on a GPU), not the fallback."""
+    r = trace(small("cogvlm", capability=(8, 6), dtype="fp16", mode="resident"))
+    assert r["kernels"] == {"AWQWeightQBitsTensor": 33} and r["rows_ok"] == 2
+    assert r["quanto_ops"]["gemm_f16i4_awq"] > 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=ValueError,
+    reason="move_module rebuilds AWQ weights with quanto's __tensor_unflatten__, which cannot parse the "
+    "'AWQPacking.V2' that quanto 0.2.7's __tensor_flatten__ writes (and AWQPackedTensor asserts a CUDA device, "
+    "so it cannot sit in host memory at all): parking the vision tower at load fails on a GPU",
+)
+def test_fp16_on_sm80_phase_swap():
+    trace(small("cogvlm", capability=(8, 6), dtype="fp16", mode="swap"))
+
+
+@pytest.mark.parametrize("mode", ["resident", "swap"])
+def test_loader_memo_matches_tracing_every_layer(mode):
+    """Replaying one traced Linear per shape gives the same bytes, peaks and kernel calls as tracing all
+    (in swap mode too, where the traced vision Linears are parked as soon as they are made)."""
+    memo = trace(small("cogvlm2", worker=False, mode=mode))
+    full = trace(small("cogvlm2", worker=False, mode=mode, trace_every_layer=True))
+    assert memo["load"]["replayed_layers"] > 0 and full["load"]["replayed_layers"] == 0
+    for key in ("weights_exact_bytes", "weights_allocated_bytes", "kernels"):
+        assert memo["load"][key] == full["load"][key]
+    for key in ("peak_allocated", "peak_reserved", "peak_exact"):
+        assert memo["phases"]["load"][key] == full["phases"]["load"][key]
+    assert memo["int4_ops"] == full["int4_ops"]
+
+
+def test_weights_match_the_planner_and_the_card_is_enforced():
+    cfg = small("cogvlm", worker=False)
+    r = trace(cfg)
+    # The planner counts every weight; the traced device also holds the rotary frequencies (fp32, head_dim/2
+    # per layer), which the checkpoint does not store.
+    layers, head_dim = cfg.config["num_hidden_layers"], cfg.config["hidden_size"] // cfg.config["num_attention_heads"]
+    assert r["load"]["weights_exact_bytes"] - r["load"]["planned_device_bytes"] == layers * head_dim // 2 * 4
+    half = r["load"]["weights_exact_bytes"] // 2  # a card for half the weights
+    assert trace(small("cogvlm", worker=False, card_bytes=half, context_bytes=0))["oom_events"] > 0
+    with pytest.raises(torch.OutOfMemoryError):
+        trace(small("cogvlm", worker=False, card_bytes=half, context_bytes=0, raise_oom=True))
+
+
+def test_generate_and_expandable_segments_and_no_patch_left_behind():
+    import importlib
+
+    import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    import cogbatch.model.decoding as decoding
+    import cogbatch.model.quant.stream as stream
+    from cogbatch.dryrun.patches import QUANTO_TYPE_CHECKED
+    from cogbatch.model.cogvlm import CogVLM
+
+    def patchable():
+        return (F.scaled_dot_product_attention, decoding.ContinuousDecoder._step, stream.linear_builder,
+                stream.make_pool, stream._checkpoint_tensors, FakeTensor.tolist,
+                torch.cuda.memory_allocated)  # fmt: skip
+
+    before = patchable()
+    r = trace(small("cogvlm", generate=True, expandable_segments=True, new_tokens=2))
+    assert r["generate"]["tokens"] == [2, 2] and r["rows_ok"] == 2
+    assert r["phases"]["generate"]["peak_allocated"] <= r["phases"]["generate"]["peak_reserved"]
+    assert patchable() == before
+    assert not torch.cuda.is_available() and torch.version.cuda is None
+    assert "to" not in CogVLM.__dict__ and "encode_images" in CogVLM.__dict__
+    assert all("type" not in vars(importlib.import_module(m)) for m in QUANTO_TYPE_CHECKED)
+
+
+def test_old_cuda_packing_api_fails(monkeypatch):
+    """A CUDA-only packing bug: int32 codes (N, K), the layout torch < 2.5 took, instead of uint8 (N, K/2)."""
+    from optimum.quanto.tensor.weights.tinygemm.packed import TinyGemmPackedTensor
+
+    def old_pack(cls, t):
+        t = t.to(torch.int32).contiguous()
+        if t.device.type == "cpu":
+            return original(t)
+        return cls(torch._convert_weight_to_int4pack(t, innerKTiles=2), t.size(), t.stride())
+
+    original = TinyGemmPackedTensor.pack
+    monkeypatch.setattr(TinyGemmPackedTensor, "pack", classmethod(old_pack))
+    with pytest.raises(Exception, match="uint8"):
+        trace(small("cogvlm2", worker=False))
+
+
+def test_tinygemm_outside_sm80_fails(monkeypatch):
+    """If the loader picked TinyGemm on sm75 (a wrong capability test), the CUDA kernel check refuses it."""
+    import cogbatch.model.quant.pack as qp
+
+    monkeypatch.setattr(qp, "_tinygemm_target", lambda w: w.qtype.bits == 4 and w._group_size == 128)
+    with pytest.raises(KernelCheckError, match="sm80"):
+        trace(small("cogvlm2", capability=(7, 5), dtype="bf16", worker=False))
+
+
+def test_trace_config_refuses_bad_values():
+    with pytest.raises(ValueError, match="model"):
+        TraceConfig(model="llava")
+    with pytest.raises(ValueError, match="batch"):
+        TraceConfig(batch=0)
+    with pytest.raises(ValueError, match="mode"):
+        TraceConfig(mode="both")
