@@ -12,6 +12,8 @@ import logging
 import time
 from typing import Any
 
+from cogbatch.errors import DoesNotFit
+
 log = logging.getLogger("cogbatch")
 
 
@@ -67,7 +69,37 @@ def load_model(cfg: Any, park_vision: bool | None = None, use_cache: bool = True
         prefer_expandable_segments()
     if park_vision is None:
         park_vision = predicted_mode(cfg) == "swap"
+    if park_vision and awq_weights(cfg):
+        raise DoesNotFit(
+            "this run must swap the vision tower and the language model on the GPU to stay under "
+            "vram_ceiling, but fp16 int4 on compute capability 8.0+ runs quanto's AWQ kernel, whose weights "
+            "cannot leave the GPU: use dtype: bf16 (or auto), a larger vram_ceiling, or quantization rules "
+            "with another group size (docs/dryrun.md)"
+        )
     return cfg.source.load(use_cache=use_cache, progress=progress, park_vision=park_vision)
+
+
+def awq_weights(cfg: Any) -> bool:
+    """Whether a load of this job gives int4 layers quanto's AWQ kernel (fp16, group 128, sm80+, its CUDA build).
+
+    quanto 0.2.7 keeps AWQ weights in a packing that asserts a CUDA device and that its own unflatten cannot
+    parse, so they can be neither parked in host memory nor swapped between phases.
+    """
+    import torch
+
+    source, quant = cfg.source, cfg.source.quantized
+    device = source.torch_device()
+    if quant is None or device.type != "cuda" or source.compute_dtype() != "float16":
+        return False
+    if torch.cuda.get_device_capability(device)[0] < 8:
+        return False
+    groups = [quant.group_size] if quant.default == "int4" else []
+    groups += [r.group_size or quant.group_size for r in quant.rules if r.dtype == "int4"]
+    if 128 not in groups:
+        return False
+    from optimum.quanto.library.extensions import is_extension_available
+
+    return is_extension_available("quanto_cuda")
 
 
 def prefer_expandable_segments() -> bool:
