@@ -10,7 +10,7 @@ What runs is the project's code, unmodified, on fake `cuda` tensors (`session.Fa
   its blocks on the loading thread (`InlineExecutor`): fake and tracing modes are per thread.
   The builder of the first Linear of each (shape, rule, kernel) runs in full; for the others its
   allocations are replayed into the allocator and a weight of the same classes, shapes and
-  strides is handed to the loader (`LoaderMemo`); `trace_every_layer` traces them all.
+  strides is handed to the loader (`replay.LoaderMemo`); `trace_every_layer` traces them all.
 * **worker**: `ModelWorker.process` of `images` images x `tasks` prompts under the job's plan (the
   planner's mode, or a forced one), with stop tokens off so that every request makes `new_tokens`
   tokens (as `scripts/bench_gpu.py` does).
@@ -46,8 +46,8 @@ import cogbatch.model.quant.loader as loader_module
 import cogbatch.model.quant.quantizer as quantizer_module
 import cogbatch.model.quant.stream as stream_module
 from cogbatch.dryrun.config import DryRunError, TraceConfig
-from cogbatch.dryrun.memtrace import storage_key
 from cogbatch.dryrun.patches import AttrPatches
+from cogbatch.dryrun.replay import LoaderMemo
 from cogbatch.dryrun.report import TraceReport, build_report
 from cogbatch.dryrun.session import FakeCudaSession
 
@@ -98,121 +98,6 @@ def write_checkpoint_dir(config: dict[str, Any], out: Path, dtype: str) -> Path:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / _FAKE_SHARD).write_bytes(b"")  # the loader sizes its shards for progress; nothing reads this one
     return out
-
-
-class LoaderMemo:
-    """Build the first Linear of each (shape, rule, kernel) for real (fake tensors); replay it for the others.
-
-    A builder's work depends only on the weight's shape, its rule, its kernel, the dtype and the
-    device, so a traced builder's allocation sequence and kernel calls are those of every builder like
-    it. Called as the stream's `linear_builder`: the first builder of a kind is wrapped so that its
-    allocations, from its buffers to its finished weight, are captured (`_TracedBuilder`); the others
-    read nothing (`_ReplayedBuilder`): at `finish` the sequence is replayed into the allocator (same
-    transient peaks, same blocks), the counted operators are added, and a weight of the same
-    classes, shapes and strides is returned, its storages taking the blocks the replay left live.
-    CogVLM2 has 577 quantized Linears of about 10 shapes.
-    """
-
-    def __init__(self, session: FakeCudaSession, original: Callable[..., Any], every_layer: bool) -> None:
-        self.session = session
-        self.original = original
-        self.every_layer = every_layer
-        self.templates: dict[tuple[Any, ...], tuple[tuple, list[tuple[int, int]], Counter[str]]] = {}
-        self.traced = self.replayed = 0
-
-    def __call__(self, lp: Any, kernel: str, shape: tuple[int, int], dtype: torch.dtype, device: Any) -> Any:
-        key = (tuple(shape), lp.qtype, lp.group_size, kernel, dtype, torch.device(device).type)
-        template = None if self.every_layer else self.templates.get(key)
-        if template is None:
-            self.traced += 1
-            if self.every_layer:
-                return self.original(lp, kernel, shape, dtype, device)
-            return _TracedBuilder(self, key, lambda: self.original(lp, kernel, shape, dtype, device))
-        self.replayed += 1
-        return _ReplayedBuilder(self.session, *template)
-
-    def clear(self) -> None:
-        """Drop the templates (the load is over)."""
-        self.templates.clear()
-
-
-class _TracedBuilder:
-    """A real builder whose device allocations and counted operators, until `finish`, become a template."""
-
-    def __init__(self, memo: LoaderMemo, key: tuple[Any, ...], make: Callable[[], Any]) -> None:
-        self.memo, self.key = memo, key
-        s = memo.session
-        self._counts = Counter(s.mode.counts)
-        self._capture = s.trace.capture()
-        self._script = self._capture.__enter__()
-        try:
-            self.inner = make()
-        except BaseException:
-            self._capture.__exit__(None, None, None)
-            raise
-
-    def blocks(self) -> list[tuple[int, int]]:
-        return self.inner.blocks()
-
-    def fill(self, *args: Any) -> None:
-        self.inner.fill(*args)
-
-    def finish(self) -> torch.Tensor:
-        try:
-            weight = self.inner.finish()
-        finally:
-            self._capture.__exit__(None, None, None)
-        s = self.memo.session
-        self.memo.templates[self.key] = (_structure(weight), self._script, s.mode.counts - self._counts)
-        return weight
-
-
-class _ReplayedBuilder:
-    """A builder with no blocks whose `finish` replays a template: its allocations, its counts, its structure."""
-
-    def __init__(self, session: FakeCudaSession, weight: tuple, script: list[tuple[int, int]], counts: Counter):
-        self.session, self.weight, self.script, self.counts = session, weight, script, counts
-
-    def blocks(self) -> list[tuple[int, int]]:
-        return []
-
-    def finish(self) -> torch.Tensor:
-        s = self.session
-        s.trace.replay(self.script)
-        s.mode.counts.update(self.counts)
-        try:
-            return _rebuild(self.weight, {})
-        finally:
-            s.trace.release_unadopted()
-
-
-def _structure(t: torch.Tensor, storages: dict[int, int] | None = None) -> tuple:
-    """What `_rebuild` needs to make a tensor like `t`, holding none of its memory: a template must not keep
-    a weight's device storage alive once the loader has parked that weight in host memory."""
-    storages = {} if storages is None else storages
-    if is_traceable_wrapper_subclass(t):
-        names, meta = t.__tensor_flatten__()
-        inner = {n: _structure(getattr(t, n), storages) for n in names}
-        awq = (t._packing, t._reorder) if type(t).__name__ == "AWQPackedTensor" else None
-        return ("subclass", type(t), inner, meta, awq, t.size(), t.stride())
-    sid = storages.setdefault(storage_key(t), len(storages))  # inner tensors sharing a storage still do
-    n = t.untyped_storage().nbytes() // t.element_size()
-    return ("plain", sid, n, t.dtype, t.device, t.shape, t.stride(), t.storage_offset())
-
-
-def _rebuild(spec: tuple, bases: dict[tuple[int, torch.dtype], torch.Tensor]) -> torch.Tensor:
-    """A new tensor of `_structure`'s description: same (sub)classes, shapes, strides, dtypes, storage sharing."""
-    if spec[0] == "subclass":
-        _, cls, inner_specs, meta, awq, size, stride = spec
-        inner = {n: _rebuild(i, bases) for n, i in inner_specs.items()}
-        if awq is not None:  # quanto 0.2.7 cannot read back its own metadata ("AWQPacking.V2")
-            return cls(inner["_data"], *awq, size, stride)
-        return cls.__tensor_unflatten__(inner, meta, size, stride)
-    _, sid, n, dtype, device, shape, stride, offset = spec
-    base = bases.get((sid, dtype))
-    if base is None:
-        base = bases[sid, dtype] = torch.empty(n, dtype=dtype, device=device)
-    return base.as_strided(shape, stride, offset)
 
 
 def _fake_checkpoint_io(cfg_dict: dict[str, Any], dtype: torch.dtype) -> list[tuple[Any, str, Any]]:

@@ -11,7 +11,7 @@ Phases (`with trace.phase("decode"):`) keep, per name, the calls, the peaks of a
 exact bytes while any call was open, and the largest growth over a call's start. `capture()` records
 the allocation sequence of a block of code and `replay()` plays it into the allocator again, the
 blocks it leaves live going to the next tensors of their sizes: the loader traces one Linear per
-distinct shape and replays the rest (see `driver.LoaderMemo`).
+distinct shape and replays the rest (see `replay.LoaderMemo`).
 """
 
 from __future__ import annotations
