@@ -97,9 +97,9 @@ def awq_weights(cfg: Any) -> bool:
     groups += [r.group_size or quant.group_size for r in quant.rules if r.dtype == "int4"]
     if 128 not in groups:
         return False
-    from optimum.quanto.library.extensions import is_extension_available
+    from cogbatch.model.quant.loader import awq_available
 
-    return is_extension_available("quanto_cuda")
+    return awq_available()
 
 
 def prefer_expandable_segments() -> bool:

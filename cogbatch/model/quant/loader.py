@@ -121,7 +121,7 @@ class QuantizedLoad:
     def __post_init__(self) -> None:
         self.plan = plan_layers(self.cfg, self.quant)
         shapes = checkpoint_tensor_shapes(self.cfg)
-        awq = self.device.type == "cuda" and _awq_available()
+        awq = self.device.type == "cuda" and awq_available()
         self.kernels = {
             name: layer_kernel(lp, shapes[f"{name}.weight"], self.device, self.dtype, awq)
             for name, lp in self.plan.items()
@@ -145,7 +145,8 @@ class QuantizedLoad:
             move_module(model.get_submodule(self.host_prefix.rstrip(".")), "cpu")
 
 
-def _awq_available() -> bool:
+def awq_available() -> bool:
+    """Whether quanto's CUDA extension is registered: fp16 int4 on sm80+ then runs its AWQ kernel."""
     from optimum.quanto.library.extensions import is_extension_available
 
     return is_extension_available("quanto_cuda")
