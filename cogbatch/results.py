@@ -194,7 +194,8 @@ class PlanReport:
     int4_kernel: str | None = None  # what int4 layers multiply with there (None: nothing quantized)
     config_source: str | None = None  # where config.json came from when not from the checkpoint itself
     prompt_tokens_source: str = ""  # how per_request["assumed_prompt_tokens"] was decided
-    embeddings_on_cpu: bool = False  # the job's setting (`variants` has both)
+    embeddings_on_cpu: bool = False  # the job's setting, or what `auto` chose (`variants` has both)
+    embeddings_auto: bool = False  # the job left it to the planner (`embeddings_on_cpu: auto`)
     variants: list[dict[str, Any]] = field(default_factory=list)  # without / with embeddings_on_cpu: modes, plan
 
     def to_dict(self) -> dict[str, Any]:
@@ -253,7 +254,11 @@ class PlanReport:
         fits = f"what fits in {self.vram_ceiling / GIB:.2f} GiB"
         header = (fits, "weights", "resident", "phase-swapped", "a run uses")
         widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-        return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in (header, *rows)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in (header, *rows)]
+        if self.embeddings_auto:
+            where = "host memory (the run swaps phases)" if self.embeddings_on_cpu else "the device"
+            lines.append(f"  * embeddings_on_cpu: auto -> the token embeddings in {where}")
+        return lines
 
 
 @dataclass

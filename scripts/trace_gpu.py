@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capability", default="8.6", help="compute capability of the fake GPU (default 8.6)")
     p.add_argument("--dtype", default="bf16", choices=DTYPES)
     p.add_argument("--quantization", default="int4", help="as a job's quantization: int4, int4-g64, int8, none")
-    p.add_argument("--embeddings-on-cpu", action="store_true", help="keep the token table in host memory")
+    p.add_argument("--embeddings-on-cpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="the token table in host memory (default: the job's auto, host memory when the run swaps)")
     p.add_argument("--batch", type=int, default=4, help="the job's batch_size: decode slots at most (default 4)")
     p.add_argument("--images", type=int, default=4, help="images in the chunk (default 4)")
     p.add_argument("--tasks", type=int, default=1, help="prompts per image (default 1)")
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-worker", action="store_true", help="only the load (and --generate)")
     p.add_argument("--raise-oom", action="store_true", help="an allocation past the card raises, as on the card")
     p.add_argument("--trace-every-layer", action="store_true", help="trace the loader on every Linear (slow)")
+    p.add_argument("--short-decode", action="store_true",
+                   help="each request makes 2 tokens (its cache still sized for --new-tokens): fast grids")
     p.add_argument("--json", type=Path, help="write the report here")
     return p
 
@@ -86,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             worker=not args.no_worker,
             raise_oom=args.raise_oom,
             trace_every_layer=args.trace_every_layer,
+            short_decode=args.short_decode,
         )
         cfg.job_quantization()
         if args.json is not None and not args.json.parent.is_dir():

@@ -66,7 +66,7 @@ class TraceConfig:
     capability: tuple[int, int] = (8, 6)
     dtype: str = "bf16"
     quantization: Any = "int4"
-    embeddings_on_cpu: bool = False
+    embeddings_on_cpu: bool | None = None  # None: the job's default (auto: host memory when the run swaps)
     batch: int = 4
     images: int = 4
     tasks: int = 1
@@ -82,6 +82,10 @@ class TraceConfig:
     raise_oom: bool = False  # an allocation past the card raises torch.OutOfMemoryError (else it is counted)
     strict_kernels: bool = True  # a failed CUDA kernel check raises (else it is counted)
     trace_every_layer: bool = False  # trace the loader on every Linear, not one per distinct shape
+    # Every request makes 2 new tokens, one from its prompt prefill and one decode step, while the decoder
+    # still plans and allocates its cache for `new_tokens`: minutes less per run, for grids of runs
+    # (`scripts/bench_planner.py`); the later steps' working memory, which grows with the keys seen, is not traced.
+    short_decode: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -110,16 +114,19 @@ class TraceConfig:
         return self.vram_ceiling if self.vram_ceiling is not None else self.card_bytes
 
     def job_quantization(self) -> Any:
-        """The job's `quantization:` value, with `embeddings_on_cpu` merged in."""
+        """The job's `quantization:` value, with `embeddings_on_cpu` merged in when it is set."""
         q = self.quantization
-        if not self.embeddings_on_cpu:
+        if self.embeddings_on_cpu is None:
             return q
         if isinstance(q, dict):
-            return {**q, "embeddings_on_cpu": True}
+            return {**q, "embeddings_on_cpu": self.embeddings_on_cpu}
         if q in (None, "none"):
+            if not self.embeddings_on_cpu:
+                return q
             raise ValueError("embeddings_on_cpu needs a quantized model")
         default, _, group = str(q).partition("-g")
-        return {"default": default, **({"group_size": int(group)} if group else {}), "embeddings_on_cpu": True}
+        group_size = {"group_size": int(group)} if group else {}
+        return {"default": default, **group_size, "embeddings_on_cpu": self.embeddings_on_cpu}
 
 
 def parse_capability(text: str) -> tuple[int, int]:

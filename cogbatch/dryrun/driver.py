@@ -181,14 +181,19 @@ def _job(cfg: TraceConfig, ckpt: Path, work: Path) -> Any:
         raise DryRunError(str(e)) from None
 
 
-def _trace_worker_class(session: FakeCudaSession) -> type:
+def _trace_worker_class(session: FakeCudaSession, short_decode: bool) -> type:
     from cogbatch.worker.worker import ModelWorker
 
     class TraceWorker(ModelWorker):
-        """The pipeline's worker; every request makes exactly max_new_tokens (no stop token, no loop stop)."""
+        """The pipeline's worker; every request makes exactly max_new_tokens (no stop token, no loop stop).
+
+        With `short_decode` each request makes 2 of them, in a decoder sized for the task's max_new_tokens
+        (`_planned_size_decoder`).
+        """
 
         def _generation_config(self, task: Any, attempt: int) -> Any:
-            return replace(super()._generation_config(task, attempt), stop_token_ids=(), stop_on_repetition=False)
+            gen = replace(super()._generation_config(task, attempt), stop_token_ids=(), stop_on_repetition=False)
+            return replace(gen, max_new_tokens=min(2, gen.max_new_tokens)) if short_decode else gen
 
         def _place(self, phase: str) -> None:
             with session.trace.phase("placement"):
@@ -240,7 +245,7 @@ def _run_worker(session: FakeCudaSession, cfg: TraceConfig, jcfg: Any, model: An
 
     with session.outside():
         out["plan_from_config"] = plan_report(jcfg).to_dict()
-    worker = _trace_worker_class(session)(jcfg, "dryrun", model=model)
+    worker = _trace_worker_class(session, cfg.short_decode)(jcfg, "dryrun", model=model)
     out["notes"] += _force_mode(worker, cfg.mode)
     plan = worker.plan
     out["plan"] = plan.to_dict()
@@ -259,7 +264,8 @@ def _run_worker(session: FakeCudaSession, cfg: TraceConfig, jcfg: Any, model: An
             (LoadedImage(entry, pixels, size, size), [Request(entry, t, cfg.prompt, "dryrun") for t in jcfg.tasks])
         )
     t0 = time.perf_counter()
-    with session.trace.phase("worker"):
+    sized = [(decoding_module, "ContinuousDecoder", _planned_size_decoder(worker.max_new))] if cfg.short_decode else []
+    with session.trace.phase("worker"), AttrPatches(sized):
         rows = worker.process(chunk)
     out["timings"]["worker_s"] = time.perf_counter() - t0
     out["rows"] = len(rows)
@@ -274,6 +280,17 @@ def _run_worker(session: FakeCudaSession, cfg: TraceConfig, jcfg: Any, model: An
         "plan_after": worker.plan.to_dict(),
         "max_text": worker.max_text,
     }
+
+
+def _planned_size_decoder(max_new: int) -> type:
+    """The decoder with its cache sized for the plan's `max_new` tokens, whatever its requests ask (`short_decode`)."""
+    base = decoding_module.ContinuousDecoder
+
+    class PlannedSizeDecoder(base):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **{**kwargs, "max_new": max_new})
+
+    return PlannedSizeDecoder
 
 
 def _run_generate(session: FakeCudaSession, cfg: TraceConfig, model: Any, out: dict[str, Any]) -> None:
@@ -365,9 +382,14 @@ def _load_figures(session: FakeCudaSession, model: Any, memo: LoaderMemo, quant_
     from cogbatch.model.quant.plan import predict_weight_bytes
     from cogbatch.model.quant.spec import QuantConfig
 
-    planned = predict_weight_bytes(model.config, QuantConfig.parse(quant_arg), dtype)["device"]
+    embeddings_on_cpu = model.model.embed_tokens.weight.device.type == "cpu"  # the job's setting, or auto's choice
+    quant = QuantConfig.parse(quant_arg)
+    if quant is not None:
+        quant = replace(quant, embeddings_on_cpu=embeddings_on_cpu)
+    planned = predict_weight_bytes(model.config, quant, dtype)["device"]
     report = model.load_report
     return {
+        "embeddings_on_cpu": embeddings_on_cpu,
         "weights_allocated_bytes": session.allocator.stats.allocated,
         "weights_exact_bytes": session.trace.exact["cuda"],
         "reserved_after_bytes": session.allocator.stats.reserved,

@@ -102,7 +102,7 @@ def build_report(cfg: Any, session: Any, out: dict[str, Any]) -> TraceReport:
     data = {
         "config": {k: v for k, v in asdict(cfg).items() if k != "config"}
         | {"config": "custom" if cfg.config else None},
-        "quantization": _describe_quant(cfg),
+        "quantization": _describe_quant(cfg, out.get("load", {}).get("embeddings_on_cpu")),
         "device": {
             "capability": list(cfg.capability),
             "card_bytes": cfg.card_bytes,
@@ -157,9 +157,12 @@ def _largest(allocations: list[tuple[int, str, tuple[int, ...], str]]) -> list[d
     return sorted(seen.values(), key=lambda e: -e["bytes"])[:12]
 
 
-def _describe_quant(cfg: Any) -> str:
+def _describe_quant(cfg: Any, embeddings_on_cpu: bool | None) -> str:
+    """`int4-g64 +rules emb-cpu`: the weights and, as loaded, where the token embeddings were."""
     q = cfg.job_quantization()
     if isinstance(q, dict):
         text = f"{q.get('default', 'int4')}" + (f"-g{q['group_size']}" if q.get("group_size") else "")
-        return text + (" +rules" if q.get("rules") else "") + (" emb-cpu" if q.get("embeddings_on_cpu") else "")
-    return str(q)
+        text += " +rules" if q.get("rules") else ""
+    else:
+        text = str(q)
+    return text + (" emb-cpu" if embeddings_on_cpu else "")

@@ -246,7 +246,11 @@ def read_quantization(value: Any, key: str = "quantization") -> QuantConfig:
     if not isinstance(rules_data, list):
         raise ConfigError(f"{sec.key('rules')}: must be a list of {{pattern, dtype}} mappings")
     rules = tuple(_quant_rule(r, f"{sec.key('rules')}[{i}]") for i, r in enumerate(rules_data))
-    cpu_embed = sec.bool_("embeddings_on_cpu", False)
+    cpu_embed = sec.get("embeddings_on_cpu", "auto")
+    if cpu_embed == "auto":
+        cpu_embed = None  # the worker decides (`planning.report.resolve_embeddings`)
+    elif not isinstance(cpu_embed, bool):
+        raise ConfigError(f"{sec.key('embeddings_on_cpu')}: must be true, false or auto")
     threshold = _dequant_threshold(sec)
     sec.finish()
     return QuantConfig(default, group, rules, cpu_embed, threshold)

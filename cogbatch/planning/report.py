@@ -48,17 +48,17 @@ def plan_report(
     quant = job.quantization.effective()
     dense = planned_dense_copies(cfg, quant, device.type, dtype, capability)  # Linears only: the same for both
     dtype_bytes = torch.finfo(dtype).bits // 8
-    variants = []
-    for on_cpu in (False, True):  # the job's own setting, and embeddings_on_cpu flipped
-        own = on_cpu == bool(quant and quant.embeddings_on_cpu)
-        q = quant if own else dataclasses.replace(job.quantization, embeddings_on_cpu=on_cpu).effective()
+    variants, models = [], []
+    for on_cpu in (False, True):  # the table on the device, and in host memory
+        q = dataclasses.replace(job.quantization, embeddings_on_cpu=on_cpu).effective() if quant else None
         w = predict_weight_bytes(cfg, q, dtype)
         vm = _memory_model(cfg, w, dense, dtype_bytes, device.type)
         v_modes, v_plan = _modes(vm, ceiling, max_text, max_new, job.batch_size or 64)
-        if own:
-            weights, mm, modes, chosen = w, vm, v_modes, v_plan
+        models.append((w, vm, v_modes, v_plan))
         variants.append({"embeddings_on_cpu": on_cpu, "weights_device_bytes": w["device"], "modes": v_modes,
                          "plan": {k: v_plan.get(k) for k in ("mode", "slots", "error")}})  # fmt: skip
+    on_cpu = _embeddings_choice(quant, device.type, models[0][3].get("mode"))
+    weights, mm, modes, chosen = models[int(on_cpu)]
     if overrun := mm.context_overrun(max_text, max_new):
         notes.append(overrun)
     if dense["language"] or dense["vision"]:
@@ -87,9 +87,35 @@ def plan_report(
         int4_kernel=_int4_kernel(device.type, dtype, capability, quant) if quant is not None else None,
         config_source=config_note,
         prompt_tokens_source=prompt_source,
-        embeddings_on_cpu=bool(quant and quant.embeddings_on_cpu),
+        embeddings_on_cpu=on_cpu,
+        embeddings_auto=quant is not None and quant.embeddings_on_cpu is None,
         variants=variants,
     )
+
+
+def _embeddings_choice(quant: Any, device_type: str, mode_on_device: str | None) -> bool:
+    """Where the token embedding table goes: the job's setting, or with `auto` the host when the run must swap.
+
+    A run that must swap the vision tower and the language model over PCIe (or does not fit at all) is
+    short of device memory; the table (CogVLM2: 0.98 GiB in bf16) only serves a row lookup per token,
+    which the host does for the price of copying the looked-up rows (a few MB per image prefix, kB per
+    decode step), so `auto` moves it there first. A run that fits resident keeps it on the device.
+    Only a quantized load can place it.
+    """
+    if quant is None:
+        return False
+    if quant.embeddings_on_cpu is not None:
+        return quant.embeddings_on_cpu
+    return device_type == "cuda" and mode_on_device != "resident"
+
+
+def resolve_embeddings(job: JobConfig) -> JobConfig:
+    """`job` with `embeddings_on_cpu: auto` decided as `cogbatch plan` decides it (`_embeddings_choice`)."""
+    quant = job.quantization
+    if quant.embeddings_on_cpu is not None:
+        return job
+    choice = plan_report(job).embeddings_on_cpu if job.source.torch_device().type == "cuda" else False
+    return dataclasses.replace(job, quantization=dataclasses.replace(quant, embeddings_on_cpu=choice))
 
 
 def _memory_model(

@@ -67,6 +67,7 @@ def load_model(cfg: Any, park_vision: bool | None = None, use_cache: bool = True
     """
     if cfg.source.torch_device().type == "cuda":
         prefer_expandable_segments()
+        cfg = _embeddings_decided(cfg)
     if park_vision is None:
         park_vision = predicted_mode(cfg) == "swap"
     if park_vision and awq_weights(cfg):
@@ -77,6 +78,18 @@ def load_model(cfg: Any, park_vision: bool | None = None, use_cache: bool = True
             "with another group size (docs/dryrun.md)"
         )
     return cfg.source.load(use_cache=use_cache, progress=progress, park_vision=park_vision)
+
+
+def _embeddings_decided(cfg: Any) -> Any:
+    """The job with `embeddings_on_cpu: auto` decided as `cogbatch plan` does (unchanged when it cannot plan)."""
+    from cogbatch.model.errors import CogbatchError
+    from cogbatch.planning.report import resolve_embeddings
+
+    try:
+        return resolve_embeddings(cfg)
+    except CogbatchError as e:
+        log.debug("embeddings_on_cpu auto: no plan before the load (%s): the table stays on the device", e)
+        return cfg
 
 
 def awq_weights(cfg: Any) -> bool:

@@ -51,14 +51,15 @@ class QuantConfig:
 
     Only `nn.Linear` layers are ever quantized: embeddings, norms and convolutions keep the compute
     dtype whatever the rules say. `embeddings_on_cpu` keeps the token embedding table in host memory
-    (CogVLM2's is 1 GB in bf16) and `dequant_threshold` decides where a layer's work runs; both place
-    work, not weights, so neither is part of the cache key.
+    (CogVLM2's is 1 GB in bf16; None = "auto": the pipeline decides, see `resolve_embeddings`; a
+    plain load keeps it on the device) and `dequant_threshold` decides where a layer's work runs;
+    both place work, not weights, so neither is part of the cache key.
     """
 
     default: str = "int4"
     group_size: int = 128
     rules: tuple[QuantRule, ...] = ()
-    embeddings_on_cpu: bool = False
+    embeddings_on_cpu: bool | None = None
     dequant_threshold: DequantThreshold = None
 
     def __post_init__(self) -> None:
@@ -95,9 +96,11 @@ class QuantConfig:
         if not isinstance(raw_rules, (list, tuple)):
             raise ConfigError("quantization.rules: expected a list of {pattern, dtype} mappings")
         rules = tuple(_parse_rule(r, f"quantization.rules[{i}]") for i, r in enumerate(raw_rules))
-        embeddings_on_cpu = spec.get("embeddings_on_cpu", False)
-        if not isinstance(embeddings_on_cpu, bool):
-            raise ConfigError("quantization.embeddings_on_cpu: expected true or false")
+        embeddings_on_cpu = spec.get("embeddings_on_cpu")
+        if embeddings_on_cpu == "auto":
+            embeddings_on_cpu = None
+        if not isinstance(embeddings_on_cpu, bool | None):
+            raise ConfigError("quantization.embeddings_on_cpu: expected true, false or auto")
         return cls(default, int(group or 128), rules, embeddings_on_cpu).effective()
 
     def effective(self) -> QuantConfig | None:
@@ -136,7 +139,7 @@ class QuantConfig:
             "default": self.default,
             "group_size": self.group_size,
             "rules": self.rule_labels(),
-            "embeddings_on_cpu": self.embeddings_on_cpu,
+            "embeddings_on_cpu": "auto" if self.embeddings_on_cpu is None else self.embeddings_on_cpu,
             "dequant_threshold": self.dequant_threshold,
         }
 

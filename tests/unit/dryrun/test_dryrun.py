@@ -181,3 +181,31 @@ def test_trace_config_refuses_bad_values():
         TraceConfig(batch=0)
     with pytest.raises(ValueError, match="mode"):
         TraceConfig(mode="both")
+
+
+def test_embeddings_auto_puts_the_table_in_host_memory_when_the_run_would_swap():
+    """`embeddings_on_cpu: auto` (the default): the table stays on the device for a run that fits resident,
+    and goes to host memory, decided before the load, for one whose ceiling would make it swap phases."""
+    roomy = trace(small("cogvlm2"))
+    assert roomy["load"]["embeddings_on_cpu"] is False and roomy["plan"]["mode"] == "resident"
+    on_device = roomy["plan_from_config"]["variants"][0]["modes"]
+    # a ceiling between what one request needs resident and phase-swapped, with the table on the device
+    ceiling = (on_device["resident"]["peak_bytes_batch_1"] + on_device["swap"]["peak_bytes_batch_1"]) // 2
+    tight = trace(small("cogvlm2", vram_ceiling=ceiling))
+    assert tight["load"]["embeddings_on_cpu"] is True and tight["rows_ok"] == 2, tight["row_errors"]
+    assert tight["plan_from_config"]["embeddings_on_cpu"] and tight["plan_from_config"]["embeddings_auto"]
+    table = 2 * small_config("cogvlm2")["vocab_size"] * small_config("cogvlm2")["hidden_size"]  # bf16
+    assert roomy["load"]["weights_exact_bytes"] - tight["load"]["weights_exact_bytes"] == table
+    assert "emb-cpu" in tight["quantization"] and "emb-cpu" not in roomy["quantization"]
+    kept = trace(small("cogvlm2", vram_ceiling=ceiling, embeddings_on_cpu=False))  # an explicit false is kept
+    assert kept["load"]["embeddings_on_cpu"] is False
+
+
+def test_short_decode_ends_each_request_early_with_the_cache_of_a_full_run():
+    """`short_decode` (the planner grid's runs): 2 tokens per request, the decoder planned as for all of them."""
+    full = trace(small("cogvlm", new_tokens=4))
+    quick = trace(small("cogvlm", new_tokens=4, short_decode=True))
+    assert full["tokens_out"] == [4, 4] and quick["tokens_out"] == [2, 2]
+    assert quick["phases"]["decode"]["calls"] < full["phases"]["decode"]["calls"]
+    assert quick["phases"]["slot_cache"]["growth"] == full["phases"]["slot_cache"]["growth"] > 0  # sized for 4
+    assert quick["planned_peak_bytes"] == full["planned_peak_bytes"]

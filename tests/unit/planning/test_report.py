@@ -36,17 +36,20 @@ def test_will_cogvlm2_fit_a_12gb_card_answered_before_any_download():
     assert report.vram_ceiling == report.target["usable_bytes"] == int(11.5 * GiB)
     assert "TinyGemm" in report.int4_kernel and report.dense_copy_bytes == {"vision": 0, "language": 0}
     assert report.per_request["assumed_prompt_tokens"] == 128 and "no job file" in report.prompt_tokens_source
-    assert report.plan["mode"] == "swap" and not report.modes["resident"]["fits"]
     without, with_cpu = report.variants
     assert (without["embeddings_on_cpu"], with_cpu["embeddings_on_cpu"]) == (False, True)
-    assert without["plan"] == {"mode": "swap", "slots": report.plan["slots"], "error": None}
+    assert without["plan"]["mode"] == "swap" and not without["modes"]["resident"]["fits"]
+    # embeddings_on_cpu: auto (the default) puts the table in host memory for a run that must swap
+    assert report.embeddings_auto and report.embeddings_on_cpu
+    assert with_cpu["plan"] == {"mode": report.plan["mode"], "slots": report.plan["slots"], "error": None}
     embeddings = report.weights["embeddings"]
     assert without["weights_device_bytes"] - with_cpu["weights_device_bytes"] == embeddings > 0.9 * GiB
     assert with_cpu["modes"]["swap"]["largest_batch"] > without["modes"]["swap"]["largest_batch"]
     assert any("set vram_ceiling: 11776MiB to use this card" in n for n in report.notes)  # the job's 11 GiB
     text = report.describe()
     assert "card: RTX 3060 12GB, 12.00 GiB, compute capability 8.6; usable 11.50 GiB (minus 0.50 GiB" in text
-    assert "what fits in 11.50 GiB" in text and "int4-g128 + embeddings_on_cpu" in text
+    assert "what fits in 11.50 GiB" in text and "* int4-g128 + embeddings_on_cpu" in text
+    assert "embeddings_on_cpu: auto -> the token embeddings in host memory" in text
     assert json.loads(json.dumps(report.to_dict()))["variants"][1]["embeddings_on_cpu"] is True
 
 
@@ -58,11 +61,13 @@ def test_a_card_before_sm80_plans_fp16_with_the_dense_copies():
     assert "before sm80" in old.int4_kernel
     same_memory = cogbatch.plan_job(model="cogvlm2", vram="11GiB", capability="8.6", pipeline=PIPELINE)
     assert same_memory.dtype == "bfloat16" and same_memory.vram_ceiling == old.vram_ceiling
-    assert old.plan["mode"] is None and "needs about" in old.plan["error"]  # the lm_head copy tips it over
+    on_device, on_host = old.variants
+    assert on_device["plan"]["mode"] is None and "needs about" in on_device["plan"]["error"]  # the lm_head copy
+    assert on_host["plan"]["mode"] == "swap"  # with embeddings_on_cpu it fits: what auto picks
+    assert old.embeddings_on_cpu and old.plan["mode"] == "swap"
     assert same_memory.plan["mode"] == "swap" and same_memory.plan["slots"] >= 1
     grown = old.modes["swap"]["peak_bytes_batch_1"] - same_memory.modes["swap"]["peak_bytes_batch_1"]
     assert grown >= 128256 * 4096 * 2
-    assert old.variants[1]["plan"]["mode"] == "swap"  # with embeddings_on_cpu it fits
 
 
 def test_vram_and_capability_plan_as_the_named_card():

@@ -103,3 +103,14 @@ def test_bad_job_rules_name_the_key(tmp_path, rule, message):
 def test_bad_dequant_threshold_names_the_key(tmp_path, value, message):
     with pytest.raises(ConfigError, match=message):
         job_with(tmp_path, {"default": "int4", "dequant_threshold": value})
+
+
+def test_embeddings_on_cpu_is_auto_unless_the_job_says_true_or_false(tmp_path):
+    """auto (None) lets the planner decide (host memory for a run that would swap); true / false are kept."""
+    assert job_with(tmp_path, {"default": "int4"}).quantization.embeddings_on_cpu is None
+    assert job_with(tmp_path, {"default": "int4", "embeddings_on_cpu": "auto"}).quantization.embeddings_on_cpu is None
+    assert job_with(tmp_path, {"default": "int4", "embeddings_on_cpu": False}).quantization.embeddings_on_cpu is False
+    assert QuantConfig.parse("int4").embeddings_on_cpu is None
+    assert QuantConfig.parse({"embeddings_on_cpu": "auto"}).job_dict()["embeddings_on_cpu"] == "auto"
+    with pytest.raises(ConfigError, match=r"quantization\.embeddings_on_cpu: must be true, false or auto"):
+        job_with(tmp_path, {"default": "int4", "embeddings_on_cpu": "yes"})
