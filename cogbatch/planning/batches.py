@@ -41,7 +41,13 @@ def chunk_images_for(slots: int) -> int:
 
 
 def plan_batches(
-    mm: MemoryModel, ceiling: int, max_text: int, max_new: int, cap: int = 64, encode_cap: int | None = None
+    mm: MemoryModel,
+    ceiling: int,
+    max_text: int,
+    max_new: int,
+    cap: int = 64,
+    encode_cap: int | None = None,
+    modes: tuple[str, ...] = ("resident", "swap"),
 ) -> BatchPlan:
     """The largest batch whose predicted peak stays under `ceiling`, and the execution mode.
 
@@ -49,9 +55,13 @@ def plan_batches(
     as many sequences as phase swapping would allow: swapping moves the language model and the
     vision tower over PCIe for every chunk. Otherwise phase swapping is used when it fits (the
     model does not fit with both parts resident and a reasonable batch). `cap` bounds the batch
-    (the job's `batch_size`), `encode_cap` the vision batch (lowered after an out-of-memory error).
+    (the job's `batch_size`), `encode_cap` the vision batch (lowered after an out-of-memory error);
+    `modes` the modes the model's weights allow (quanto's AWQ weights cannot leave the GPU: resident only).
     """
-    resident, swap = (plan_mode(mm, ceiling, max_text, max_new, cap, encode_cap, m) for m in ("resident", "swap"))
+    resident, swap = (
+        plan_mode(mm, ceiling, max_text, max_new, cap, encode_cap, m) if m in modes else None
+        for m in ("resident", "swap")
+    )
     if resident and (swap is None or resident.slots >= min(REASONABLE_BATCH, swap.slots)):
         return resident
     if swap:
@@ -59,8 +69,8 @@ def plan_batches(
             swap.notes.append(f"with every weight resident only a batch of {resident.slots} fits")
         return swap
     need = min(
-        max(mm.decode_peak(1, max_text, max_new, False), mm.encode_peak(1, False)),
-        max(mm.decode_peak(1, max_text, max_new, True), mm.encode_peak(1, True)),
+        max(mm.decode_peak(1, max_text, max_new, both), mm.encode_peak(1, both))
+        for both in (m == "resident" for m in modes)
     )
     raise DoesNotFit(
         f"the model needs about {need / GiB:.2f} GiB for a single request "

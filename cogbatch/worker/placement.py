@@ -73,9 +73,7 @@ def load_model(cfg: Any, park_vision: bool | None = None, use_cache: bool = True
     if park_vision and awq_weights(cfg):
         raise DoesNotFit(
             "this run must swap the vision tower and the language model on the GPU to stay under "
-            "vram_ceiling, but fp16 int4 on compute capability 8.0+ runs quanto's AWQ kernel, whose weights "
-            "cannot leave the GPU: use dtype: bf16 (or auto), a larger vram_ceiling, or quantization rules "
-            "with another group size (docs/dryrun.md)"
+            f"vram_ceiling, but {AWQ_PINNED}"
         )
     return cfg.source.load(use_cache=use_cache, progress=progress, park_vision=park_vision)
 
@@ -90,6 +88,22 @@ def _embeddings_decided(cfg: Any) -> Any:
     except CogbatchError as e:
         log.debug("embeddings_on_cpu auto: no plan before the load (%s): the table stays on the device", e)
         return cfg
+
+
+AWQ_PINNED = (
+    "fp16 int4 on compute capability 8.0+ runs quanto's AWQ kernel, whose weights cannot leave the GPU: use "
+    "dtype: bf16 (or auto), a larger vram_ceiling, or quantization rules with another group size (docs/dryrun.md)"
+)
+
+
+def weights_stay_on_device(model: Any) -> bool:
+    """Whether the loaded model holds weights that cannot be moved off the GPU (quanto's AWQ packing, `awq_weights`).
+
+    Such a run is planned resident only: the load refuses a run predicted to swap, and this keeps a later
+    plan (calibration, an out-of-memory error) from switching to swapping in the middle of the run.
+    """
+    report = getattr(model, "load_report", None)
+    return bool(report is not None and report.kernels.get("AWQWeightQBitsTensor"))
 
 
 def awq_weights(cfg: Any) -> bool:

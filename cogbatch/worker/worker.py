@@ -19,7 +19,14 @@ from cogbatch.planning.batches import DEFAULT_MAX_TEXT, plan_batches
 from cogbatch.planning.memory import calibrate, memory_model_for
 from cogbatch.results import WorkerCounters, WorkerStats
 from cogbatch.worker.loading import LoadedImage
-from cogbatch.worker.placement import DeviceMeter, PhasePlacement, load_model, usable_ceiling
+from cogbatch.worker.placement import (
+    AWQ_PINNED,
+    DeviceMeter,
+    PhasePlacement,
+    load_model,
+    usable_ceiling,
+    weights_stay_on_device,
+)
 from cogbatch.worker.rows import error_row, ok_row
 
 if TYPE_CHECKING:
@@ -86,8 +93,16 @@ class ModelWorker:
         self.slot_limit = cfg.batch_size or 64  # lowered by out-of-memory errors
         self.encode_limit = self.slot_limit
         self.ceiling = usable_ceiling(cfg.vram_ceiling, self.model.device)
+        self.modes = ("resident",) if weights_stay_on_device(self.model) else ("resident", "swap")
         # Raises DoesNotFit before any work when even one request cannot fit under the ceiling.
-        self.plan = plan_batches(self.memory, self.ceiling, self.max_text, self.max_new, cap=self.slot_limit)
+        try:
+            self.plan = plan_batches(
+                self.memory, self.ceiling, self.max_text, self.max_new, cap=self.slot_limit, modes=self.modes
+            )
+        except DoesNotFit as e:
+            if self.modes == ("resident",):
+                raise DoesNotFit(f"{e} ({AWQ_PINNED})") from None
+            raise
         self.calibrated = False
         self._measured: dict[str, tuple[int, int]] = {}  # phase -> (predicted, measured) device work bytes
         self._first_decoder: tuple[int, int, int] | None = None  # (slots, max_text, max_new) of a chunk's decoder
@@ -372,6 +387,7 @@ class ModelWorker:
                 self.max_new,
                 cap=self.slot_limit,
                 encode_cap=self.encode_limit,
+                modes=self.modes,
             )
         except DoesNotFit as e:
             log.warning("%s; going on one request at a time", e)

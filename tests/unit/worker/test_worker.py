@@ -360,3 +360,28 @@ def test_the_ceiling_is_lowered_to_what_the_gpu_can_still_give(monkeypatch, capl
     assert usable_ceiling(7 * gib, cuda) == 7 * gib
     assert usable_ceiling(11 * gib, torch.device("cpu")) == 11 * gib
     assert not caplog.text
+
+
+def test_weights_that_cannot_leave_the_gpu_are_never_planned_to_swap(tmp_path, model, tiny_cogvlm2, monkeypatch):
+    """quanto's AWQ weights (fp16 int4 on sm80+) cannot be moved off the GPU: a run with them is planned
+    resident only, so neither the first plan nor a later one (calibration, out of memory) swaps phases."""
+    import cogbatch.worker.worker as worker_module
+    from cogbatch.errors import DoesNotFit
+
+    cfg, _ = _job(tmp_path, tiny_cogvlm2, 2)
+    mm = ModelWorker(cfg, "probe", model=model).memory
+    resident = max(mm.decode_peak(1, 128, 6, True), mm.encode_peak(1, True))
+    swapped = max(mm.decode_peak(1, 128, 6, False), mm.encode_peak(1, False))
+    assert swapped < resident
+    tight, _ = _job(tmp_path, tiny_cogvlm2, 2, vram_ceiling=(swapped + resident) // 2)
+    assert ModelWorker(tight, "movable", model=model).plan.mode == "swap"
+
+    monkeypatch.setattr(worker_module, "weights_stay_on_device", lambda m: True)
+    with pytest.raises(DoesNotFit, match=r"AWQ kernel, whose weights cannot leave the GPU: use dtype: bf16"):
+        ModelWorker(tight, "pinned", model=model)
+    roomy, _ = _job(tmp_path, tiny_cogvlm2, 2, vram_ceiling=resident + 2**20)
+    worker = ModelWorker(roomy, "pinned", model=model)
+    assert worker.plan.mode == "resident"
+    worker.memory.correction = 1.5  # calibration found more than predicted: no plan fits any more ...
+    worker._replan()
+    assert (worker.plan.mode, worker.plan.slots) == ("resident", 1)  # ... one request at a time, never swapped
