@@ -181,3 +181,30 @@ def test_trace_config_refuses_bad_values():
         TraceConfig(batch=0)
     with pytest.raises(ValueError, match="mode"):
         TraceConfig(mode="both")
+
+
+@pytest.mark.parametrize(("ceiling", "mode"), [(600 * 2**20, "swap"), (None, "resident")])
+def test_the_python_helper_swaps_phases_as_the_worker_does(ceiling, mode):
+    """`cogbatch.load` + `VLM.generate` on the GPU path: at a ceiling where the planner picks phase swapping,
+    the load parks the vision tower and the phase not running holds no device bytes; every device figure is
+    the one `load_model` + `ModelWorker.process` give for the same settings."""
+    kw = {"batch": 4, "images": 4, "tasks": 2, "vram_ceiling": ceiling}
+    api = trace(small("cogvlm2", api=True, **kw))
+    assert api["rows_ok"] == api["rows"] == 8 and api["tokens_out"] == [2] * 8
+    assert api["plan"]["mode"] == mode and api["load"]["vision_parked"] == (mode == "swap")
+    vision, language = api["worker"]["weights"]["vision"], api["worker"]["weights"]["language"]
+    at_vision = api["phases"]["vision_encode"]["start_exact"]
+    at_language = api["phases"]["slot_cache"]["start_exact"]
+    assert (at_vision, at_language) == ((vision, language) if mode == "swap" else (vision + language,) * 2)
+    worker = trace(small("cogvlm2", **kw))
+    assert api["plan"] == worker["plan"]
+    for key in ("peak_allocated_bytes", "peak_reserved_bytes", "peak_exact_bytes"):
+        assert api[key] == worker[key]
+    assert {k: (p["calls"], p["peak_exact"]) for k, p in api["phases"].items()} == {
+        k: (p["calls"], p["peak_exact"]) for k, p in worker["phases"].items()
+    }
+
+
+def test_the_python_helper_trace_runs_the_planners_mode():
+    with pytest.raises(ValueError, match="mode must be auto"):
+        TraceConfig(api=True, mode="swap")
