@@ -252,7 +252,9 @@ def _question(task: TaskConfig, img: LoadedImage) -> str | None:
     return fill_prompt(task, img.entry)[0]
 
 
-def _loaded(label: str, image: Image.Image | str | os.PathLike, cfg: JobConfig, size: int, question: str | None):
+def _loaded(
+    label: str, image: Image.Image | str | os.PathLike, cfg: JobConfig, size: int, question: str | None
+) -> LoadedImage:
     """The image read, decoded and preprocessed as the pipeline's loader does; a failure is the image's error."""
     from cogbatch.inputs.decode import decode_image, from_pil, read_image_bytes
     from cogbatch.inputs.entries import ImageEntry, builtin_values, sha256_hex, unreadable_id

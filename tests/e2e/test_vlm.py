@@ -148,3 +148,11 @@ def test_cuda_without_a_gpu_is_a_config_error(tiny_cogvlm2):
         pytest.skip("this machine has a CUDA device")
     with pytest.raises(ConfigError, match="device: cuda"):
         cogbatch.load(str(tiny_cogvlm2), device="cuda")
+
+
+def test_a_call_that_cannot_fit_raises_before_any_work_and_the_next_one_runs(tiny_cogvlm2):
+    vlm = cogbatch.load(str(tiny_cogvlm2), vram_ceiling="0.7GiB", max_new_tokens=6, **SETTINGS)
+    img = Image.new("RGB", (32, 32))
+    with pytest.raises(DoesNotFit, match=r"ceiling is 0\.70 GiB"):
+        vlm.generate([img], PROMPT, max_new_tokens=10**6)
+    assert vlm.plan.max_new == 6 and vlm.generate([img], PROMPT)[0].ok
