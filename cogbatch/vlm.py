@@ -169,12 +169,12 @@ class VLM:
             raise TypeError("generate() images must be a list of PIL images or paths (one image: [image])")
         _check_generation("generate", generation)
         tasks, questions = self._tasks(prompt, len(images), template, generation)
+        items = [_item(image, i) for i, image in enumerate(images)]  # type errors before any work
         cfg = dataclasses.replace(self.config, tasks=tuple(tasks))
         worker = self._worker
-        worker.use_tasks(cfg)
+        worker.use_tasks(cfg)  # DoesNotFit here leaves the worker as it was
         dtype = str(self.model.dtype).removeprefix("torch.")
         fingerprints = {t.name: cfg.fingerprint(t, dtype) for t in tasks}
-        items = [_item(image, i) for i, image in enumerate(images)]  # type errors before any work
         rows: dict[tuple[str, str], dict[str, Any]] = {}
         start = 0
         while start < len(items):  # a chunk at a time, decoded just before it runs (host memory)
