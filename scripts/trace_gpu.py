@@ -6,7 +6,7 @@ Examples:
         --batch 4 --images 4 --new-tokens 256 --vram 11GiB --json out.json
     python scripts/trace_gpu.py --model cogvlm --capability 7.5 --dtype fp16 --mode resident
     python scripts/trace_gpu.py --model cogvlm2 --small --new-tokens 4    # small shapes, seconds
-    python scripts/trace_gpu.py --model cogvlm2 --api --vram 11GiB        # the Python helper, cogbatch.load
+    python scripts/trace_gpu.py --model cogvlm2 --api --vram 11GiB        # through cogbatch.load, VLM.generate
 
 Prints a per-phase table (peak allocated / reserved beside the planner's prediction); --json writes
 every figure (docs/dryrun.md lists them). Errors in the options are one line on stderr, exit 2; a

@@ -304,7 +304,7 @@ def _load_api(session: FakeCudaSession, cfg: TraceConfig, ckpt: Path, work: Path
 
 
 def _run_api(session: FakeCudaSession, cfg: TraceConfig, vlm: Any, out: dict[str, Any]) -> None:
-    """`VLM.generate` of `images` PIL images x `tasks` prompts: decoded, planned and run by the helper."""
+    """`VLM.generate` of `images` PIL images x `tasks` prompts: decoded, planned and run by `cogbatch.vlm`."""
     from PIL import Image
 
     from cogbatch.planning.report import plan_report

@@ -184,7 +184,7 @@ def test_trace_config_refuses_bad_values():
 
 
 @pytest.mark.parametrize(("ceiling", "mode"), [(600 * 2**20, "swap"), (None, "resident")])
-def test_the_python_helper_swaps_phases_as_the_worker_does(ceiling, mode):
+def test_cogbatch_load_swaps_phases_as_the_worker_does(ceiling, mode):
     """`cogbatch.load` + `VLM.generate` on the GPU path: at a ceiling where the planner picks phase swapping,
     the load parks the vision tower and the phase not running holds no device bytes; every device figure is
     the one `load_model` + `ModelWorker.process` give for the same settings."""
@@ -205,6 +205,6 @@ def test_the_python_helper_swaps_phases_as_the_worker_does(ceiling, mode):
     }
 
 
-def test_the_python_helper_trace_runs_the_planners_mode():
+def test_a_trace_of_cogbatch_load_runs_the_planners_mode():
     with pytest.raises(ValueError, match="mode must be auto"):
         TraceConfig(api=True, mode="swap")
