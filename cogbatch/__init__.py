@@ -5,7 +5,7 @@ imported on first use, so that `import cogbatch` stays light (no torch, no pyarr
 
     import cogbatch
     summary = cogbatch.run_job("jobs/caption.yaml", input="photos/", limit=10)
-    vlm = cogbatch.load("cogvlm2", vram_ceiling="11GiB")
+    vlm = cogbatch.load("THUDM/cogvlm2-llama3-chat-19B", vram_ceiling="11GiB")
     answers = vlm.generate(["a.jpg", "b.jpg"], "Describe this image.")
 """
 
