@@ -1,10 +1,12 @@
 """cogbatch: run CogVLM-family vision-language models over large image collections.
 
-The Python API (`cogbatch.api`) is re-exported here and imported on first use, so that `import cogbatch`
-stays light (no torch, no pyarrow):
+The Python API (`cogbatch.api`, and `cogbatch.vlm` for answers without a job) is re-exported here and
+imported on first use, so that `import cogbatch` stays light (no torch, no pyarrow):
 
     import cogbatch
     summary = cogbatch.run_job("jobs/caption.yaml", input="photos/", limit=10)
+    vlm = cogbatch.load("THUDM/cogvlm2-llama3-chat-19B", vram_ceiling="11GiB")
+    answers = vlm.generate(["a.jpg", "b.jpg"], "Describe this image.")
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 _API = ("run_job", "plan_job", "quantize_checkpoint", "export_job", "job_status", "compact_output", "gallery_job",
         "compare_job")
-__all__ = ["__version__", *_API]
+_VLM = ("load", "VLM", "Answer")
+__all__ = ["__version__", *_API, *_VLM]
 
 
 def _tiny_checkpoint(name: str, cache_dir: Path | None) -> Path:
@@ -41,4 +44,8 @@ def __getattr__(name: str) -> Any:
         from cogbatch import api
 
         return getattr(api, name)
+    if name in _VLM:
+        from cogbatch import vlm
+
+        return getattr(vlm, name)
     raise AttributeError(f"module 'cogbatch' has no attribute {name!r}")

@@ -6,6 +6,7 @@ Examples:
         --batch 4 --images 4 --new-tokens 256 --vram 11GiB --json out.json
     python scripts/trace_gpu.py --model cogvlm --capability 7.5 --dtype fp16 --mode resident
     python scripts/trace_gpu.py --model cogvlm2 --small --new-tokens 4    # small shapes, seconds
+    python scripts/trace_gpu.py --model cogvlm2 --api --vram 11GiB        # through cogbatch.load, VLM.generate
 
 Prints a per-phase table (peak allocated / reserved beside the planner's prediction); --json writes
 every figure (docs/dryrun.md lists them). Errors in the options are one line on stderr, exit 2; a
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--generate", action="store_true", help="also plain model.generate of --batch images")
     p.add_argument("--no-worker", action="store_true", help="only the load (and --generate)")
+    p.add_argument("--api", action="store_true", help="load and run through cogbatch.load and VLM.generate")
     p.add_argument("--raise-oom", action="store_true", help="an allocation past the card raises, as on the card")
     p.add_argument("--trace-every-layer", action="store_true", help="trace the loader on every Linear (slow)")
     p.add_argument("--short-decode", action="store_true",
@@ -87,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             expandable_segments=args.expandable_segments,
             generate=args.generate,
             worker=not args.no_worker,
+            api=args.api,
             raise_oom=args.raise_oom,
             trace_every_layer=args.trace_every_layer,
             short_decode=args.short_decode,

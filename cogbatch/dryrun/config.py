@@ -79,6 +79,7 @@ class TraceConfig:
     expandable_segments: bool = False
     generate: bool = False  # also plain `model.generate` of `batch` images, every weight resident
     worker: bool = True
+    api: bool = False  # load and worker through `cogbatch.load` and `VLM.generate`
     raise_oom: bool = False  # an allocation past the card raises torch.OutOfMemoryError (else it is counted)
     strict_kernels: bool = True  # a failed CUDA kernel check raises (else it is counted)
     trace_every_layer: bool = False  # trace the loader on every Linear, not one per distinct shape
@@ -101,6 +102,10 @@ class TraceConfig:
                 problems.append(f"{name} must be a positive integer (got {getattr(self, name)!r})")
         if not (isinstance(self.capability, tuple) and len(self.capability) == 2):
             problems.append(f"capability must be (major, minor) (got {self.capability!r})")
+        if self.api and self.mode != "auto":
+            problems.append("api runs the planner's mode (cogbatch.load has no mode to force): mode must be auto")
+        if self.api and not self.worker:
+            problems.append("api traces VLM.generate: it needs the worker part")
         if self.card_bytes <= self.context_bytes:
             problems.append("the card must be larger than the context reserve")
         if problems:

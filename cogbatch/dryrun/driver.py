@@ -15,6 +15,8 @@ What runs is the project's code, unmodified, on fake `cuda` tensors (`session.Fa
   planner's mode, or a forced one), with stop tokens off so that every request makes `new_tokens`
   tokens (as `scripts/bench_gpu.py` does).
 * **generate** (optional): plain `model.generate` of a batch, every weight resident.
+* **api** (`TraceConfig(api=True)`): the load and the worker part as a notebook runs them, `cogbatch.load`
+  then `VLM.generate` of PIL images; the `load_model` and `ModelWorker` they call are the traced ones.
 
 Phases are the project's own functions: `ModelWorker._place` (placement), `CogVLM.encode_images`
 (vision encode), `decoding.prefill_prefixes` (prefix prefill), `ContinuousDecoder.__init__` (slot
@@ -268,6 +270,74 @@ def _run_worker(session: FakeCudaSession, cfg: TraceConfig, jcfg: Any, model: An
     with session.trace.phase("worker"), AttrPatches(sized):
         rows = worker.process(chunk)
     out["timings"]["worker_s"] = time.perf_counter() - t0
+    _worker_figures(worker, weights, rows, out)
+
+
+def _traced_load(session: FakeCudaSession, memo: LoaderMemo, load_model: Callable[..., Any]) -> Callable[..., Any]:
+    """The worker's `load_model` as the "load" phase, without the quantized-weights cache (fake weights)."""
+
+    def load(jcfg: Any, park_vision: bool | None = None, use_cache: bool = True, progress: Any = None) -> Any:
+        session.oracle.enabled = False  # the loader reads no values: no shadows to keep
+        try:
+            with session.trace.phase("load"):
+                model = load_model(jcfg, park_vision=park_vision, use_cache=False, progress=progress)
+        finally:
+            session.oracle.enabled = True
+        memo.clear()
+        gc.collect()
+        return model
+
+    return load
+
+
+def _load_api(session: FakeCudaSession, cfg: TraceConfig, ckpt: Path, work: Path, traced_load: Any) -> Any:
+    """`cogbatch.load` as a notebook calls it; its `load_model` and `ModelWorker` are the traced ones."""
+    import cogbatch.worker.placement as placement_module
+    import cogbatch.worker.worker as worker_module
+    from cogbatch.model.errors import ConfigError
+    from cogbatch.vlm import load
+
+    worker_class = _trace_worker_class(session, cfg.short_decode)
+    patches = [(placement_module, "load_model", traced_load), (worker_module, "ModelWorker", worker_class)]
+    try:
+        with AttrPatches(patches):
+            return load(str(ckpt), device="cuda", dtype=cfg.dtype, quantization=cfg.job_quantization(),
+                        vram_ceiling=cfg.ceiling, batch_size=cfg.batch, cache_dir=work / "cache",
+                        pipeline=work / "pipeline.yaml", max_new_tokens=cfg.new_tokens,
+                        stop_on_repetition=False)  # fmt: skip
+    except ConfigError as e:
+        raise DryRunError(str(e)) from None
+
+
+def _run_api(session: FakeCudaSession, cfg: TraceConfig, vlm: Any, out: dict[str, Any]) -> None:
+    """`VLM.generate` of `images` PIL images x `tasks` prompts: decoded, planned and run by `cogbatch.vlm`."""
+    from PIL import Image
+
+    from cogbatch.planning.report import plan_report
+
+    worker = vlm._worker
+    with session.outside():
+        out["plan_from_config"] = plan_report(vlm.config).to_dict()
+    plan = vlm.plan
+    out["plan"] = plan.to_dict()
+    out["planned_phases"] = _planned(worker, plan, plan.max_text)
+    prompt = len(vlm.model.build_inputs(None, cfg.prompt, None, "chat").input_ids) - 1
+    out["planned_phases_at_prompt"] = _planned(worker, plan, prompt)
+    out["prompt_tokens"] = prompt
+    weights = {"vision": worker.memory.weights_vision, "language": worker.memory.weights_language}
+    images = [Image.new("RGB", (64, 48), (i % 256, i // 256 % 256, 0)) for i in range(cfg.images)]  # distinct ids
+    prompts = {f"task{i}": cfg.prompt for i in range(cfg.tasks)}
+    t0 = time.perf_counter()
+    sized = [(decoding_module, "ContinuousDecoder", _planned_size_decoder(worker.max_new))] if cfg.short_decode else []
+    with session.trace.phase("worker"), AttrPatches(sized):
+        answers = vlm.generate(images, prompts)
+    out["timings"]["worker_s"] = time.perf_counter() - t0
+    rows = [{"status": "ok" if a.ok else "error", "error": a.error, "tokens_out": a.tokens_out}
+            for by_task in answers for a in by_task.values()]  # fmt: skip
+    _worker_figures(worker, weights, rows, out)
+
+
+def _worker_figures(worker: Any, weights: dict[str, int], rows: list[dict], out: dict[str, Any]) -> None:
     out["rows"] = len(rows)
     out["rows_ok"] = sum(r["status"] == "ok" for r in rows)
     out["row_errors"] = sorted({r["error"] for r in rows if r["status"] != "ok"})
@@ -332,21 +402,20 @@ def trace(cfg: TraceConfig) -> TraceReport:
         patches = [*_fake_checkpoint_io(cfg_dict, torch.bfloat16), (stream_module, "linear_builder", memo)]
         with session, AttrPatches(patches), AttrPatches(_phase_hooks(session)):
             t0 = time.perf_counter()
-            session.oracle.enabled = False  # the loader reads no values: no shadows to keep
-            with session.trace.phase("load"):
-                model = load_model(jcfg, park_vision=_PARK.get(cfg.mode), use_cache=False)
-            session.oracle.enabled = True
-            memo.clear()
-            gc.collect()
+            traced_load = _traced_load(session, memo, load_model)
+            vlm = _load_api(session, cfg, ckpt, work, traced_load) if cfg.api else None
+            model = vlm.model if vlm is not None else traced_load(jcfg, park_vision=_PARK.get(cfg.mode))
             out["timings"]["load_s"] = time.perf_counter() - t0
             out["load"] = _load_figures(session, model, memo, quant_arg, dtype)
             if cfg.generate:
                 _run_generate(session, cfg, model, out)
                 gc.collect()
                 torch.cuda.empty_cache()  # the worker part then starts from the load's state, as in a run
-            if cfg.worker:
+            if cfg.worker and vlm is not None:
+                _run_api(session, cfg, vlm, out)
+            elif cfg.worker:
                 _run_worker(session, cfg, jcfg, model, out)
-            del model
+            del model, vlm
             gc.collect()
     out["timings"]["total_s"] = time.perf_counter() - t_start
     return build_report(cfg, session, out)

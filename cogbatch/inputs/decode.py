@@ -31,6 +31,7 @@ import io
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +45,7 @@ __all__ = [
     "DecodedImage",
     "ImageError",
     "decode_image",
+    "from_pil",
     "load_image",
     "read_image_bytes",
 ]
@@ -148,8 +150,34 @@ def decode_image(
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     if not data:
         raise ImageError("empty file")
+    return _with_reasons(lambda: _decode(data, max_pixels, draft), max_pixels)
+
+
+def from_pil(image: Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """An image already opened in Python (a notebook's) given the treatment of decoded bytes, or `ImageError`.
+
+    The same size limit, EXIF orientation, alpha on white and bit-depth scaling as `decode_image`, so
+    an image passed as an object gives the model the pixels its file would. A lazily opened image is
+    loaded here (a truncated file fails now, with a reason).
+    """
+
+    def convert() -> DecodedImage:
+        _check_size(image.size, max_pixels)
+        image.load()
+        try:
+            oriented = ImageOps.exif_transpose(image)
+        except Exception:  # malformed EXIF says nothing about the pixels (as in `_decode`)
+            oriented = image.copy()
+        rgb = _to_rgb(oriented)  # `exif_transpose` made a copy: the caller's image is never changed
+        return DecodedImage(image=rgb, width=rgb.width, height=rgb.height)
+
+    return _with_reasons(convert, max_pixels)
+
+
+def _with_reasons(fn: Callable[[], DecodedImage], max_pixels: int) -> DecodedImage:
+    """`fn()`, with every exception the data can provoke inside Pillow turned into `ImageError(reason)`."""
     try:
-        return _decode(data, max_pixels, draft)
+        return fn()
     except (ImageError, MemoryError):  # KeyboardInterrupt and SystemExit are not Exceptions: never caught
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

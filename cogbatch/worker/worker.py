@@ -126,6 +126,22 @@ class ModelWorker:
         )
         return {**base, "plan": self.plan.to_dict()}
 
+    def use_tasks(self, cfg: JobConfig) -> None:
+        """Run the next chunks for `cfg`'s tasks, with the model already loaded (a notebook's next call).
+
+        The plan follows their `max_new_tokens`, and DoesNotFit is raised before any work when not even
+        one request fits; what the worker has learnt (calibration, out-of-memory limits, the longest
+        prompt seen) is kept.
+        """
+        max_new = max(t.generation.max_new_tokens for t in cfg.tasks)
+        overrun = self.memory.context_overrun(self.max_text, max_new)
+        if overrun and max_new != self.max_new:
+            log.warning("%s; text past it is unreliable", overrun)
+        plan = plan_batches(
+            self.memory, self.ceiling, self.max_text, max_new, cap=self.slot_limit, encode_cap=self.encode_limit
+        )
+        self.cfg, self.max_new, self.plan = cfg, max_new, plan
+
     def summary_stats(self) -> WorkerStats:
         return WorkerStats.of(self.stats, [self.plan.mode], [self.plan.slots])
 

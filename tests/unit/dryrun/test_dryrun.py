@@ -209,3 +209,31 @@ def test_short_decode_ends_each_request_early_with_the_cache_of_a_full_run():
     assert quick["phases"]["decode"]["calls"] < full["phases"]["decode"]["calls"]
     assert quick["phases"]["slot_cache"]["growth"] == full["phases"]["slot_cache"]["growth"] > 0  # sized for 4
     assert quick["planned_peak_bytes"] == full["planned_peak_bytes"]
+
+
+@pytest.mark.parametrize(("ceiling", "mode"), [(600 * 2**20, "swap"), (None, "resident")])
+def test_cogbatch_load_swaps_phases_as_the_worker_does(ceiling, mode):
+    """`cogbatch.load` + `VLM.generate` on the GPU path: at a ceiling where the planner picks phase swapping,
+    the load parks the vision tower and the phase not running holds no device bytes; every device figure is
+    the one `load_model` + `ModelWorker.process` give for the same settings."""
+    # the table on the device: in host memory (auto's choice at 600 MiB) the small model would fit resident
+    kw = {"batch": 4, "images": 4, "tasks": 2, "vram_ceiling": ceiling, "embeddings_on_cpu": False}
+    api = trace(small("cogvlm2", api=True, **kw))
+    assert api["rows_ok"] == api["rows"] == 8 and api["tokens_out"] == [2] * 8
+    assert api["plan"]["mode"] == mode and api["load"]["vision_parked"] == (mode == "swap")
+    vision, language = api["worker"]["weights"]["vision"], api["worker"]["weights"]["language"]
+    at_vision = api["phases"]["vision_encode"]["start_exact"]
+    at_language = api["phases"]["slot_cache"]["start_exact"]
+    assert (at_vision, at_language) == ((vision, language) if mode == "swap" else (vision + language,) * 2)
+    worker = trace(small("cogvlm2", **kw))
+    assert api["plan"] == worker["plan"]
+    for key in ("peak_allocated_bytes", "peak_reserved_bytes", "peak_exact_bytes"):
+        assert api[key] == worker[key]
+    assert {k: (p["calls"], p["peak_exact"]) for k, p in api["phases"].items()} == {
+        k: (p["calls"], p["peak_exact"]) for k, p in worker["phases"].items()
+    }
+
+
+def test_a_trace_of_cogbatch_load_runs_the_planners_mode():
+    with pytest.raises(ValueError, match="mode must be auto"):
+        TraceConfig(api=True, mode="swap")

@@ -23,6 +23,7 @@ from cogbatch.inputs.decode import (
     DecodedImage,
     ImageError,
     decode_image,
+    from_pil,
     load_image,
     read_image_bytes,
 )
@@ -144,6 +145,28 @@ def test_transparent_pixels_are_white(corpus: tuple[Path, dict[str, str | None]]
     w = VALID_SIZE[0]
     assert (pixels[:, : w // 2] == WHITE).all()  # transparent half (stored black / green)
     assert (pixels[:, w // 2 :] == BLUE).all()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["valid.jpg", "cmyk.jpg", "gray16.png", "rgba.png", "palette_transparent.png", "la.png", "exif_rotated.jpg",
+     "animated.gif", "bilevel.png"],
+)  # fmt: skip
+def test_an_opened_image_gets_the_pixels_of_its_file(corpus: tuple[Path, dict[str, str | None]], name: str) -> None:
+    """`from_pil` (an image handed over in Python) decodes as its file does, and leaves the object as it was."""
+    with Image.open(corpus[0] / name) as opened:
+        mode = opened.mode
+        decoded = from_pil(opened)
+        assert opened.mode == mode
+    assert decoded.image.mode == "RGB" and (decoded.width, decoded.height) == decoded.image.size
+    assert (np.asarray(decoded.image) == np.asarray(load_image(corpus[0] / name).image)).all()
+
+
+def test_an_opened_image_fails_with_the_reasons_of_its_file(corpus: tuple[Path, dict[str, str | None]]) -> None:
+    with Image.open(corpus[0] / "truncated.jpg") as opened, pytest.raises(ImageError, match="truncated"):
+        from_pil(opened)  # opened lazily: the pixels are read, and fail, here
+    with pytest.raises(ImageError, match="image too large: 10000 pixels > limit 9999"):
+        from_pil(Image.new("L", (100, 100)), max_pixels=9999)
 
 
 def test_grey_with_alpha_is_composited(corpus: tuple[Path, dict[str, str | None]]) -> None:
