@@ -87,6 +87,10 @@ class TraceConfig:
     # still plans and allocates its cache for `new_tokens`: minutes less per run, for grids of runs
     # (`scripts/bench_planner.py`); the later steps' working memory, which grows with the keys seen, is not traced.
     short_decode: bool = False
+    # The card's memory becomes the worker's planned peak once the plan is made (after the load): a card
+    # exactly as large as the planner asked for, so its allocator runs under the pressure of a real fit
+    # (releasing cached segments; `oom_events` counts what still would not fit). For planner grids.
+    card_from_plan: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

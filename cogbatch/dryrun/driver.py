@@ -251,6 +251,9 @@ def _run_worker(session: FakeCudaSession, cfg: TraceConfig, jcfg: Any, model: An
     out["notes"] += _force_mode(worker, cfg.mode)
     plan = worker.plan
     out["plan"] = plan.to_dict()
+    if cfg.card_from_plan:
+        session.allocator.capacity = plan.peak_bytes
+        out["notes"].append(f"card from the plan: the allocator holds at most {plan.peak_bytes / 2**30:.2f} GiB")
     weights = {"vision": worker.memory.weights_vision, "language": worker.memory.weights_language}
     out["planned_phases"] = _planned(worker, plan, plan.max_text)
     # The same at the prompt's real length (the plan assumes 128 tokens until it has seen the prompts).

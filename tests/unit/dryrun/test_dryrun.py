@@ -204,11 +204,14 @@ def test_embeddings_auto_puts_the_table_in_host_memory_when_the_run_would_swap()
 def test_short_decode_ends_each_request_early_with_the_cache_of_a_full_run():
     """`short_decode` (the planner grid's runs): 2 tokens per request, the decoder planned as for all of them."""
     full = trace(small("cogvlm", new_tokens=4))
-    quick = trace(small("cogvlm", new_tokens=4, short_decode=True))
+    quick = trace(small("cogvlm", new_tokens=4, short_decode=True, card_from_plan=True))
     assert full["tokens_out"] == [4, 4] and quick["tokens_out"] == [2, 2]
     assert quick["phases"]["decode"]["calls"] < full["phases"]["decode"]["calls"]
     assert quick["phases"]["slot_cache"]["growth"] == full["phases"]["slot_cache"]["growth"] > 0  # sized for 4
     assert quick["planned_peak_bytes"] == full["planned_peak_bytes"]
+    # `card_from_plan`: after planning, the card is exactly the plan's peak, and the plan fits it
+    assert quick["device"]["capacity_bytes"] == quick["planned_peak_bytes"] < full["device"]["capacity_bytes"]
+    assert quick["oom_events"] == 0 and quick["peak_reserved_bytes"] <= quick["planned_peak_bytes"]
 
 
 @pytest.mark.parametrize(("ceiling", "mode"), [(600 * 2**20, "swap"), (None, "resident")])
