@@ -161,5 +161,6 @@ def _describe_quant(cfg: Any) -> str:
     q = cfg.job_quantization()
     if isinstance(q, dict):
         text = f"{q.get('default', 'int4')}" + (f"-g{q['group_size']}" if q.get("group_size") else "")
-        return text + (" +rules" if q.get("rules") else "") + (" emb-cpu" if q.get("embeddings_on_cpu") else "")
+        return (text + (" +rules" if q.get("rules") else "") + (" emb-cpu" if q.get("embeddings_on_cpu") else "")
+                + (" kv-int8" if q.get("kv_cache") == "int8" else ""))
     return str(q)

@@ -158,6 +158,9 @@ class CogVLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tokenizer: Any = None
         self.load_report: Any = None  # set by from_pretrained (cogbatch.model.quant.report.LoadReport)
+        # How generation caches keys and values: "none" (the model's dtype) or "int8" (half the memory,
+        # slightly different outputs); from `quantization.kv_cache`, or set directly before generating.
+        self.kv_cache = "none"
 
     @property
     def device(self) -> torch.device:
@@ -198,7 +201,8 @@ class CogVLM(nn.Module):
         directory (`model.sources`; for smoke runs: its text is meaningless).
         `tokenizer` names a tokenizer to use when the checkpoint has none (cogvlm-chat-hf).
         `quantization`: None/"none", "int4" (group 128), "int4-g32"/"-g64"/"-g128", "int8", or a
-        dict / `QuantConfig` with per-module rules (see `cogbatch.model.quant.spec`). Quantized loads
+        dict / `QuantConfig` with per-module rules (see `cogbatch.model.quant.spec`); its `kv_cache`
+        ("int8": an 8-bit KV cache) becomes `model.kv_cache`, whatever the weights. Quantized loads
         stream the checkpoint layer by layer and use the quantized-weights cache under `cache_dir`
         (default `$COGBATCH_CACHE_DIR`, else `~/.cache/cogbatch`; False disables it).
         `dequant_threshold`: rows above which a quantized layer uses a transient dense weight
@@ -220,7 +224,8 @@ class CogVLM(nn.Module):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         host_prefix = "model.vision." if park_vision and device.type != "cpu" else None
         dtype = resolve_dtype(dtype, device)
-        quant = QuantConfig.parse(quantization)
+        full = QuantConfig.read(quantization)
+        quant = None if full is None else full.effective()
         ckpt = resolve_checkpoint(path_or_id, cache_dir=Path(cache_dir) if isinstance(cache_dir, str | Path) else None)
         cfg = CogVLMConfig.from_json(ckpt)
         files = weight_files(ckpt)
@@ -248,6 +253,7 @@ class CogVLM(nn.Module):
                     host_prefix=host_prefix,
                 )  # fmt: skip
             model.eval().requires_grad_(False)
+        model.kv_cache = "none" if full is None else full.kv_cache
         model.load_report = build_report(model, tracker, checkpoint=ckpt, dtype=dtype, quant=quant, **cache)
         log.info("%s", model.load_report.summary())
         model.tokenizer = _load_tokenizer_for(ckpt, cfg, tokenizer)

@@ -53,7 +53,7 @@ def plan_report(
         own = on_cpu == bool(quant and quant.embeddings_on_cpu)
         q = quant if own else dataclasses.replace(job.quantization, embeddings_on_cpu=on_cpu).effective()
         w = predict_weight_bytes(cfg, q, dtype)
-        vm = _memory_model(cfg, w, dense, dtype_bytes, device.type)
+        vm = _memory_model(cfg, w, dense, dtype_bytes, device.type, job.quantization.kv_cache)
         v_modes, v_plan = _modes(vm, ceiling, max_text, max_new, job.batch_size or 64)
         if own:
             weights, mm, modes, chosen = w, vm, v_modes, v_plan
@@ -93,7 +93,7 @@ def plan_report(
 
 
 def _memory_model(
-    cfg: Any, weights: dict[str, Any], dense: dict[str, int], dtype_bytes: int, device: str
+    cfg: Any, weights: dict[str, Any], dense: dict[str, int], dtype_bytes: int, device: str, kv_dtype: str
 ) -> MemoryModel:
     return MemoryModel(
         cfg,
@@ -103,6 +103,7 @@ def _memory_model(
         materialized_attention=device != "cuda",
         dense_vision=dense["vision"],
         dense_language=dense["language"],
+        kv_dtype=kv_dtype,
     )
 
 
