@@ -141,18 +141,19 @@ class QuantConfig:
         return self.default, self.group_size if self.default == "int4" else None
 
     def to_dict(self) -> dict[str, Any]:
-        """The weights' settings and the embeddings' placement (the cache sidecar, the load report)."""
+        """The weights' settings, the embeddings' placement and the KV cache (the cache sidecar, the load report)."""
         return {
             "default": self.default,
             "group_size": self.group_size,
             "rules": [{k: v for k, v in asdict(r).items() if v is not None} for r in self.rules],
             "embeddings_on_cpu": self.embeddings_on_cpu,
+            "kv_cache": self.kv_cache,
         }
 
     def key_dict(self) -> dict[str, Any]:
         """The part of the config that decides the weights (the cache key hashes it)."""
         d = self.to_dict()
-        del d["embeddings_on_cpu"]
+        del d["embeddings_on_cpu"], d["kv_cache"]
         return d
 
     def job_dict(self) -> dict[str, Any]:
