@@ -106,3 +106,12 @@ def test_a_prefix_of_another_cache_dtype_is_refused(model, tiny_cogvlm2):
     dense = SlotKVCache(model.config, 1, 2 * prefix.length, torch.float32, torch.device("cpu"))
     with pytest.raises(ValueError, match=r"a prefix stored torch\.int8 in a torch\.float32 KV cache"):
         dense.load_prefix(0, prefix.planes())
+
+
+def test_the_worker_plans_with_the_models_kv_cache(model):
+    from cogbatch.planning.memory import memory_model_for
+
+    mm = memory_model_for(model)
+    c = model.config
+    assert mm.kv_dtype == "int8"
+    assert mm.kv_per_token == 2 * c.num_hidden_layers * c.num_key_value_heads * (c.head_dim + 4)  # fp32 scales
