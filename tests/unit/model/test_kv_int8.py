@@ -18,8 +18,9 @@ from tests.unit.model.helpers import plain
 
 @pytest.fixture(scope="module")
 def model(tiny_cogvlm2):
-    m = CogVLM.from_pretrained(tiny_cogvlm2, dtype="float32", device="cpu", quantization={"default": "none",
-                                                                                          "kv_cache": "int8"})
+    m = CogVLM.from_pretrained(
+        tiny_cogvlm2, dtype="float32", device="cpu", quantization={"default": "none", "kv_cache": "int8"}
+    )
     assert m.kv_cache == "int8" and m.load_report.quantization == "none"  # bf16/fp32 weights, int8 KV
     return m
 
