@@ -336,7 +336,10 @@ class CogVLM(nn.Module):
         image_features: torch.Tensor | None = None,
         last: int | None = None,
     ) -> torch.Tensor:
-        """Full-sequence logits (B, L, V) in float32 for a left- or un-padded batch, without a cache.
+        """Full-sequence logits (B, L, V) in float32 for a left- or un-padded batch, in one pass.
+
+        With an int8 KV cache (`kv_cache`) the pass reads its keys and values through one, so that the
+        logits are those generation computes (it rounds every key before attention reads it).
 
         `image_features` (from `encode_images`) stand in for `images` when the vision tower ran
         elsewhere (phase swapping). `last` keeps only the last `last` positions (B, last, V): scoring a
@@ -352,7 +355,10 @@ class CogVLM(nn.Module):
         if position_ids is None:
             position_ids = padding_invariant_position_ids(token_type_ids, attention_mask)
         embeds = self.model.embed(input_ids, token_type_ids, feats)
-        hidden = self.model(embeds, token_type_ids, position_ids.to(dev), attention_mask)
+        cache = None
+        if self.kv_cache != "none":  # keys and values rounded as generation stores them: the logits it picks from
+            cache = KVCache(self.config, *input_ids.shape, embeds.dtype, dev, self.kv_cache)
+        hidden = self.model(embeds, token_type_ids, position_ids.to(dev), attention_mask, cache)
         if last is not None:
             hidden = hidden[:, -last:]
         return self.lm_head(hidden).float()

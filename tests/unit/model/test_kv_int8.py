@@ -116,3 +116,28 @@ def test_the_worker_plans_with_the_models_kv_cache(model):
     c = model.config
     assert mm.kv_dtype == "int8"
     assert mm.kv_per_token == 2 * c.num_hidden_layers * c.num_key_value_heads * (c.head_dim + 4)  # fp32 scales
+
+
+def test_one_pass_logits_are_those_generation_computes_with_an_int8_cache(model, golden_dir):
+    """`logits` (what `compare` teacher-forces with) rounds keys and values as the cache does."""
+    from PIL import Image
+
+    image = Image.open(golden_dir / "images" / "img_a_rgb_150x97.png")
+    batch = model.collate([model.build_inputs(None, "Describe this image.", image)])
+    out = model.generate(batch, GenerationConfig(max_new_tokens=6, stop_token_ids=()), return_logits=True)
+    ids = torch.tensor([out.token_ids[0][:-1]])
+    full = BatchInputs(
+        torch.cat([batch.input_ids, ids], 1),
+        torch.cat([batch.token_type_ids, torch.zeros_like(ids)], 1),
+        torch.cat([batch.attention_mask, torch.ones_like(ids)], 1),
+        batch.images,
+    )
+    forced = model.logits(full.input_ids, full.token_type_ids, full.attention_mask, full.images, last=6)[0]
+    step = out.step_logits[0]
+    assert float((forced - step).abs().max()) <= 1e-4 * float(step.abs().max())
+    model.kv_cache = "none"
+    try:
+        dense = model.logits(full.input_ids, full.token_type_ids, full.attention_mask, full.images, last=6)[0]
+    finally:
+        model.kv_cache = "int8"
+    assert float((dense - step).abs().max()) > 10 * float((forced - step).abs().max())  # the cache's rounding shows
