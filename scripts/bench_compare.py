@@ -151,10 +151,11 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
+        kl = "{:.4f}" if (r["tf_kl"] or 0) >= 1e-3 else "{:.1e}"  # the KV cache's KL is 1e-4 or less
         lines.append(
             f"| {r['checkpoint']} | {r['dtype']} | {r['b']} | {r['a']} | {f(r['exact_match'], '{:.2f}')} | "
             f"{f(r['prefix_agreement'], '{:.2f}')} | {f(r['mean_first_divergence'], '{:.1f}')} | "
-            f"{f(r['tf_top1'], '{:.3f}')} | {f(r['tf_kl'], '{:.4f}')} | {f(r['chrf'], '{:.1f}')} | "
+            f"{f(r['tf_top1'], '{:.3f}')} | {f(r['tf_kl'], kl)} | {f(r['chrf'], '{:.1f}')} | "
             f"{f(r['rouge_l'], '{:.2f}')} |"
         )
     kv = [r for r in result["rows"] if "kv_logit_error" in r]

@@ -256,6 +256,9 @@ class CogVLM(nn.Module):
         model.kv_cache = "none" if full is None else full.kv_cache
         model.load_report = build_report(model, tracker, checkpoint=ckpt, dtype=dtype, quant=quant, **cache)
         log.info("%s", model.load_report.summary())
+        if model.kv_cache != "none":
+            log.info("KV cache: %s (keys and values rounded per head and token; ~0.5x the %s cache)",
+                     model.kv_cache, str(dtype).removeprefix("torch."))  # fmt: skip
         model.tokenizer = _load_tokenizer_for(ckpt, cfg, tokenizer)
         return model
 
