@@ -4,6 +4,7 @@
 Examples:
     python scripts/trace_gpu.py --model cogvlm2 --capability 8.6 --dtype bf16 --quantization int4 \\
         --batch 4 --images 4 --new-tokens 256 --vram 11GiB --json out.json
+    python scripts/trace_gpu.py --model cogvlm --quantization int4 --kv-cache int8    # an 8-bit KV cache
     python scripts/trace_gpu.py --model cogvlm --capability 7.5 --dtype fp16 --mode resident
     python scripts/trace_gpu.py --model cogvlm2 --small --new-tokens 4    # small shapes, seconds
     python scripts/trace_gpu.py --model cogvlm2 --api --vram 11GiB        # through cogbatch.load, VLM.generate
@@ -23,7 +24,7 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cogbatch.dryrun.config import DTYPES, MODELS, MODES
+    from cogbatch.dryrun.config import DTYPES, KV_CACHES, MODELS, MODES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", default="int4", help="as a job's quantization: int4, int4-g64, int8, none")
     p.add_argument("--embeddings-on-cpu", action=argparse.BooleanOptionalAction, default=None,
                    help="the token table in host memory (default: the job's auto, host memory when the run swaps)")
+    p.add_argument("--kv-cache", default="none", choices=KV_CACHES, help="int8: an 8-bit KV cache (default none)")
     p.add_argument("--batch", type=int, default=4, help="the job's batch_size: decode slots at most (default 4)")
     p.add_argument("--images", type=int, default=4, help="images in the chunk (default 4)")
     p.add_argument("--tasks", type=int, default=1, help="prompts per image (default 1)")
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             quantization=args.quantization,
             embeddings_on_cpu=args.embeddings_on_cpu,
+            kv_cache=args.kv_cache,
             batch=args.batch,
             images=args.images,
             tasks=args.tasks,

@@ -21,7 +21,8 @@ from cogbatch.cli.app import (
 @click.option("--sample", type=click.IntRange(min=1), default=16, show_default=True,
               help="Images to compare, chosen reproducibly from the job's input.")
 @click.option("--against", default="none", show_default=True,
-              help="The reference: none (the compute dtype), int8, int4, int4-g32, int4-g64.")
+              help="The reference: none (the compute dtype), int8, int4, int4-g32, int4-g64; +kv8 adds an "
+              "8-bit KV cache (int4+kv8).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Which images are sampled.")
 @click.option("--per-layer", is_flag=True,
               help="Also quantize one layer group at a time and name the group that moves the answers most.")

@@ -15,6 +15,7 @@ GiB = 2**30
 MODELS = {"cogvlm2": "cogvlm2-llama3-chat-19B", "cogvlm": "cogvlm-chat-hf"}
 DTYPES = ("bf16", "fp16", "fp32")
 MODES = ("auto", "swap", "resident")
+KV_CACHES = ("none", "int8")
 DEFAULT_PROMPT = "Describe this image in detail: the main objects and their colours."
 
 
@@ -55,9 +56,9 @@ class TraceConfig:
     """One dry run: the model, the device it pretends to be, the job's settings, and what to run.
 
     `quantization` takes what a job's `quantization:` key takes (int4, int4-g64, int8, none, or a dict
-    with rules); `embeddings_on_cpu` is merged into it. `card_bytes` is the card's memory: the
-    allocator model may use `card_bytes - context_bytes` (the CUDA context and library workspaces live
-    outside it) and the job's `vram_ceiling` defaults to the card. `tasks` prompts are asked about
+    with rules); `embeddings_on_cpu` and `kv_cache` (none, int8) are merged into it. `card_bytes` is the
+    card's memory: the allocator model may use `card_bytes - context_bytes` (the CUDA context and library
+    workspaces live outside it) and the job's `vram_ceiling` defaults to the card. `tasks` prompts are asked about
     each of `images` images; `batch` is the job's `batch_size` (at most that many decode slots).
     """
 
@@ -67,6 +68,7 @@ class TraceConfig:
     dtype: str = "bf16"
     quantization: Any = "int4"
     embeddings_on_cpu: bool | None = None  # None: the job's default (auto: host memory when the run swaps)
+    kv_cache: str = "none"  # int8: an 8-bit KV cache
     batch: int = 4
     images: int = 4
     tasks: int = 1
@@ -99,6 +101,8 @@ class TraceConfig:
             problems.append(f"model must be one of {', '.join(MODELS)} (got {self.model!r})")
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if self.kv_cache not in KV_CACHES:
+            problems.append(f"kv_cache must be one of {', '.join(KV_CACHES)} (got {self.kv_cache!r})")
         if self.mode not in MODES:
             problems.append(f"mode must be one of {', '.join(MODES)} (got {self.mode!r})")
         for name in ("batch", "images", "tasks", "new_tokens"):
@@ -123,19 +127,22 @@ class TraceConfig:
         return self.vram_ceiling if self.vram_ceiling is not None else self.card_bytes
 
     def job_quantization(self) -> Any:
-        """The job's `quantization:` value, with `embeddings_on_cpu` merged in when it is set."""
+        """The job's `quantization:` value, with `embeddings_on_cpu` (when set) and `kv_cache` merged in."""
         q = self.quantization
-        if self.embeddings_on_cpu is None:
-            return q
+        extra: dict[str, Any] = {} if self.embeddings_on_cpu is None else {"embeddings_on_cpu": self.embeddings_on_cpu}
+        if self.kv_cache != "none":
+            extra["kv_cache"] = self.kv_cache
         if isinstance(q, dict):
-            return {**q, "embeddings_on_cpu": self.embeddings_on_cpu}
+            return {**q, **extra}
         if q in (None, "none"):
-            if not self.embeddings_on_cpu:
-                return q
-            raise ValueError("embeddings_on_cpu needs a quantized model")
+            if self.embeddings_on_cpu:
+                raise ValueError("embeddings_on_cpu needs a quantized model")
+            extra.pop("embeddings_on_cpu", None)
+            q = "none"
+        if not extra:
+            return q
         default, _, group = str(q).partition("-g")
-        group_size = {"group_size": int(group)} if group else {}
-        return {"default": default, **group_size, "embeddings_on_cpu": self.embeddings_on_cpu}
+        return {"default": default, **({"group_size": int(group)} if group else {}), **extra}
 
 
 def parse_capability(text: str) -> tuple[int, int]:

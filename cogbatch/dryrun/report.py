@@ -163,6 +163,7 @@ def _describe_quant(cfg: Any, embeddings_on_cpu: bool | None) -> str:
     if isinstance(q, dict):
         text = f"{q.get('default', 'int4')}" + (f"-g{q['group_size']}" if q.get("group_size") else "")
         text += " +rules" if q.get("rules") else ""
+        text += " kv-int8" if q.get("kv_cache") == "int8" else ""
     else:
         text = str(q)
     return text + (" emb-cpu" if embeddings_on_cpu else "")

@@ -129,7 +129,7 @@ class ModelSource:
             self.tiny_dir() if self.is_tiny else self.model,
             dtype=self.compute_dtype(),
             device=None if self.device == "auto" else self.device,
-            quantization=self.quantized,
+            quantization=self.quantization,  # the whole config: `kv_cache` too
             tokenizer=self.tokenizer,
             cache_dir=self.cache_dir if use_cache else False,
             dequant_threshold=None if self.quantization is None else self.quantization.dequant_threshold,

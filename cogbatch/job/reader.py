@@ -24,7 +24,15 @@ from cogbatch.job.config import (
     InputConfig,
     TaskConfig,
 )
-from cogbatch.model.quant.spec import DEQUANT_DEVICES, QDTYPES, QuantConfig, QuantRule, split_qtype
+from cogbatch.model.quant.spec import (
+    DEQUANT_DEVICES,
+    KV_CACHE_DTYPES,
+    QDTYPES,
+    QuantConfig,
+    QuantRule,
+    split_kv_suffix,
+    split_qtype,
+)
 from cogbatch.model.settings import SEED_LIMIT, GenerationConfig, parse_size
 
 
@@ -232,11 +240,14 @@ def _dequant_threshold(sec: Section) -> float | dict[str, float | None] | None:
 
 
 def read_quantization(value: Any, key: str = "quantization") -> QuantConfig:
+    """A job's `quantization:` (or `compare --against`): a weight dtype, optionally `+kv8`, or a mapping."""
     if isinstance(value, str):
-        if split_qtype(value) is None:
-            raise ConfigError(f"{key}: must be int4, int4-g32, int4-g64, int4-g128, int8, none or a mapping")
-        dtype, group = _quant_dtype(value, key)
-        return QuantConfig(default=dtype, group_size=group or 128)
+        weights, kv_cache = split_kv_suffix(value)
+        if split_qtype(weights) is None:
+            raise ConfigError(f"{key}: must be int4, int4-g32, int4-g64, int4-g128, int8, none (each optionally "
+                              f"with +kv8: an 8-bit KV cache) or a mapping")  # fmt: skip
+        dtype, group = _quant_dtype(weights, key)
+        return QuantConfig(default=dtype, group_size=group or 128, kv_cache=kv_cache)
     sec = Section(value, key)
     default = sec.str_("default", "int4", QDTYPES)
     group = sec.int_("group_size", 128)
@@ -252,8 +263,9 @@ def read_quantization(value: Any, key: str = "quantization") -> QuantConfig:
     elif not isinstance(cpu_embed, bool):
         raise ConfigError(f"{sec.key('embeddings_on_cpu')}: must be true, false or auto")
     threshold = _dequant_threshold(sec)
+    kv_cache = sec.str_("kv_cache", "none", KV_CACHE_DTYPES)
     sec.finish()
-    return QuantConfig(default, group, rules, cpu_embed, threshold)
+    return QuantConfig(default, group, rules, cpu_embed, threshold, kv_cache)
 
 
 def read_yaml(path: Path, what: str) -> dict[str, Any]:

@@ -158,6 +158,9 @@ class CogVLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tokenizer: Any = None
         self.load_report: Any = None  # set by from_pretrained (cogbatch.model.quant.report.LoadReport)
+        # How generation caches keys and values: "none" (the model's dtype) or "int8" (half the memory,
+        # slightly different outputs); from `quantization.kv_cache`, or set directly before generating.
+        self.kv_cache = "none"
 
     @property
     def device(self) -> torch.device:
@@ -198,7 +201,8 @@ class CogVLM(nn.Module):
         directory (`model.sources`; for smoke runs: its text is meaningless).
         `tokenizer` names a tokenizer to use when the checkpoint has none (cogvlm-chat-hf).
         `quantization`: None/"none", "int4" (group 128), "int4-g32"/"-g64"/"-g128", "int8", or a
-        dict / `QuantConfig` with per-module rules (see `cogbatch.model.quant.spec`). Quantized loads
+        dict / `QuantConfig` with per-module rules (see `cogbatch.model.quant.spec`); its `kv_cache`
+        ("int8": an 8-bit KV cache) becomes `model.kv_cache`, whatever the weights. Quantized loads
         stream the checkpoint layer by layer and use the quantized-weights cache under `cache_dir`
         (default `$COGBATCH_CACHE_DIR`, else `~/.cache/cogbatch`; False disables it).
         `dequant_threshold`: rows above which a quantized layer uses a transient dense weight
@@ -220,7 +224,8 @@ class CogVLM(nn.Module):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         host_prefix = "model.vision." if park_vision and device.type != "cpu" else None
         dtype = resolve_dtype(dtype, device)
-        quant = QuantConfig.parse(quantization)
+        full = QuantConfig.read(quantization)
+        quant = None if full is None else full.effective()
         ckpt = resolve_checkpoint(path_or_id, cache_dir=Path(cache_dir) if isinstance(cache_dir, str | Path) else None)
         cfg = CogVLMConfig.from_json(ckpt)
         files = weight_files(ckpt)
@@ -248,8 +253,12 @@ class CogVLM(nn.Module):
                     host_prefix=host_prefix,
                 )  # fmt: skip
             model.eval().requires_grad_(False)
+        model.kv_cache = "none" if full is None else full.kv_cache
         model.load_report = build_report(model, tracker, checkpoint=ckpt, dtype=dtype, quant=quant, **cache)
         log.info("%s", model.load_report.summary())
+        if model.kv_cache != "none":
+            log.info("KV cache: %s (keys and values rounded per head and token; ~0.5x the %s cache)",
+                     model.kv_cache, str(dtype).removeprefix("torch."))  # fmt: skip
         model.tokenizer = _load_tokenizer_for(ckpt, cfg, tokenizer)
         return model
 
@@ -330,7 +339,10 @@ class CogVLM(nn.Module):
         image_features: torch.Tensor | None = None,
         last: int | None = None,
     ) -> torch.Tensor:
-        """Full-sequence logits (B, L, V) in float32 for a left- or un-padded batch, without a cache.
+        """Full-sequence logits (B, L, V) in float32 for a left- or un-padded batch, in one pass.
+
+        With an int8 KV cache (`kv_cache`) the pass reads its keys and values through one, so that the
+        logits are those generation computes (it rounds every key before attention reads it).
 
         `image_features` (from `encode_images`) stand in for `images` when the vision tower ran
         elsewhere (phase swapping). `last` keeps only the last `last` positions (B, last, V): scoring a
@@ -346,7 +358,10 @@ class CogVLM(nn.Module):
         if position_ids is None:
             position_ids = padding_invariant_position_ids(token_type_ids, attention_mask)
         embeds = self.model.embed(input_ids, token_type_ids, feats)
-        hidden = self.model(embeds, token_type_ids, position_ids.to(dev), attention_mask)
+        cache = None
+        if self.kv_cache != "none":  # keys and values rounded as generation stores them: the logits it picks from
+            cache = KVCache(self.config, *input_ids.shape, embeds.dtype, dev, self.kv_cache)
+        hidden = self.model(embeds, token_type_ids, position_ids.to(dev), attention_mask, cache)
         if last is not None:
             hidden = hidden[:, -last:]
         return self.lm_head(hidden).float()

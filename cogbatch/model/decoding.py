@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cogbatch.model.generate import Sequence, choose_tokens, decode_text, stop_ids_for
+from cogbatch.model.generate import Sequence, choose_tokens, decode_text, kv_dtype_of, stop_ids_for
 from cogbatch.model.kvcache import KVCache, SlotKVCache
 from cogbatch.model.language import LANGUAGE, VISION, build_position_ids
 from cogbatch.model.settings import GenerationConfig
@@ -40,15 +40,26 @@ if TYPE_CHECKING:
 
 @dataclass
 class Prefix:
-    """Keys and values of `[bos, boi, patches..., eoi]` for one image, per layer (Hkv, P, hd)."""
+    """Keys and values of `[bos, boi, patches..., eoi]` for one image, per layer (Hkv, P, hd).
+
+    Stored as the model's cache stores them (held device memory): for an int8 KV cache, int8 keys and
+    values with their scales per layer (Hkv, P, 1).
+    """
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     next_position: int  # rotary position of the first text token
+    k_scale: list[torch.Tensor] | None = None
+    v_scale: list[torch.Tensor] | None = None
 
     @property
     def length(self) -> int:
         return self.k[0].shape[1]
+
+    def planes(self) -> list[list[torch.Tensor]]:
+        """In `KVCache.planes` order, for `SlotKVCache.load_prefix`."""
+        scales = [self.k_scale, self.v_scale] if self.k_scale is not None else []
+        return [self.k, self.v, *scales]
 
 
 @torch.no_grad()
@@ -70,11 +81,15 @@ def prefill_prefixes(model: CogVLM, feats: torch.Tensor) -> list[Prefix]:
     types[:, 0] = LANGUAGE
     mask = torch.ones_like(types)
     positions = build_position_ids(types, mask)
-    cache = KVCache(cfg, n, P, model.dtype, device)
+    cache = KVCache(cfg, n, P, model.dtype, device, kv_dtype_of(model))
     model.model(model.model.embed(ids, types, feats.to(device)), types, positions, mask, cache)
     # The first text token follows eoi: one more than the largest prefix position.
     next_position = int(positions[0, -1]) + 1
-    return [Prefix([k[i] for k in cache.k], [v[i] for v in cache.v], next_position) for i in range(n)]
+    prefixes = []
+    for i in range(n):
+        k, v, *scales = ([t[i] for t in plane] for plane in cache.planes())
+        prefixes.append(Prefix(k, v, next_position, *scales))
+    return prefixes
 
 
 class PrefixStore:
@@ -189,7 +204,7 @@ class ContinuousDecoder:
         self.prefix_len = model.config.vision_tokens + 1
         self.max_text, self.max_new = max_text, max_new or cfg.max_new_tokens
         max_len = self.prefix_len + max_text + self.max_new
-        self.cache = SlotKVCache(model.config, slots, max_len, model.dtype, self.device)
+        self.cache = SlotKVCache(model.config, slots, max_len, model.dtype, self.device, kv_dtype_of(model))
         self.seen = torch.zeros(slots, model.config.vocab_size, dtype=torch.bool, device=self.device)
         self.active: list[_Slot] = []
         self.admitting: list[DecodeRequest] = []  # taken from the queue, not in a slot yet
@@ -250,7 +265,7 @@ class ContinuousDecoder:
         while self.admitting:
             r = self.admitting[0]
             prefix = self._prefix(r)
-            self.cache.load_prefix(len(self.active), prefix.k, prefix.v)
+            self.cache.load_prefix(len(self.active), prefix.planes())
             self.active.append(_Slot(r, r.cfg or self.cfg, prefix.next_position))
             self.admitting.pop(0)
         self.stats.admissions += 1

@@ -15,7 +15,10 @@ Predicted peak device memory of the pipeline's generation path (`cogbatch.model.
 and, in the vision phase, the vision tower's activations for `encode_batch` images and their
 features (features wait for the language phase in host memory). KV bytes per token = 2 (k, v) x
 layers x kv heads x head dim x dtype bytes: 128 KiB for CogVLM2 in bf16 (GQA), 512 KiB for CogVLM;
-a CogVLM2 image prefix is 2,307 tokens, ~0.28 GiB. The same model feeds `cogbatch plan` (from the
+a CogVLM2 image prefix is 2,307 tokens, ~0.28 GiB. An 8-bit KV cache (`kv_cache: int8`) stores each
+head's vector in head-dim bytes plus one scale in the dtype (~0.5x, 258 KiB per CogVLM token) and
+reads one layer at a time dequantized: k and v of every row up to its length in the dtype, a
+transient counted in each pass's activations. The same model feeds `cogbatch plan` (from the
 config, without weights) and the worker (from the loaded model); on CUDA the worker scales its
 estimates by what `torch.cuda.max_memory_allocated()` measured in each phase of the first chunk.
 """
@@ -44,11 +47,20 @@ class MemoryModel:
     # The largest dense copy of a quantized weight one call makes, per phase (`largest_dense_copy`)
     dense_vision: int = 0
     dense_language: int = 0
+    kv_dtype: str = "none"  # the KV cache's storage: "none" (the dtype) or "int8"
 
     @property
     def kv_per_token(self) -> int:
         c = self.cfg
+        if self.kv_dtype == "int8":
+            return 2 * c.num_hidden_layers * c.num_key_value_heads * (c.head_dim + self.dtype_bytes)
         return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * self.dtype_bytes
+
+    def kv_read(self, rows: int, keys: int) -> int:
+        """The one layer's keys and values an int8 cache dequantizes for attention (0 for a 16-bit cache)."""
+        if self.kv_dtype != "int8":
+            return 0
+        return 2 * rows * self.cfg.num_key_value_heads * keys * self.cfg.head_dim * self.dtype_bytes
 
     @property
     def prefix_tokens(self) -> int:
@@ -71,7 +83,7 @@ class MemoryModel:
         scores = rows * c.num_attention_heads * tokens * keys * 4 if self.materialized_attention else 0
         bias = rows * tokens * keys * b
         logits = rows * c.vocab_size * 4
-        return int(self.correction * (hidden + scores + bias + logits))
+        return int(self.correction * (hidden + scores + bias + logits + self.kv_read(rows, keys)))
 
     def context_overrun(self, max_text: int, max_new: int) -> str | None:
         """Why an image + a prompt + `max_new` new tokens pass the model's context, or None if they fit."""
@@ -148,6 +160,7 @@ def memory_model_for(model: Any) -> MemoryModel:
         materialized_attention=device.type != "cuda",
         dense_vision=dense_vision,
         dense_language=dense_language,
+        kv_dtype=getattr(model, "kv_cache", "none"),
     )
 
 

@@ -52,7 +52,7 @@ def plan_report(
     for on_cpu in (False, True):  # the table on the device, and in host memory
         q = dataclasses.replace(job.quantization, embeddings_on_cpu=on_cpu).effective() if quant else None
         w = predict_weight_bytes(cfg, q, dtype)
-        vm = _memory_model(cfg, w, dense, dtype_bytes, device.type)
+        vm = _memory_model(cfg, w, dense, dtype_bytes, device.type, job.quantization.kv_cache)
         v_modes, v_plan = _modes(vm, ceiling, max_text, max_new, job.batch_size or 64)
         models.append((w, vm, v_modes, v_plan))
         variants.append({"embeddings_on_cpu": on_cpu, "weights_device_bytes": w["device"], "modes": v_modes,
@@ -119,7 +119,7 @@ def resolve_embeddings(job: JobConfig) -> JobConfig:
 
 
 def _memory_model(
-    cfg: Any, weights: dict[str, Any], dense: dict[str, int], dtype_bytes: int, device: str
+    cfg: Any, weights: dict[str, Any], dense: dict[str, int], dtype_bytes: int, device: str, kv_dtype: str
 ) -> MemoryModel:
     return MemoryModel(
         cfg,
@@ -129,6 +129,7 @@ def _memory_model(
         materialized_attention=device != "cuda",
         dense_vision=dense["vision"],
         dense_language=dense["language"],
+        kv_dtype=kv_dtype,
     )
 
 

@@ -45,6 +45,11 @@ def test_options():
         "group_size": 64,
         "embeddings_on_cpu": True,
     }
+    assert TraceConfig(quantization="none", kv_cache="int8").job_quantization() == {"default": "none",
+                                                                                   "kv_cache": "int8"}
+    assert TraceConfig(quantization="int4", kv_cache="none").job_quantization() == "int4"
+    with pytest.raises(ValueError, match="kv_cache must be one of none, int8"):
+        TraceConfig(kv_cache="int4")
     assert TraceConfig(card_bytes=2**30, vram_ceiling=None).ceiling == 2**30
     with pytest.raises(ValueError, match="context"):
         TraceConfig(card_bytes=2**20, context_bytes=2**21)

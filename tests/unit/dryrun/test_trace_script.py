@@ -39,6 +39,7 @@ def test_small_run_writes_the_report(tmp_path, capsys):
         (["--vram", "lots"], "--vram: cannot read a size"),
         (["--batch", "0"], "batch must be a positive integer"),
         (["--json", "/nonexistent/dir/out.json"], "no directory"),
+        (["--kv-cache", "int4"], "--kv-cache: invalid choice: 'int4'"),
     ],
 )
 def test_bad_options_exit_2(args, message, capsys):

@@ -68,6 +68,10 @@ def test_fingerprint_changes_with_what_changes_the_text(tmp_path, base):
     assert b.fingerprint(b.tasks[0], "bfloat16") != fp
     c = load_job({**base, "quantization": "int4-g64"}, pipeline=pipe)
     assert c.fingerprint(c.tasks[0], "bfloat16") != fp
+    kv = load_job({**base, "quantization": {"default": "int8", "kv_cache": "int8"}}, pipeline=pipe)
+    assert kv.fingerprint(kv.tasks[0], "bfloat16") != fp  # an 8-bit KV cache changes outputs
+    same = load_job({**base, "quantization": {"default": "int8", "kv_cache": "none"}}, pipeline=pipe)
+    assert same.fingerprint(same.tasks[0], "bfloat16") == fp  # the default: rows made before keep their fingerprint
 
 
 def test_an_explicit_dequant_threshold_enters_the_fingerprint_and_the_default_does_not(tmp_path, base):

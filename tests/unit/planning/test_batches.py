@@ -21,6 +21,18 @@ def test_kv_bytes_per_token_of_the_real_models(golden_dir):
     assert _mm(golden_dir, "cogvlm2-llama3-chat-19B", 0, 0).prefix_tokens == 2307
 
 
+def test_an_int8_kv_cache_halves_the_bytes_per_token_and_counts_its_dequantized_layer(golden_dir):
+    """int8 keys and values plus one bf16 scale per head and token; attention reads one layer dequantized."""
+    mm = _mm(golden_dir, "cogvlm-chat-hf", 2.2, 6.4)
+    kv8 = _mm(golden_dir, "cogvlm-chat-hf", 2.2, 6.4)
+    kv8.kv_dtype = "int8"
+    assert kv8.kv_per_token == 2 * 32 * 32 * (128 + 2)  # 260 KiB against 512 KiB
+    assert mm.kv_read(4, 1000) == 0
+    assert kv8.kv_read(4, 1000) == 2 * 4 * 32 * 1000 * 128 * 2  # k and v of one layer, 4 rows, in bf16
+    assert kv8.prefill_activations(4, 1, 1000) - mm.prefill_activations(4, 1, 1000) == kv8.kv_read(4, 1000)
+    assert plan_batches(kv8, 11 * GiB, 128, 256).slots > plan_batches(mm, 11 * GiB, 128, 256).slots
+
+
 def test_bigger_ceiling_bigger_batches(golden_dir):
     mm = _mm(golden_dir, "cogvlm2-llama3-chat-19B", 2.4, 7.6)
     small = plan_batches(mm, 16 * GiB, 32, 256)

@@ -81,6 +81,25 @@ def test_vram_and_capability_plan_as_the_named_card():
     assert unknown.dtype == "bfloat16" and any("no --capability" in n for n in unknown.notes)
 
 
+def test_an_int8_kv_cache_plans_more_slots_for_cogvlm_on_a_12gb_card(tmp_path):
+    """CogVLM's 16-bit cache is 0.5 MiB per token (no grouped KV heads); kv_cache: int8 halves it."""
+    import yaml
+
+    reports = {}
+    for kv in ("none", "int8"):
+        job = tmp_path / f"{kv}.yaml"
+        job.write_text(yaml.safe_dump({"model": "cogvlm", "input": {"folder": str(tmp_path)},
+                                       "output": str(tmp_path / "out"), "vram_ceiling": "12GiB",
+                                       "quantization": {"default": "int4", "kv_cache": kv},
+                                       "tasks": [{"name": "c", "prompt": "Describe this image."}]}))  # fmt: skip
+        reports[kv] = cogbatch.plan_job(job, gpu="RTX 3060 12GB", pipeline=PIPELINE)
+    sixteen, eight = reports["none"], reports["int8"]
+    assert eight.quantization == "int4-g128+kv8" and eight.weights == sixteen.weights
+    assert eight.per_request["kv_cache_bytes"] < 0.52 * sixteen.per_request["kv_cache_bytes"]
+    assert sixteen.plan["mode"] == eight.plan["mode"] == "swap"
+    assert eight.plan["slots"] > sixteen.plan["slots"] >= 3
+
+
 def test_a_job_whose_images_are_not_there_is_planned(monkeypatch, tmp_path):
     """jobs/caption.yaml on a fresh checkout: no images/ folder, no checkpoint, no network."""
     monkeypatch.chdir(tmp_path)  # its pipeline.yaml is found above the job file

@@ -226,6 +226,7 @@ def test_cache_key_covers_rules_dtype_content_layout_and_public_versions(ckpt, t
     assert key(target=target_fields("cuda-sm90", kernels)) != ours
     assert key(target=target_fields("cpu-avx512", {**kernels, "lm_head": "fallback"})) != ours
     assert key(quant=QuantConfig.parse({**MIXED, "embeddings_on_cpu": True})) == ours  # placement only
+    assert key(quant=QuantConfig.parse({**MIXED, "kv_cache": "int8"})) == ours  # the KV cache changes no weight
     assert key(quant=QuantConfig.parse({**MIXED, "rules": MIXED["rules"][:1]})) != ours
     assert key(quant=QuantConfig.parse("int4-g64")) != ours
     assert key(dtype=torch.float16) != ours

@@ -54,6 +54,8 @@ def test_parse_shorthands(spec, expected):
         ({"rules": [{"pattern": "x", "dtype": "fp8"}]}, r"rules\[0\]"),
         ({"group_size": 48}, "group_size"),
         ({"embeddings_on_cpu": "yes"}, "embeddings_on_cpu"),
+        ({"kv_cache": "int4"}, "quantization.kv_cache: 'int4' is not one of none, int8"),
+        ("int4+kv4", "quantization"),
     ],
 )
 def test_bad_configs_name_the_key(spec, message):
@@ -114,3 +116,28 @@ def test_embeddings_on_cpu_is_auto_unless_the_job_says_true_or_false(tmp_path):
     assert QuantConfig.parse({"embeddings_on_cpu": "auto"}).job_dict()["embeddings_on_cpu"] == "auto"
     with pytest.raises(ConfigError, match=r"quantization\.embeddings_on_cpu: must be true, false or auto"):
         job_with(tmp_path, {"default": "int4", "embeddings_on_cpu": "yes"})
+
+
+def test_kv_cache_is_a_setting_of_its_own_beside_the_weights(tmp_path):
+    """An 8-bit KV cache with or without quantized weights; the weights' config ignores it."""
+    assert QuantConfig.read("int4+kv8") == QuantConfig(kv_cache="int8")
+    assert QuantConfig.read("none+kv8").label() == "none+kv8"
+    assert QuantConfig.parse("none+kv8") is None  # no weight to quantize ...
+    assert QuantConfig.read({"default": "none", "kv_cache": "int8"}).kv_cache == "int8"  # ... but an int8 cache
+    job = job_with(tmp_path, {"default": "none", "kv_cache": "int8"}).quantization
+    assert job.kv_cache == "int8" and job.effective() is None and job.job_dict()["kv_cache"] == "int8"
+    assert job_with(tmp_path, "int4-g64+kv8").quantization == QuantConfig(group_size=64, kv_cache="int8")
+    assert job_with(tmp_path, "int4").quantization.kv_cache == "none"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"kv_cache": "int4"}, r"quantization.kv_cache: must be one of none, int8 \(got 'int4'\)"),
+        ({"kv_cache": True}, "quantization.kv_cache: must be a non-empty string"),
+        ("int8+kv16", r"quantization: must be int4, .* \(each optionally with \+kv8"),
+    ],
+)
+def test_job_kv_cache_mistakes_are_one_line_naming_the_key(tmp_path, spec, message):
+    with pytest.raises(ConfigError, match=message):
+        job_with(tmp_path, spec)
