@@ -268,6 +268,7 @@ class ContinuousDecoder:
             self.cache.load_prefix(len(self.active), prefix.planes())
             self.active.append(_Slot(r, r.cfg or self.cfg, prefix.next_position))
             self.admitting.pop(0)
+            del prefix  # copied: unless its store holds it for another request, its memory goes before the next
         self.stats.admissions += 1
         self._prefill(start, len(self.active))
 

@@ -4,7 +4,8 @@ Predicted peak device memory of the pipeline's generation path (`cogbatch.model.
 
     weights resident on the device (both parts, or in swap mode only the part of the phase)
   + the slot KV cache                                 (slots x (prefix + prompt + max_new_tokens) x KV bytes)
-  + one held image prefix                             (an image whose requests still wait for a slot)
+  + one held image prefix                             (an image whose requests still wait for a slot: only
+                                                       when an image has several requests, `shares_prefixes`)
   + the largest transient                             (prompt prefill of a full batch, or the prefill of one
                                                        image prefix with its own KV; prefixes are made one
                                                        image at a time, when their first request enters)
@@ -48,6 +49,9 @@ class MemoryModel:
     dense_vision: int = 0
     dense_language: int = 0
     kv_dtype: str = "none"  # the KV cache's storage: "none" (the dtype) or "int8"
+    # An image's prefix waits in device memory for the image's other requests (`shares_prefixes`);
+    # with one request per image it is copied into its slot and dropped at once.
+    shared_prefixes: bool = True
 
     @property
     def kv_per_token(self) -> int:
@@ -111,7 +115,7 @@ class MemoryModel:
             self.prefill_activations(slots, max_text, seq),  # the prompts of a full batch at once
             self.prefill_activations(1, P, P) + self.kv(P) + self.features(1),  # making one image's prefix
         )
-        held = self.kv(P)  # the prefix of an image whose other requests still wait for a slot
+        held = self.kv(P) if self.shared_prefixes else 0  # a prefix whose image's other requests still wait
         seen = slots * self.cfg.vocab_size  # the repetition penalty's token set per slot (bool)
         return self.kv(slots * seq) + held + transient + self.dense_language + seen
 
@@ -126,6 +130,15 @@ class MemoryModel:
     def encode_peak(self, images: int, with_language: bool) -> int:
         """Peak of the vision phase for `images` images."""
         return self.weights(True, with_language) + self.encode_work(images) + self.margin
+
+
+def shares_prefixes(tasks: Any) -> bool:
+    """Whether an image may have several requests, so its prefix waits in device memory for the next one.
+
+    Several tasks ask about every image; one task whose prompts come from a manifest column may ask
+    about the same image in several rows. One fixed prompt per image never holds a prefix.
+    """
+    return len(tasks) > 1 or any(t.question_column for t in tasks)
 
 
 def memory_model_for(model: Any) -> MemoryModel:

@@ -16,7 +16,7 @@ from cogbatch.job.config import JobConfig
 from cogbatch.planning.batches import DEFAULT_MAX_TEXT, plan_batches, plan_mode
 from cogbatch.planning.configs import plan_config
 from cogbatch.planning.gpus import PlanTarget
-from cogbatch.planning.memory import GiB, MemoryModel, planned_dense_copies
+from cogbatch.planning.memory import GiB, MemoryModel, planned_dense_copies, shares_prefixes
 from cogbatch.results import PlanReport
 
 
@@ -53,6 +53,7 @@ def plan_report(
         q = dataclasses.replace(job.quantization, embeddings_on_cpu=on_cpu).effective() if quant else None
         w = predict_weight_bytes(cfg, q, dtype)
         vm = _memory_model(cfg, w, dense, dtype_bytes, device.type, job.quantization.kv_cache)
+        vm.shared_prefixes = shares_prefixes(job.tasks)
         v_modes, v_plan = _modes(vm, ceiling, max_text, max_new, job.batch_size or 64)
         models.append((w, vm, v_modes, v_plan))
         variants.append({"embeddings_on_cpu": on_cpu, "weights_device_bytes": w["device"], "modes": v_modes,

@@ -16,7 +16,7 @@ from cogbatch.errors import DoesNotFit
 from cogbatch.inputs.pending import Request
 from cogbatch.model.settings import SEED_LIMIT, GenerationConfig
 from cogbatch.planning.batches import DEFAULT_MAX_TEXT, plan_batches
-from cogbatch.planning.memory import calibrate, memory_model_for
+from cogbatch.planning.memory import calibrate, memory_model_for, shares_prefixes
 from cogbatch.results import WorkerCounters, WorkerStats
 from cogbatch.worker.loading import LoadedImage
 from cogbatch.worker.placement import (
@@ -85,6 +85,7 @@ class ModelWorker:
         self.on_result = on_result
         self.stats = WorkerCounters()
         self.memory = memory_model_for(self.model)
+        self.memory.shared_prefixes = shares_prefixes(cfg.tasks)
         self.max_new = max(t.generation.max_new_tokens for t in cfg.tasks)
         self.max_text = DEFAULT_MAX_TEXT  # grows when longer prompts are seen
         overrun = self.memory.context_overrun(self.max_text, self.max_new)
@@ -137,9 +138,13 @@ class ModelWorker:
         overrun = self.memory.context_overrun(self.max_text, max_new)
         if overrun and max_new != self.max_new:
             log.warning("%s; text past it is unreliable", overrun)
-        plan = plan_batches(
-            self.memory, self.ceiling, self.max_text, max_new, cap=self.slot_limit, encode_cap=self.encode_limit
-        )
+        shared, self.memory.shared_prefixes = self.memory.shared_prefixes, shares_prefixes(cfg.tasks)
+        try:
+            plan = plan_batches(self.memory, self.ceiling, self.max_text, max_new, cap=self.slot_limit,
+                                encode_cap=self.encode_limit, modes=self.modes)  # fmt: skip
+        except DoesNotFit:
+            self.memory.shared_prefixes = shared  # the plan stays as it was
+            raise
         self.cfg, self.max_new, self.plan = cfg, max_new, plan
 
     def summary_stats(self) -> WorkerStats:

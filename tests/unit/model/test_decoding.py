@@ -141,3 +141,32 @@ def test_prefixes_are_made_on_first_use_and_one_is_held_at_a_time(model, golden_
     assert decoder.stats.admissions == 5  # 2 + 2 + 2 + 2 + 1: every freed slot took the next request
     for (i, q), ids in results.items():
         assert ids == plain(model, q, imgs[i], cfg).token_ids[0], (i, q)
+
+
+def test_with_one_request_per_image_no_prefix_outlives_its_copy(model, golden_dir):
+    """One request per image: a prefix is copied into its slot and freed before the next image's prefix is
+    made and before the prompts are prefilled, so the planner counts no held prefix (`shares_prefixes`)."""
+    import weakref
+
+    imgs = _two_images(golden_dir)
+    imgs.append(imgs[0].transpose(0))
+    feats = model.encode_images(torch.stack([model.preprocess(i) for i in imgs]))
+    made: list[weakref.ref] = []
+
+    def make(i):
+        assert not [r for r in made if r() is not None], "an earlier prefix is still alive"
+        prefix = prefill_prefixes(model, feats[i : i + 1])[0]
+        made.append(weakref.ref(prefix.k[0]))
+        return prefix
+
+    prefill = ContinuousDecoder._prefill
+
+    def prefill_checked(self, start, stop):
+        assert not [r for r in made if r() is not None], "a copied prefix is alive during the prompt prefill"
+        return prefill(self, start, stop)
+
+    cfg = GenerationConfig(max_new_tokens=3, stop_token_ids=())
+    reqs = [DecodeRequest(i, i, model.build_inputs(None, "Colors?").input_ids[1:]) for i in range(3)]
+    decoder = ContinuousDecoder(model, cfg, slots=3, max_text=16, prefixes=PrefixStore(make))
+    decoder._prefill = prefill_checked.__get__(decoder)
+    assert len(decoder.run(reqs)) == 3 and len(made) == 3

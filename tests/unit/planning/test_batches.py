@@ -125,6 +125,19 @@ def test_the_peak_counts_a_held_prefix_and_the_one_being_made(golden_dir):
     P = mm.prefix_tokens
     floor = int(10.0 * GiB) + mm.kv(plan.slots * (P + 32 + 256)) + 2 * mm.kv(P) + mm.margin
     assert floor <= plan.peak_bytes <= 16 * GiB
+    # One request per image: no prefix waits for another request, so one prefix less is counted
+    mm.shared_prefixes = False
+    assert mm.decode_peak(plan.slots, 32, 256, True) == plan.peak_bytes - mm.kv(P)
+
+
+def test_only_several_requests_per_image_share_a_prefix():
+    from types import SimpleNamespace as Task
+
+    from cogbatch.planning.memory import shares_prefixes
+
+    assert not shares_prefixes([Task(question_column=None)])  # one fixed prompt per image
+    assert shares_prefixes([Task(question_column=None), Task(question_column=None)])  # two tasks
+    assert shares_prefixes([Task(question_column="question")])  # manifest rows may repeat an image
 
 
 def test_plan_command_on_the_real_configs(tmp_path):
