@@ -197,11 +197,14 @@ class PlanReport:
     embeddings_on_cpu: bool = False  # the job's setting, or what `auto` chose (`variants` has both)
     embeddings_auto: bool = False  # the job left it to the planner (`embeddings_on_cpu: auto`)
     variants: list[dict[str, Any]] = field(default_factory=list)  # without / with embeddings_on_cpu: modes, plan
+    basis: dict[str, dict[str, int]] = field(default_factory=dict)  # phase -> what its planned peak is made of
+    dryrun: dict[str, Any] | None = None  # the fake-CUDA dry run's row nearest to the plan (`--verbose`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def describe(self) -> str:
+    def describe(self, verbose: bool = False) -> str:
+        """The report for a terminal; `verbose` adds what the plan's peak is made of and the dry run's figures."""
         w, r = self.weights, self.per_request
         lines = [
             f"{self.model} ({self.generation}), {self.quantization}, {self.dtype} on {self.device}, "
@@ -237,7 +240,28 @@ class PlanReport:
         p = self.plan
         lines.append(f"plan: {p['mode']} mode, batch {p['slots']}" if p.get("mode") else f"plan: {p['error']}")
         lines += [f"  note: {note}" for note in (*p.get("notes", ()), *self.notes)]
+        if verbose:
+            lines += self._describe_basis()
         return "\n".join(lines)
+
+    def _describe_basis(self) -> list[str]:
+        """Both numbers' basis: the planned peak's parts per phase, and what the dry run traced nearest to it."""
+        lines = []
+        for phase, parts in self.basis.items():
+            terms = " + ".join(f"{k.replace('_', ' ')} {v / GIB:.2f}" for k, v in parts.items() if v)
+            lines.append(f"basis, {phase} phase (GiB): {terms} = {sum(parts.values()) / GIB:.2f}")
+        d = self.dryrun
+        if d:
+            over = "no allocation over" if d["oom_events"] == 0 else f"{d['oom_events']} allocations over"
+            lines.append(
+                f"dry run (fake CUDA at full size, {d['device']}, {d['mode']}, {d['slots']} slots, docs/dryrun.md): "
+                f"planned {d['planned_bytes'] / GIB:.2f} GiB, simulated allocator reserved "
+                f"{d['reserved_bytes'] / GIB:.2f} GiB ({d['reserved_bytes'] / d['planned_bytes']:.2f} of planned) and "
+                f"allocated {d['allocated_bytes'] / GIB:.2f} GiB on a card of the planned size, {over}"
+            )
+        elif self.plan.get("mode") and self.device.startswith("cuda"):
+            lines.append("dry run: none traced for this model and device (scripts/trace_gpu.py traces any)")
+        return lines
 
     def _describe_variants(self) -> list[str]:
         """What fits under the ceiling with and without embeddings_on_cpu: one row each (* = the job's setting)."""

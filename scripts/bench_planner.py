@@ -1,7 +1,7 @@
 """The planner against the fake-CUDA dry run: predicted peak vs simulated reserved peak over a grid.
 
-    python scripts/bench_planner.py                        # the whole grid (about 40 min on 2 cores), a table
-    python scripts/bench_planner.py --write                # ... and into docs/dryrun.md + docs/bench/planner-grid.json
+    python scripts/bench_planner.py              # the whole grid (about 15 min on 2 cores), a table
+    python scripts/bench_planner.py --write      # ... into docs/dryrun.md and cogbatch/planning/dryrun_grid.json
     python scripts/bench_planner.py --models cogvlm --batches 4 --devices 8.6-bf16 --modes swap
 
 For each model (CogVLM, CogVLM2 at full size), device (sm86 bf16: TinyGemm; sm75 fp16: a dense copy per
@@ -30,7 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PAGE = REPO / "docs" / "dryrun.md"
-JSON = REPO / "docs" / "bench" / "planner-grid.json"
+JSON = REPO / "cogbatch" / "planning" / "dryrun_grid.json"  # `cogbatch plan --verbose` quotes it
 BEGIN, END = "<!-- planner-grid: begin -->", "<!-- planner-grid: end -->"
 DEVICES = {"8.6-bf16": ((8, 6), "bf16"), "7.5-fp16": ((7, 5), "fp16")}
 GiB = 2**30

@@ -27,7 +27,10 @@ from cogbatch.cli.app import (
 @click.option("--device", help="Plan for cpu, cuda or cuda:N instead of the job's device (no GPU needed here).")
 @job_options
 @json_option
-def plan(job, model, gpu, vram, capability, vram_ceiling, device, input_path, output, pipeline, as_json) -> None:
+@click.option("--verbose", "-v", is_flag=True, help="Also what the planned peak is made of, per phase, and the "
+              "fake-CUDA dry run's figures nearest to the plan.")
+def plan(job, model, gpu, vram, capability, vram_ceiling, device, input_path, output, pipeline, as_json,
+         verbose) -> None:  # fmt: skip
     """Predict device memory for JOB's model (or --model's) and the batch size that fits.
 
     Reads only config.json and downloads nothing: a local checkpoint's, the hub cache's, else the one
@@ -48,7 +51,7 @@ def plan(job, model, gpu, vram, capability, vram_ceiling, device, input_path, ou
     with _reported("plan failed"):
         report = plan_job(job, model=model, gpu=gpu, vram=vram, capability=capability, pipeline=pipeline,
                           vram_ceiling=vram_ceiling, device=device, input=input_path, output=output)  # fmt: skip
-    _emit(report.to_dict(), report.describe(), as_json, human_on_stdout=True)
+    _emit(report.to_dict(), report.describe(verbose), as_json, human_on_stdout=True)
 
 
 @cli.command(short_help="Quantize a checkpoint ahead of time into the quantized-weights cache.")

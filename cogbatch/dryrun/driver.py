@@ -321,20 +321,28 @@ def _run_api(session: FakeCudaSession, cfg: TraceConfig, vlm: Any, out: dict[str
     worker = vlm._worker
     with session.outside():
         out["plan_from_config"] = plan_report(vlm.config).to_dict()
-    plan = vlm.plan
-    out["plan"] = plan.to_dict()
-    out["planned_phases"] = _planned(worker, plan, plan.max_text)
     prompt = len(vlm.model.build_inputs(None, cfg.prompt, None, "chat").input_ids) - 1
-    out["planned_phases_at_prompt"] = _planned(worker, plan, prompt)
-    out["prompt_tokens"] = prompt
     weights = {"vision": worker.memory.weights_vision, "language": worker.memory.weights_language}
     images = [Image.new("RGB", (64, 48), (i % 256, i // 256 % 256, 0)) for i in range(cfg.images)]  # distinct ids
     prompts = {f"task{i}": cfg.prompt for i in range(cfg.tasks)}
+    planned: dict[str, Any] = {}
+    use_tasks = worker.use_tasks
+
+    def planned_call(call_cfg: Any) -> None:  # the call's plan (its tasks'), before the run calibrates it
+        use_tasks(call_cfg)
+        if not planned:
+            p = worker.plan
+            planned.update(plan=p, phases=_planned(worker, p, p.max_text), at_prompt=_planned(worker, p, prompt))
+
+    worker.use_tasks = planned_call
     t0 = time.perf_counter()
     sized = [(decoding_module, "ContinuousDecoder", _planned_size_decoder(worker.max_new))] if cfg.short_decode else []
     with session.trace.phase("worker"), AttrPatches(sized):
         answers = vlm.generate(images, prompts)
     out["timings"]["worker_s"] = time.perf_counter() - t0
+    out["plan"] = planned["plan"].to_dict()
+    out["planned_phases"], out["planned_phases_at_prompt"] = planned["phases"], planned["at_prompt"]
+    out["prompt_tokens"] = prompt
     rows = [{"status": "ok" if a.ok else "error", "error": a.error, "tokens_out": a.tokens_out}
             for by_task in answers for a in by_task.values()]  # fmt: skip
     _worker_figures(worker, weights, rows, out)

@@ -107,21 +107,44 @@ class MemoryModel:
     def weights(self, with_vision: bool, with_language: bool) -> int:
         return (self.weights_vision if with_vision else 0) + (self.weights_language if with_language else 0)
 
-    def decode_work(self, slots: int, max_text: int, max_new: int) -> int:
-        """Device bytes of the language phase beyond the weights, with `slots` sequences in flight."""
+    def decode_parts(self, slots: int, max_text: int, max_new: int, with_vision: bool) -> dict[str, int]:
+        """What the language phase's peak is made of, with `slots` sequences in flight (`cogbatch plan -v`).
+
+        The transient is the larger of prefilling the prompts of a full batch at once and making one
+        image's prefix (its activations, its own KV cache and the image's features).
+        """
         P = self.prefix_tokens
         seq = P + max_text + max_new
-        transient = max(
-            self.prefill_activations(slots, max_text, seq),  # the prompts of a full batch at once
-            self.prefill_activations(1, P, P) + self.kv(P) + self.features(1),  # making one image's prefix
-        )
-        held = self.kv(P) if self.shared_prefixes else 0  # a prefix whose image's other requests still wait
-        seen = slots * self.cfg.vocab_size  # the repetition penalty's token set per slot (bool)
-        return self.kv(slots * seq) + held + transient + self.dense_language + seen
+        prompts = self.prefill_activations(slots, max_text, seq)
+        prefix = self.prefill_activations(1, P, P) + self.kv(P) + self.features(1)
+        return {
+            "weights": self.weights(with_vision, True),
+            "kv_cache": self.kv(slots * seq),
+            "waiting_prefix": self.kv(P) if self.shared_prefixes else 0,  # its image's other requests wait
+            "prompt_prefill" if prompts >= prefix else "prefix_prefill": max(prompts, prefix),
+            "dense_copy": self.dense_language,
+            "seen_tokens": slots * self.cfg.vocab_size,  # the repetition penalty's token set per slot (bool)
+            "margin": self.margin,
+        }
+
+    def decode_work(self, slots: int, max_text: int, max_new: int) -> int:
+        """Device bytes of the language phase beyond the weights, with `slots` sequences in flight."""
+        parts = self.decode_parts(slots, max_text, max_new, False)
+        return sum(parts.values()) - parts["weights"] - parts["margin"]
 
     def decode_peak(self, slots: int, max_text: int, max_new: int, with_vision: bool) -> int:
         """Peak of the language phase: `slots` sequences in flight."""
-        return self.weights(with_vision, True) + self.decode_work(slots, max_text, max_new) + self.margin
+        return sum(self.decode_parts(slots, max_text, max_new, with_vision).values())
+
+    def encode_parts(self, images: int, with_language: bool) -> dict[str, int]:
+        """What the vision phase's peak is made of, for `images` images at once."""
+        return {
+            "weights": self.weights(True, with_language),
+            "vision_activations": self.vision_activations(images),
+            "features": self.features(images),
+            "dense_copy": self.dense_vision,
+            "margin": self.margin,
+        }
 
     def encode_work(self, images: int) -> int:
         """Device bytes of one vision-tower pass over `images` images beyond the weights."""
@@ -129,7 +152,7 @@ class MemoryModel:
 
     def encode_peak(self, images: int, with_language: bool) -> int:
         """Peak of the vision phase for `images` images."""
-        return self.weights(True, with_language) + self.encode_work(images) + self.margin
+        return sum(self.encode_parts(images, with_language).values())
 
 
 def shares_prefixes(tasks: Any) -> bool:

@@ -91,7 +91,29 @@ def plan_report(
         embeddings_on_cpu=on_cpu,
         embeddings_auto=quant is not None and quant.embeddings_on_cpu is None,
         variants=variants,
+        basis=_basis(mm, chosen, max_text, max_new),
+        dryrun=_dryrun(cfg, dtype, capability, chosen, device.type),
     )
+
+
+def _basis(mm: MemoryModel, plan: dict, max_text: int, max_new: int) -> dict[str, dict[str, int]]:
+    """What the plan's peak is made of, per phase (empty when nothing fits)."""
+    if not plan.get("mode"):
+        return {}
+    both = plan["mode"] == "resident"
+    return {
+        "language": mm.decode_parts(plan["slots"], max_text, max_new, both),
+        "vision": mm.encode_parts(plan["encode_batch"], both),
+    }
+
+
+def _dryrun(cfg: Any, dtype: Any, capability: Any, plan: dict, device_type: str) -> dict | None:
+    """The fake-CUDA dry run's figures nearest to this plan (`planning.calibration`), on a GPU plan only."""
+    from cogbatch.planning.calibration import dryrun_reference
+
+    if device_type != "cuda" or not plan.get("mode"):
+        return None
+    return dryrun_reference(cfg, str(dtype).removeprefix("torch."), capability, plan["mode"], plan["slots"])
 
 
 def _embeddings_choice(quant: Any, device_type: str, mode_on_device: str | None) -> bool:

@@ -198,3 +198,22 @@ def test_cli_plans_for_a_card_and_refuses_mistakes_in_one_line():
     ):
         res = runner.invoke(cli, ["plan", *args, "--pipeline", str(PIPELINE)])
         assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, (args, res.output)
+
+
+def test_verbose_plan_shows_what_the_peak_is_made_of_and_the_dry_runs_figures():
+    """`cogbatch plan --verbose`: the planned peak's parts per phase add up to the plan's peak, and the
+    fake-CUDA dry run's row nearest to the plan (same model, device class and mode) stands beside it."""
+    report = cogbatch.plan_job(model="cogvlm2", gpu="RTX 3060 12GB", pipeline=PIPELINE)
+    language, vision = report.basis["language"], report.basis["vision"]
+    assert max(sum(language.values()), sum(vision.values())) == report.plan["peak_bytes"]
+    assert language["waiting_prefix"] == 0  # one task: no image prefix waits for another request
+    assert language["kv_cache"] == report.plan["slots"] * report.per_request["kv_cache_bytes"]
+    d = report.dryrun
+    assert (d["model"], d["device"], d["mode"]) == ("cogvlm2", "8.6-bf16", report.plan["mode"])
+    assert d["slots"] <= report.plan["slots"] and "error" not in d
+    text = report.describe(verbose=True)
+    assert "basis, language phase (GiB): weights 7.17 + kv cache" in text and "basis, vision phase" in text
+    assert f"dry run (fake CUDA at full size, 8.6-bf16, {d['mode']}, {d['slots']} slots" in text
+    assert "basis," not in report.describe()
+    tiny = cogbatch.plan_job(model="tiny-random:cogvlm2", gpu="RTX 3060 12GB", pipeline=PIPELINE)
+    assert tiny.dryrun is None and "none traced for this model" in tiny.describe(verbose=True)
