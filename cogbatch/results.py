@@ -253,8 +253,10 @@ class PlanReport:
         d = self.dryrun
         if d:
             over = "no allocation over" if d["oom_events"] == 0 else f"{d['oom_events']} allocations over"
+            table = "in host memory" if d.get("embeddings_on_cpu") else "on the device"
             lines.append(
-                f"dry run (fake CUDA at full size, {d['device']}, {d['mode']}, {d['slots']} slots, docs/dryrun.md): "
+                f"dry run, the nearest traced plan (fake CUDA at full size, {d['device']}, {d['mode']}, {d['slots']} "
+                f"slots, token embeddings {table}; docs/dryrun.md): "
                 f"planned {d['planned_bytes'] / GIB:.2f} GiB, simulated allocator reserved "
                 f"{d['reserved_bytes'] / GIB:.2f} GiB ({d['reserved_bytes'] / d['planned_bytes']:.2f} of planned) and "
                 f"allocated {d['allocated_bytes'] / GIB:.2f} GiB on a card of the planned size, {over}"

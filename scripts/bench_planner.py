@@ -3,6 +3,7 @@
     python scripts/bench_planner.py              # the whole grid (about 15 min on 2 cores), a table
     python scripts/bench_planner.py --write      # ... into docs/dryrun.md and cogbatch/planning/dryrun_grid.json
     python scripts/bench_planner.py --models cogvlm --batches 4 --devices 8.6-bf16 --modes swap
+    python scripts/bench_planner.py --fits [--write]   # only the largest batch under 11 GiB, from the planner
 
 For each model (CogVLM, CogVLM2 at full size), device (sm86 bf16: TinyGemm; sm75 fp16: a dense copy per
 call), mode (resident, phase-swapped, forced) and batch (1, 2, 4, 8 decode slots, as many images, one
@@ -32,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 PAGE = REPO / "docs" / "dryrun.md"
 JSON = REPO / "cogbatch" / "planning" / "dryrun_grid.json"  # `cogbatch plan --verbose` quotes it
 BEGIN, END = "<!-- planner-grid: begin -->", "<!-- planner-grid: end -->"
+FITS = ("<!-- planner-fits: begin -->", "<!-- planner-fits: end -->")
 DEVICES = {"8.6-bf16": ((8, 6), "bf16"), "7.5-fp16": ((7, 5), "fp16")}
 GiB = 2**30
 
@@ -51,6 +53,7 @@ def run_one(model: str, device: str, mode: str, batch: int, full: bool) -> dict:
         "planned_bytes": r["planned_peak_bytes"], "reserved_bytes": r["peak_reserved_bytes"],
         "allocated_bytes": r["peak_allocated_bytes"], "rows_ok": r["rows_ok"], "rows": r["rows"],
         "peak_phase": _peak_phase(r), "oom_events": r["oom_events"], "segment_releases": r["segment_releases"],
+        "embeddings_on_cpu": r["load"]["embeddings_on_cpu"],
         "seconds": round(time.perf_counter() - t0, 1), "full_decode": full,
     }  # fmt: skip
     row["ratio"] = round(row["reserved_bytes"] / row["planned_bytes"], 3)
@@ -87,6 +90,37 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_fits() -> str:
+    """The largest batch the planner gives under an 11 GiB ceiling: model x device x KV cache x embeddings."""
+    import cogbatch
+
+    head = ("| model | device | KV cache | resident | phase-swapped | resident, embeddings on host "
+            "| phase-swapped, embeddings on host | a run uses (`auto`) |")
+    lines = [head, "|---|---|---|---:|---:|---:|---:|---|"]
+    for model in ("cogvlm", "cogvlm2"):
+        for device, (capability, _) in DEVICES.items():
+            for kv in ("none", "int8"):
+                job = {"model": model, "quantization": {"default": "int4", "kv_cache": kv},
+                       "input": {"folder": "images"}, "output": "outputs/fits",  # never read: plan only
+                       "tasks": [{"name": "caption", "prompt": "Describe this image.", "max_new_tokens": 256}]}
+                r = cogbatch.plan_job(job, vram="11.5GiB", capability=".".join(map(str, capability)),
+                                      pipeline=REPO / "pipeline.yaml")  # 11.5 GiB card: 11.0 GiB usable
+                cells = [str(v["modes"][m]["largest_batch"]) for v in r.variants for m in ("resident", "swap")]
+                p = r.plan
+                uses = f"{p['mode']}, {p['slots']}" + (", embeddings on host" if r.embeddings_on_cpu else "")
+                uses = uses if p["mode"] else "does not fit"
+                lines.append(f"| {model} | {device} | {kv} | " + " | ".join(cells) + f" | {uses} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_block(marks: tuple[str, str], text: str) -> None:
+    page = PAGE.read_text()
+    pattern = re.compile(re.escape(marks[0]) + r"\n.*?" + re.escape(marks[1]), flags=re.S)
+    if not pattern.search(page):
+        raise SystemExit(f"{PAGE}: no {marks[0]} ... {marks[1]} block")
+    PAGE.write_text(pattern.sub(lambda _: f"{marks[0]}\n{text}{marks[1]}", page))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["cogvlm", "cogvlm2"], choices=["cogvlm", "cogvlm2"])
@@ -96,7 +130,14 @@ def main() -> int:
     ap.add_argument("--full", action="store_true", help="decode all 256 tokens of every request (slow)")
     ap.add_argument("--write", action="store_true", help=f"write {JSON.relative_to(REPO)} and the table in "
                     f"{PAGE.relative_to(REPO)}")  # fmt: skip
+    ap.add_argument("--fits", action="store_true", help="only the planner's largest batches under 11 GiB (seconds)")
     args = ap.parse_args()
+    if args.fits:
+        table = render_fits()
+        print(table)
+        if args.write:
+            _write_block(FITS, table)
+        return 0
     if any(b < 1 for b in args.batches):
         ap.error("--batches: positive integers")
     import logging
@@ -118,11 +159,7 @@ def main() -> int:
     print(table)
     if args.write:
         JSON.write_text(json.dumps(rows, indent=1) + "\n")
-        page = PAGE.read_text()
-        pattern = re.compile(re.escape(BEGIN) + r"\n.*?" + re.escape(END), flags=re.S)
-        if not pattern.search(page):
-            raise SystemExit(f"{PAGE}: no {BEGIN} ... {END} block")
-        PAGE.write_text(pattern.sub(lambda _: f"{BEGIN}\n{table}{END}", page))
+        _write_block((BEGIN, END), table)
     return 1 if any("error" in r for r in rows) else 0
 
 

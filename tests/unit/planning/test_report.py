@@ -213,7 +213,7 @@ def test_verbose_plan_shows_what_the_peak_is_made_of_and_the_dry_runs_figures():
     assert d["slots"] <= report.plan["slots"] and "error" not in d
     text = report.describe(verbose=True)
     assert "basis, language phase (GiB): weights 7.17 + kv cache" in text and "basis, vision phase" in text
-    assert f"dry run (fake CUDA at full size, 8.6-bf16, {d['mode']}, {d['slots']} slots" in text
+    assert f"nearest traced plan (fake CUDA at full size, 8.6-bf16, {d['mode']}, {d['slots']} slots" in text
     assert "basis," not in report.describe()
     tiny = cogbatch.plan_job(model="tiny-random:cogvlm2", gpu="RTX 3060 12GB", pipeline=PIPELINE)
     assert tiny.dryrun is None and "none traced for this model" in tiny.describe(verbose=True)
