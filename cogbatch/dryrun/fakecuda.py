@@ -186,9 +186,15 @@ class FakeCuda:
             (c, "memory_reserved"): per_device(lambda: a.stats.reserved),
             (c, "max_memory_reserved"): per_device(lambda: a.user_peak_reserved),
             (c, "reset_peak_memory_stats"): per_device(a.reset_peak),
-            (c, "mem_get_info"): per_device(lambda: (max(0, self.total_memory - a.stats.reserved), self.total_memory)),
+            (c, "mem_get_info"): per_device(lambda: (self._free(), self.total_memory)),
             (c.memory, "_set_allocator_settings"): self._allocator_settings,
         }
+
+    def _free(self) -> int:
+        """What the driver would report free: the card less the context (outside the allocator) and less what
+        the allocator reserved; a worker plans under it when it is below the job's ceiling (`usable_ceiling`)."""
+        a = self.allocator
+        return max(0, (self.total_memory if a.capacity is None else a.capacity) - a.stats.reserved)
 
     def _allocator_settings(self, settings: str) -> None:
         """torch's runtime allocator setter: `expandable_segments` applies to the segments made from now on."""

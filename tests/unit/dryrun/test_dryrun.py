@@ -240,3 +240,12 @@ def test_cogbatch_load_swaps_phases_as_the_worker_does(ceiling, mode):
 def test_a_trace_of_cogbatch_load_runs_the_planners_mode():
     with pytest.raises(ValueError, match="mode must be auto"):
         TraceConfig(api=True, mode="swap")
+
+
+def test_the_worker_plans_under_what_the_card_has_left_after_its_context():
+    """As on a card: `mem_get_info` leaves out the CUDA context, so a ceiling of the card's whole size is
+    lowered to what the allocator can reach (`usable_ceiling`), and the plan stays under that."""
+    GiB = 2**30
+    r = trace(small("cogvlm", card_bytes=2 * GiB, context_bytes=GiB // 2))  # vram_ceiling: the card's 2 GiB
+    assert r["plan"]["ceiling"] == 2 * GiB - GiB // 2 and r["planned_peak_bytes"] <= r["plan"]["ceiling"]
+    assert r["oom_events"] == 0 and r["rows_ok"] == 2
