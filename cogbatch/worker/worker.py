@@ -96,14 +96,7 @@ class ModelWorker:
         self.ceiling = usable_ceiling(cfg.vram_ceiling, self.model.device)
         self.modes = ("resident",) if weights_stay_on_device(self.model) else ("resident", "swap")
         # Raises DoesNotFit before any work when even one request cannot fit under the ceiling.
-        try:
-            self.plan = plan_batches(
-                self.memory, self.ceiling, self.max_text, self.max_new, cap=self.slot_limit, modes=self.modes
-            )
-        except DoesNotFit as e:
-            if self.modes == ("resident",):
-                raise DoesNotFit(f"{e} ({AWQ_PINNED})") from None
-            raise
+        self.plan = self._plan(self.max_new)
         self.calibrated = False
         self._measured: dict[str, tuple[int, int]] = {}  # phase -> (predicted, measured) device work bytes
         self._first_decoder: tuple[int, int, int] | None = None  # (slots, max_text, max_new) of a chunk's decoder
@@ -140,8 +133,7 @@ class ModelWorker:
             log.warning("%s; text past it is unreliable", overrun)
         shared, self.memory.shared_prefixes = self.memory.shared_prefixes, shares_prefixes(cfg.tasks)
         try:
-            plan = plan_batches(self.memory, self.ceiling, self.max_text, max_new, cap=self.slot_limit,
-                                encode_cap=self.encode_limit, modes=self.modes)  # fmt: skip
+            plan = self._plan(max_new)
         except DoesNotFit:
             self.memory.shared_prefixes = shared  # the plan stays as it was
             raise
@@ -401,18 +393,20 @@ class ModelWorker:
         the out-of-memory handling still guards the real limit, and no request is dropped.
         """
         try:
-            self.plan = plan_batches(
-                self.memory,
-                self.ceiling,
-                self.max_text,
-                self.max_new,
-                cap=self.slot_limit,
-                encode_cap=self.encode_limit,
-                modes=self.modes,
-            )
+            self.plan = self._plan(self.max_new)
         except DoesNotFit as e:
             log.warning("%s; going on one request at a time", e)
             self.plan = dataclasses.replace(self.plan, slots=1, encode_batch=1, chunk_images=2, max_text=self.max_text)
+
+    def _plan(self, max_new: int) -> Any:
+        """The batch plan for what the worker knows now (DoesNotFit when not even one request fits)."""
+        try:
+            return plan_batches(self.memory, self.ceiling, self.max_text, max_new, cap=self.slot_limit,
+                                encode_cap=self.encode_limit, modes=self.modes)  # fmt: skip
+        except DoesNotFit as e:
+            if self.modes == ("resident",):  # these weights cannot be swapped: say why, and the way out
+                raise DoesNotFit(f"{e} ({AWQ_PINNED})") from None
+            raise
 
     def _oom_reason(self, what: str) -> str:
         return f"out of memory {what} even as a batch of one under the {self.ceiling / 2**30:.1f} GiB vram_ceiling"
