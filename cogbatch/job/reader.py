@@ -259,7 +259,7 @@ def read_quantization(value: Any, key: str = "quantization") -> QuantConfig:
     rules = tuple(_quant_rule(r, f"{sec.key('rules')}[{i}]") for i, r in enumerate(rules_data))
     cpu_embed = sec.get("embeddings_on_cpu", "auto")
     if cpu_embed == "auto":
-        cpu_embed = None  # the worker decides (`planning.report.resolve_embeddings`)
+        cpu_embed = None  # the worker decides (`planning.report._embeddings_choice`)
     elif not isinstance(cpu_embed, bool):
         raise ConfigError(f"{sec.key('embeddings_on_cpu')}: must be true, false or auto")
     threshold = _dequant_threshold(sec)

@@ -53,7 +53,7 @@ def plan_report(
         q = dataclasses.replace(job.quantization, embeddings_on_cpu=on_cpu).effective() if quant else None
         w = predict_weight_bytes(cfg, q, dtype)
         vm = _memory_model(cfg, w, dense, dtype_bytes, device.type, job.quantization.kv_cache)
-        vm.shared_prefixes = shares_prefixes(job.tasks)
+        vm.shared_prefixes = shares_prefixes(job.tasks)  # the same for both variants
         v_modes, v_plan = _modes(vm, ceiling, max_text, max_new, job.batch_size or 64)
         models.append((w, vm, v_modes, v_plan))
         variants.append({"embeddings_on_cpu": on_cpu, "weights_device_bytes": w["device"], "modes": v_modes,
@@ -130,15 +130,6 @@ def _embeddings_choice(quant: Any, device_type: str, mode_on_device: str | None)
     if quant.embeddings_on_cpu is not None:
         return quant.embeddings_on_cpu
     return device_type == "cuda" and mode_on_device != "resident"
-
-
-def resolve_embeddings(job: JobConfig) -> JobConfig:
-    """`job` with `embeddings_on_cpu: auto` decided as `cogbatch plan` decides it (`_embeddings_choice`)."""
-    quant = job.quantization
-    if quant.embeddings_on_cpu is not None:
-        return job
-    choice = plan_report(job).embeddings_on_cpu if job.source.torch_device().type == "cuda" else False
-    return dataclasses.replace(job, quantization=dataclasses.replace(quant, embeddings_on_cpu=choice))
 
 
 def _memory_model(

@@ -8,6 +8,7 @@ embeddings with `embeddings_on_cpu`) never move.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -63,31 +64,24 @@ def load_model(cfg: Any, park_vision: bool | None = None, use_cache: bool = True
     once, which is what phase swapping exists to avoid). The mode is not known before the weights
     are measured, so `park_vision=None` takes the plan `cogbatch plan` makes from config.json; the
     run's own plan rarely differs, and a tower parked for a run that turns out resident comes over
-    with its first chunk. `progress`: see `CogVLM.from_pretrained`.
+    with its first chunk. The same plan decides `embeddings_on_cpu: auto` (the token table in host
+    memory for a run that would otherwise swap or not fit). `progress`: see `CogVLM.from_pretrained`.
     """
+    report = None
     if cfg.source.torch_device().type == "cuda":
         prefer_expandable_segments()
-        cfg = _embeddings_decided(cfg)
+        report = _plan_before_load(cfg)
+    if report is not None and cfg.quantization.embeddings_on_cpu is None:  # auto: as `cogbatch plan` decides
+        quant = dataclasses.replace(cfg.quantization, embeddings_on_cpu=report.embeddings_on_cpu)
+        cfg = dataclasses.replace(cfg, quantization=quant)
     if park_vision is None:
-        park_vision = predicted_mode(cfg) == "swap"
+        park_vision = report is not None and report.plan.get("mode") == "swap"
     if park_vision and awq_weights(cfg):
         raise DoesNotFit(
             "this run must swap the vision tower and the language model on the GPU to stay under "
             f"vram_ceiling, but {AWQ_PINNED}"
         )
     return cfg.source.load(use_cache=use_cache, progress=progress, park_vision=park_vision)
-
-
-def _embeddings_decided(cfg: Any) -> Any:
-    """The job with `embeddings_on_cpu: auto` decided as `cogbatch plan` does (unchanged when it cannot plan)."""
-    from cogbatch.model.errors import CogbatchError
-    from cogbatch.planning.report import resolve_embeddings
-
-    try:
-        return resolve_embeddings(cfg)
-    except CogbatchError as e:
-        log.debug("embeddings_on_cpu auto: no plan before the load (%s): the table stays on the device", e)
-        return cfg
 
 
 AWQ_PINNED = (
@@ -155,18 +149,16 @@ def prefer_expandable_segments() -> bool:
     return True
 
 
-def predicted_mode(cfg: Any) -> str | None:
-    """The execution mode `cogbatch plan` predicts for a GPU job (None on the CPU or when it cannot say)."""
+def _plan_before_load(cfg: Any) -> Any:
+    """What `cogbatch plan` predicts for a GPU job from config.json: the mode, and where `auto` puts the
+    token embeddings (None when there is no config to plan from: everything then loads onto the device)."""
     from cogbatch.model.errors import CogbatchError
-
-    if cfg.source.torch_device().type != "cuda":
-        return None
     from cogbatch.planning.report import plan_report
 
     try:
-        return plan_report(cfg).plan.get("mode")
-    except CogbatchError as e:  # no config to plan from: load everything onto the device, as before
-        log.debug("no plan before the load (%s): the vision tower is loaded onto the device", e)
+        return plan_report(cfg)
+    except CogbatchError as e:
+        log.debug("no plan before the load (%s): the vision tower and the embeddings load onto the device", e)
         return None
 
 

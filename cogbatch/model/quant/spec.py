@@ -59,7 +59,7 @@ class QuantConfig:
 
     Only `nn.Linear` layers are ever quantized: embeddings, norms and convolutions keep the compute
     dtype whatever the rules say. `embeddings_on_cpu` keeps the token embedding table in host memory
-    (CogVLM2's is 1 GB in bf16; None = "auto": the pipeline decides, see `resolve_embeddings`; a
+    (CogVLM2's is 1 GB in bf16; None = "auto": the pipeline decides, see `planning.report._embeddings_choice`; a
     plain load keeps it on the device) and `dequant_threshold` decides where a layer's work runs;
     both place work, not weights, so neither is part of the cache key. `kv_cache: int8` stores
     generation's keys and values in 8 bits: it changes outputs (so it is part of a run's settings) but
