@@ -140,8 +140,13 @@ def _rows(output: Path) -> dict[tuple[str, str], dict]:
     return {(r["path"], r["task"]): {c: r[c] for c in COMPARED} for r in rows}
 
 
+# An actor writes part-<run id>-a<8 hex>-<seq>; the driver part-<run id>-<seq>, and a run id
+# (<time>-<6 hex>) may itself end in "-a...": a glob like part-*-a*-* took the driver's for an actor's.
+_ACTOR_PART = re.compile(r"^part-.+-a[0-9a-f]{8}-\d{5,}\.parquet$")
+
+
 def _actor_parts(output: Path) -> list[str]:
-    return sorted(p.name for p in output.glob("part-*-a*-*.parquet"))
+    return sorted(p.name for p in output.glob("part-*.parquet") if _ACTOR_PART.match(p.name))
 
 
 def _wait_for_parts(proc: subprocess.Popen, output: Path, n: int, timeout: float = 300) -> None:
