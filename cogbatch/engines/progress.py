@@ -252,8 +252,8 @@ def describe_source(source: Any) -> str:
     """What loading a job's model reads, for the `loading model ...` line: the checkpoint's files and size."""
     from pathlib import Path
 
-    quant = source.quantized.label() if source.quantized is not None else None
-    how = f"{quant}, " if quant else ""
+    quant = source.quantization.label() if source.quantization is not None else "none"
+    how = f"{quant}, " if quant != "none" else ""  # `none+kv8`: unquantized weights, but an 8-bit KV cache
     how += f"{source.compute_dtype()} on {source.torch_device()}"
     if source.is_tiny:
         where = source.tiny_dir()

@@ -123,3 +123,15 @@ def test_the_interval_comes_from_the_environment(monkeypatch, caplog):
 @pytest.mark.parametrize(("seconds", "text"), [(4.4, "4 s"), (200, "3 min 20 s"), (7500, "2 h 05 min")])
 def test_durations_read_at_a_glance(seconds, text):
     assert _duration(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("quantization", "shown"), [("int4", "int4-g128, "), ("none+kv8", "none+kv8, "), ("none", "")]
+)
+def test_the_loading_line_names_the_quantization_and_an_8bit_kv_cache(tmp_path, quantization, shown):
+    """`loading model ... (int4-g128, float32 on cpu)`: unquantized weights with an 8-bit KV cache say so too."""
+    from cogbatch.engines.progress import describe_source
+    from tests.unit.quant.helpers import job_with
+
+    line = describe_source(job_with(tmp_path, quantization).source)
+    assert re.search(rf"(^|; ){re.escape(shown)}\w+ on cpu", line), line
