@@ -24,7 +24,8 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cogbatch.dryrun.config import DTYPES, KV_CACHES, MODELS, MODES
+    from cogbatch.dryrun.config import DTYPES, MODELS, MODES
+    from cogbatch.model.quant.spec import KV_CACHE_DTYPES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", default="int4", help="as a job's quantization: int4, int4-g64, int8, none")
     p.add_argument("--embeddings-on-cpu", action=argparse.BooleanOptionalAction, default=None,
                    help="the token table in host memory (default: the job's auto, host memory when the run swaps)")
-    p.add_argument("--kv-cache", default="none", choices=KV_CACHES, help="int8: an 8-bit KV cache (default none)")
+    p.add_argument("--kv-cache", default="none", choices=KV_CACHE_DTYPES, help="int8: an 8-bit KV cache")
     p.add_argument("--batch", type=int, default=4, help="the job's batch_size: decode slots at most (default 4)")
     p.add_argument("--images", type=int, default=4, help="images in the chunk (default 4)")
     p.add_argument("--tasks", type=int, default=1, help="prompts per image (default 1)")

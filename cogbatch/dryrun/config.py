@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from cogbatch.model.quant.spec import KV_CACHE_DTYPES
+
 GiB = 2**30
 # Short names of the shipped configs (package data `cogbatch/model/configs/<hub name>/config.json`).
 MODELS = {"cogvlm2": "cogvlm2-llama3-chat-19B", "cogvlm": "cogvlm-chat-hf"}
 DTYPES = ("bf16", "fp16", "fp32")
 MODES = ("auto", "swap", "resident")
-KV_CACHES = ("none", "int8")
 DEFAULT_PROMPT = "Describe this image in detail: the main objects and their colours."
 
 
@@ -101,8 +102,8 @@ class TraceConfig:
             problems.append(f"model must be one of {', '.join(MODELS)} (got {self.model!r})")
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
-        if self.kv_cache not in KV_CACHES:
-            problems.append(f"kv_cache must be one of {', '.join(KV_CACHES)} (got {self.kv_cache!r})")
+        if self.kv_cache not in KV_CACHE_DTYPES:
+            problems.append(f"kv_cache must be one of {', '.join(KV_CACHE_DTYPES)} (got {self.kv_cache!r})")
         if self.mode not in MODES:
             problems.append(f"mode must be one of {', '.join(MODES)} (got {self.mode!r})")
         for name in ("batch", "images", "tasks", "new_tokens"):

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cogbatch.model.generate import Sequence, choose_tokens, decode_text, kv_dtype_of, stop_ids_for
+from cogbatch.model.generate import Sequence, choose_tokens, decode_text, stop_ids_for
 from cogbatch.model.kvcache import KVCache, SlotKVCache
 from cogbatch.model.language import LANGUAGE, VISION, build_position_ids
 from cogbatch.model.settings import GenerationConfig
@@ -81,7 +81,7 @@ def prefill_prefixes(model: CogVLM, feats: torch.Tensor) -> list[Prefix]:
     types[:, 0] = LANGUAGE
     mask = torch.ones_like(types)
     positions = build_position_ids(types, mask)
-    cache = KVCache(cfg, n, P, model.dtype, device, kv_dtype_of(model))
+    cache = KVCache(cfg, n, P, model.dtype, device, model.kv_cache)
     model.model(model.model.embed(ids, types, feats.to(device)), types, positions, mask, cache)
     # The first text token follows eoi: one more than the largest prefix position.
     next_position = int(positions[0, -1]) + 1
@@ -204,7 +204,7 @@ class ContinuousDecoder:
         self.prefix_len = model.config.vision_tokens + 1
         self.max_text, self.max_new = max_text, max_new or cfg.max_new_tokens
         max_len = self.prefix_len + max_text + self.max_new
-        self.cache = SlotKVCache(model.config, slots, max_len, model.dtype, self.device, kv_dtype_of(model))
+        self.cache = SlotKVCache(model.config, slots, max_len, model.dtype, self.device, model.kv_cache)
         self.seen = torch.zeros(slots, model.config.vocab_size, dtype=torch.bool, device=self.device)
         self.active: list[_Slot] = []
         self.admitting: list[DecodeRequest] = []  # taken from the queue, not in a slot yet

@@ -132,11 +132,6 @@ def stop_ids_for(model: CogVLM, cfg: GenerationConfig) -> set[int]:
     return set(model.config.eos_token_ids if cfg.stop_token_ids is None else cfg.stop_token_ids)
 
 
-def kv_dtype_of(model: CogVLM) -> str:
-    """How the model's KV cache stores keys and values ("none": the model's dtype; `CogVLM.kv_cache`)."""
-    return getattr(model, "kv_cache", "none")
-
-
 def decode_text(tokenizer: Any, ids: list[int]) -> str:
     if tokenizer is None:
         return ""
@@ -180,7 +175,7 @@ def generate(
 
     embeds = model.model.embed(batch.input_ids, batch.token_type_ids, image_features)
     positions = padding_invariant_position_ids(batch.token_type_ids, batch.attention_mask)
-    cache = KVCache(model.config, B, L + cfg.max_new_tokens, embeds.dtype, device, kv_dtype_of(model))
+    cache = KVCache(model.config, B, L + cfg.max_new_tokens, embeds.dtype, device, model.kv_cache)
     hidden = model.model(embeds, batch.token_type_ids, positions, batch.attention_mask, cache)
     cache.advance(L)
     # Only the last position predicts. Contiguous: the fused int4 kernels refuse strided activations.

@@ -20,8 +20,7 @@ from collections.abc import Callable
 import torch
 
 from cogbatch.model.config import CogVLMConfig
-
-KV_DTYPES = ("none", "int8")  # "none": the model's dtype
+from cogbatch.model.quant.spec import KV_CACHE_DTYPES
 
 
 def quantize_int8(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,8 +57,8 @@ class KVCache:
         kv_dtype: str = "none",
         fill: Callable[..., torch.Tensor] = torch.empty,
     ) -> None:
-        if kv_dtype not in KV_DTYPES:
-            raise ValueError(f"kv_dtype {kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
+        if kv_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_dtype {kv_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
         self.dtype, self.kv_dtype = dtype, kv_dtype
         quantized = kv_dtype == "int8"
         layers = range(cfg.num_hidden_layers)
