@@ -164,12 +164,7 @@ def from_pil(image: Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dec
     def convert() -> DecodedImage:
         _check_size(image.size, max_pixels)
         image.load()
-        try:
-            oriented = ImageOps.exif_transpose(image)
-        except Exception:  # malformed EXIF says nothing about the pixels (as in `_decode`)
-            oriented = image.copy()
-        rgb = _to_rgb(oriented)  # `exif_transpose` made a copy: the caller's image is never changed
-        return DecodedImage(image=rgb, width=rgb.width, height=rgb.height)
+        return _upright_rgb(image)  # works on a copy: the caller's image is never changed
 
     return _with_reasons(convert, max_pixels)
 
@@ -214,12 +209,17 @@ def _decode(data: bytes, max_pixels: int, draft: tuple[int, int] | None = None) 
             im.draft(None, draft)  # JPEG: pick a DCT scale >= draft before decoding; others: no-op
         im.load()  # decodes the first frame of animations; raises on truncated or corrupt data
         _check_size(im.size, max_pixels)  # a few formats (GIF, ICO) settle their size while loading
-        try:
-            oriented = ImageOps.exif_transpose(im)  # a new, in-memory image: rotated, or a copy
-        except Exception:
-            # Malformed EXIF is common (camera firmware, editors) and says nothing about the
-            # pixels: keep the image unrotated rather than losing it.
-            oriented = im.copy()
+        return _upright_rgb(im)
+
+
+def _upright_rgb(im: Image.Image) -> DecodedImage:
+    """A loaded image turned by its EXIF orientation and converted to RGB, as a new in-memory image."""
+    try:
+        oriented = ImageOps.exif_transpose(im)  # a new, in-memory image: rotated, or a copy
+    except Exception:
+        # Malformed EXIF is common (camera firmware, editors) and says nothing about the
+        # pixels: keep the image unrotated rather than losing it.
+        oriented = im.copy()
     rgb = _to_rgb(oriented)
     return DecodedImage(image=rgb, width=rgb.width, height=rgb.height)
 
